@@ -1,0 +1,71 @@
+"""
+The gateway's own error answers: stable JSON-RPC error codes and JSON bodies.
+
+Every refusal the gateway makes is readable by the client: a JSON-RPC error
+carrying the request's id where there is one, or a small JSON object otherwise.
+Codes are stable (clients and dashboards may key on them) and live in the
+JSON-RPC "server error" range -32000..-32099.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .jsonrpc import Body, dumps
+
+# JSON-RPC standard codes
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+INTERNAL_ERROR = -32603
+
+# mcp-bastion codes (stable; documented in README)
+DENIED = -32001  # a rule denied the message
+APPROVAL_REQUIRED = -32002  # held for a human and not (yet) approved
+REFUSED_INPUT = -32003  # ambiguous or oversized input refused before evaluation
+UNAUTHENTICATED = -32004  # no or bad bearer token
+FORBIDDEN = -32005  # token fine, scope or origin not allowed
+GATEWAY_ERROR = -32010  # an enforcement step failed: the gateway failed closed
+UPSTREAM_ERROR = -32011  # the upstream could not be reached or answered unreadably
+
+
+@dataclass
+class Refusal:
+    """What the gateway answers instead of forwarding.
+
+    `status` is the HTTP status; `code`/`message`/`data` form the JSON-RPC error.
+    `headers` are extra response headers (WWW-Authenticate, ...).
+    """
+
+    status: int
+    code: int
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def error_object(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data:
+            err["data"] = self.data
+        return err
+
+    def body_for(self, ids: list[str | int] | None, batch: bool = False) -> bytes:
+        """A JSON-RPC error for each request id; a bare error object when there is none."""
+        err = self.error_object()
+        if ids:
+            items = [{"jsonrpc": "2.0", "id": i, "error": err} for i in ids]
+            return dumps(items if batch else items[0])
+        return dumps({"jsonrpc": "2.0", "id": None, "error": err})
+
+    def body_for_parsed(self, body: Body | None) -> bytes:
+        if body is None:
+            return self.body_for(None)
+        return self.body_for(body.request_ids, batch=body.batch)
+
+
+def error_message(msg_id: str | int, code: int, message: str, data: dict | None = None) -> dict:
+    """One JSON-RPC error response object (used to answer server-to-client requests)."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data:
+        err["data"] = data
+    return {"jsonrpc": "2.0", "id": msg_id, "error": err}

@@ -1,0 +1,260 @@
+"""
+JSON-RPC 2.0 / MCP message model and a strict body parser.
+
+Pure: no mitmproxy import. Everything the gateway decides is decided on the
+values produced here, so the parser refuses what it cannot read unambiguously
+(duplicate keys, invalid UTF-8, NaN/Infinity, excessive nesting, oversized
+bodies) instead of guessing the way one of the two peers might.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["request", "notification", "response", "error", "invalid"]
+Direction = Literal["client_to_server", "server_to_client"]
+
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DEFAULT_MAX_DEPTH = 64
+
+
+class ParseError(ValueError):
+    """A body that cannot be read unambiguously. `reason` is a short stable slug."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Message:
+    """One JSON-RPC message, as it travels (request, notification, response or error)."""
+
+    kind: Kind
+    raw: Any
+    id: str | int | None = None
+    method: str | None = None
+    params: Any = None
+
+    @property
+    def has_id(self) -> bool:
+        return self.kind in ("request", "response", "error")
+
+    @property
+    def tool_name(self) -> str | None:
+        if self.method == "tools/call" and isinstance(self.params, dict):
+            name = self.params.get("name")
+            return name if isinstance(name, str) else None
+        return None
+
+    @property
+    def prompt_name(self) -> str | None:
+        if self.method == "prompts/get" and isinstance(self.params, dict):
+            name = self.params.get("name")
+            return name if isinstance(name, str) else None
+        return None
+
+    @property
+    def resource_uri(self) -> str | None:
+        if self.method in (
+            "resources/read",
+            "resources/subscribe",
+            "resources/unsubscribe",
+        ) and isinstance(self.params, dict):
+            uri = self.params.get("uri")
+            return uri if isinstance(uri, str) else None
+        return None
+
+    @property
+    def arguments(self) -> Any:
+        if self.method in ("tools/call", "prompts/get") and isinstance(self.params, dict):
+            return self.params.get("arguments")
+        return None
+
+    @property
+    def target(self) -> str | None:
+        """The tool, prompt or resource a message is about, for people reading logs."""
+        return self.tool_name or self.prompt_name or self.resource_uri
+
+    def summary(self) -> dict[str, Any]:
+        """A small, serialisable description (goes into flow.metadata and the audit log)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.id is not None:
+            out["id"] = self.id
+        if self.method is not None:
+            out["method"] = self.method
+        for key, value in (
+            ("tool", self.tool_name),
+            ("prompt", self.prompt_name),
+            ("uri", self.resource_uri),
+        ):
+            if value is not None:
+                out[key] = value
+        return out
+
+    def label(self) -> str:
+        """One line for flow.comment: `tools/call deploy #3`."""
+        parts = [self.method or self.kind]
+        if self.target:
+            parts.append(self.target)
+        if self.id is not None:
+            parts.append(f"#{self.id}")
+        return " ".join(parts)
+
+
+@dataclass
+class Body:
+    """A parsed HTTP body: one message or a batch of them."""
+
+    messages: list[Message]
+    batch: bool = False
+    data: Any = field(default=None, repr=False)
+
+    @property
+    def requests(self) -> list[Message]:
+        return [m for m in self.messages if m.kind == "request"]
+
+    @property
+    def request_ids(self) -> list[str | int]:
+        return [m.id for m in self.messages if m.kind == "request" and m.id is not None]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ParseError("invalid_json", f"non-standard number {name}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ParseError("duplicate_key", f"duplicate JSON object key {key!r}")
+        out[key] = value
+    return out
+
+
+def depth_of(value: Any) -> int:
+    """Nesting depth of a decoded JSON value (scalars are 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((c, depth) for c in children)
+    return deepest
+
+
+def loads_strict(
+    data: bytes | str,
+    *,
+    max_bytes: int = DEFAULT_MAX_BODY,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> Any:
+    """Decode one JSON document, refusing anything two parsers might read differently."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) > max_bytes:
+            raise ParseError("too_large", f"body of {len(data)} bytes exceeds {max_bytes}")
+        try:
+            text = bytes(data).decode("utf-8", errors="strict")
+        except UnicodeDecodeError as e:
+            raise ParseError("invalid_utf8", f"invalid UTF-8 at byte {e.start}") from None
+    else:
+        text = data
+        if len(text) > max_bytes:
+            raise ParseError("too_large", f"body of {len(text)} characters exceeds {max_bytes}")
+    if text.startswith("\ufeff"):
+        raise ParseError("invalid_json", "byte order mark before JSON")
+    # Reject unpaired surrogate escapes (\ud800): they decode to strings that cannot be re-encoded.
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+        )
+    except ParseError:
+        raise
+    except RecursionError:
+        raise ParseError("too_deep", "nesting too deep to decode") from None
+    except json.JSONDecodeError as e:
+        raise ParseError("invalid_json", f"{e.msg} at line {e.lineno} column {e.colno}") from None
+    if depth_of(value) > max_depth:
+        raise ParseError("too_deep", f"nesting deeper than {max_depth}")
+    _check_surrogates(value)
+    return value
+
+
+def _check_surrogates(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ParseError("invalid_utf8", "unpaired surrogate escape in string") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def classify(obj: Any) -> Message:
+    """Turn one decoded JSON value into a Message; shapes that are not JSON-RPC are `invalid`."""
+    if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
+        return Message(kind="invalid", raw=obj)
+    msg_id = obj.get("id")
+    if msg_id is not None and (isinstance(msg_id, bool) or not isinstance(msg_id, (str, int))):
+        return Message(kind="invalid", raw=obj)
+    method = obj.get("method")
+    if "method" in obj:
+        if not isinstance(method, str) or "result" in obj or "error" in obj:
+            return Message(kind="invalid", raw=obj, id=msg_id)
+        params = obj.get("params")
+        if params is not None and not isinstance(params, (dict, list)):
+            return Message(kind="invalid", raw=obj, id=msg_id, method=method)
+        if "id" in obj and msg_id is not None:
+            return Message(kind="request", raw=obj, id=msg_id, method=method, params=params)
+        if "id" in obj:  # "id": null on a request is not allowed by MCP
+            return Message(kind="invalid", raw=obj, method=method, params=params)
+        return Message(kind="notification", raw=obj, method=method, params=params)
+    if ("result" in obj) == ("error" in obj):
+        return Message(kind="invalid", raw=obj, id=msg_id)
+    if "error" in obj:
+        return Message(kind="error", raw=obj, id=msg_id, params=obj["error"])
+    return Message(kind="response", raw=obj, id=msg_id, params=obj["result"])
+
+
+def parse_body(
+    data: bytes | str,
+    *,
+    max_bytes: int = DEFAULT_MAX_BODY,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    allow_batch: bool = True,
+) -> Body:
+    """Parse an HTTP body (or one SSE event's data) into JSON-RPC messages.
+
+    Raises ParseError for undecodable input, empty batches, and batches when
+    `allow_batch` is false. Individually malformed batch members come back as
+    `invalid` messages so that the caller can refuse the whole body.
+    """
+    value = loads_strict(data, max_bytes=max_bytes, max_depth=max_depth)
+    if isinstance(value, list):
+        if not allow_batch:
+            raise ParseError("batch_refused", "JSON-RPC batches are not accepted here")
+        if not value:
+            raise ParseError("invalid_request", "empty batch")
+        return Body(messages=[classify(v) for v in value], batch=True, data=value)
+    return Body(messages=[classify(value)], batch=False, data=value)
+
+
+def dumps(value: Any) -> bytes:
+    """Compact, UTF-8 JSON (what the gateway writes when it answers or rewrites)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

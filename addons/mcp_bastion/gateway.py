@@ -1,0 +1,448 @@
+"""
+The data path: decide which flows are MCP, refuse what cannot be read, parse
+every JSON-RPC message, and stream SSE responses event by event.
+
+Other addons of the bundle never parse bodies themselves: they read
+`flowstate.request_body(flow)` for requests, `flow.metadata[flowstate.MCP]` for
+summaries, and receive each SSE event through their `mcp_stream_event(ev)`
+method (a `flowstate.StreamEvent`), and the bytes actually sent to the client
+through `mcp_stream_output(flow, data)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import traverse
+from mitmproxy.net.http import url
+from mitmproxy.utils import human
+
+from . import flowstate as fs
+from .core import errors
+from .core.encoding import decode_content
+from .core.errors import Refusal
+from .core.jsonrpc import Body, ParseError, parse_body
+from .core.origin import (
+    DEFAULT_HOSTS,
+    DEFAULT_ORIGINS,
+    host_allowed,
+    origin_allowed,
+    validate_patterns,
+)
+from .core.sse import SSEError, SSEParser, format_event
+
+logger = logging.getLogger("mcp_bastion")
+
+MAX_SUMMARIES = 200  # per flow, in metadata (a long stream keeps a count beyond this)
+
+_PARSE_STATUS = {
+    "too_large": (413, errors.REFUSED_INPUT),
+    "bad_encoding": (415, errors.REFUSED_INPUT),
+    "invalid_json": (400, errors.PARSE_ERROR),
+    "invalid_utf8": (400, errors.PARSE_ERROR),
+    "duplicate_key": (400, errors.REFUSED_INPUT),
+    "too_deep": (400, errors.REFUSED_INPUT),
+    "batch_refused": (400, errors.INVALID_REQUEST),
+    "invalid_request": (400, errors.INVALID_REQUEST),
+}
+
+
+def parse_refusal(err: ParseError) -> Refusal:
+    status, code = _PARSE_STATUS.get(err.reason, (400, errors.REFUSED_INPUT))
+    return Refusal(status, code, f"request refused: {err.detail}", {"reason": err.reason})
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+class Gateway:
+    """Accepts MCP traffic for enforcement and keeps it readable end to end."""
+
+    request_stage = "parse"
+    response_stage = "resp:parse"
+
+    def __init__(self) -> None:
+        self.max_body = 4 * 1024 * 1024
+        self.max_event = 16 * 1024 * 1024
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "mcp_hosts",
+            Sequence[str],
+            [],
+            """
+            Hosts (host or host:port) whose traffic is MCP and is enforced. Empty: every
+            flow through the gateway is MCP (the right setting for reverse mode). In
+            regular (forward) mode, flows to other hosts are refused unless
+            mcp_passthrough_other is set.
+            """,
+        )
+        loader.add_option(
+            "mcp_passthrough_other",
+            bool,
+            False,
+            "In regular mode, forward flows to hosts not listed in mcp_hosts without enforcement.",
+        )
+        loader.add_option(
+            "allowed_hosts",
+            Sequence[str],
+            list(DEFAULT_HOSTS),
+            """
+            DNS-rebinding protection in reverse mode: Host header values the gateway answers
+            to (host, host:port, host:*). The upstream cannot check Host itself behind a
+            reverse proxy, so the gateway does.
+            """,
+        )
+        loader.add_option(
+            "allowed_origins",
+            Sequence[str],
+            list(DEFAULT_ORIGINS),
+            """
+            Origin header values accepted (scheme://host[:port], port may be *). Requests
+            without Origin (non-browser clients) are accepted; any other origin gets 403.
+            """,
+        )
+        loader.add_option(
+            "max_body_size", str, "4m", "Largest MCP request or JSON response body accepted (e.g. 4m)."
+        )
+        loader.add_option(
+            "max_json_depth", int, 64, "Deepest JSON nesting accepted in an MCP message."
+        )
+        loader.add_option(
+            "sse_max_event_size", str, "16m", "Largest single SSE event accepted from the upstream."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "allowed_hosts" in updated or "allowed_origins" in updated:
+            try:
+                validate_patterns(ctx.options.allowed_hosts, origins=False)
+                validate_patterns(ctx.options.allowed_origins, origins=True)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from e
+        for name in ("max_body_size", "sse_max_event_size"):
+            if name in updated:
+                try:
+                    size = human.parse_size(getattr(ctx.options, name))
+                except ValueError as e:
+                    raise exceptions.OptionsError(f"{name}: {e}") from e
+                if not size or size <= 0:
+                    raise exceptions.OptionsError(f"{name} must be a positive size")
+                if name == "max_body_size":
+                    self.max_body = size
+                else:
+                    self.max_event = size
+        if "keep_host_header" in updated and not ctx.options.keep_host_header:
+            self._keep_host()
+        if "max_json_depth" in updated and ctx.options.max_json_depth < 2:
+            raise exceptions.OptionsError("max_json_depth must be at least 2")
+
+    # --- which flows are ours ------------------------------------------------
+
+    def _in_scope(self, flow: http.HTTPFlow) -> bool:
+        hosts = ctx.options.mcp_hosts
+        if not hosts:
+            return True
+        return host_allowed(f"{flow.request.host}:{flow.request.port}", hosts) or host_allowed(
+            flow.request.host, hosts
+        )
+
+    def _reverse_mode(self, flow: http.HTTPFlow) -> bool:
+        mode = getattr(flow.client_conn, "proxy_mode", None)
+        return type(mode).__name__ == "ReverseMode"
+
+    # --- request side --------------------------------------------------------
+
+    def running(self) -> None:
+        self._keep_host()
+
+    def _keep_host(self) -> None:
+        # mitmproxy rewrites Host in reverse mode before any hook runs; keep the
+        # client's so that it can be checked (requestheaders then rewrites it).
+        if not ctx.options.keep_host_header:
+            ctx.options.keep_host_header = True
+
+    @fs.fail_closed("parse")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        flow.metadata[fs.STARTED] = time.monotonic()
+        if not self._in_scope(flow):
+            if ctx.options.mcp_passthrough_other:
+                flow.metadata["bastion.passthrough"] = True
+                return
+            fs.refuse(
+                flow,
+                Refusal(403, errors.FORBIDDEN, f"host {flow.request.host} is not an MCP server this gateway fronts"),
+                stage="parse",
+            )
+            return
+        self._claim(flow)
+        req = flow.request
+        origin = req.headers.get("origin")
+        if not origin_allowed(origin, ctx.options.allowed_origins):
+            fs.refuse(flow, Refusal(403, errors.FORBIDDEN, f"origin {origin!r} is not allowed", {"reason": "origin"}), stage="parse")
+            return
+        if "access_token" in req.query:
+            fs.refuse(
+                flow,
+                Refusal(400, errors.UNAUTHENTICATED, "tokens in the query string are refused; send an Authorization header",
+                        {"reason": "token_in_query"}, {"www-authenticate": 'Bearer error="invalid_request"'}),
+                stage="parse",
+            )
+            return
+        if self._reverse_mode(flow):
+            client_host = flow.request.host_header or ""
+            flow.request.host_header = url.hostport(flow.request.scheme, flow.request.host, flow.request.port)
+            if not host_allowed(client_host, ctx.options.allowed_hosts):
+                self._claim(flow)
+                fs.refuse(
+                    flow,
+                    Refusal(403, errors.FORBIDDEN, f"host {client_host!r} is not allowed (DNS-rebinding protection)",
+                            {"reason": "host"}),
+                    stage="parse",
+                )
+                return
+        length = flow.request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            self._claim(flow)
+            fs.refuse(
+                flow,
+                Refusal(413, errors.REFUSED_INPUT, f"request refused: body of {length} bytes exceeds {self.max_body}",
+                        {"reason": "too_large"}),
+                stage="parse",
+            )
+
+    @fs.fail_closed("parse")
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
+            return
+        req = flow.request
+        # The gateway reads every response it forwards: ask the upstream not to compress.
+        req.headers["accept-encoding"] = "identity"
+        state = fs.mcp_state(flow)
+        state["session"] = req.headers.get("mcp-session-id")
+        if req.method == "POST":
+            self._parse_post(flow)
+        elif req.method in ("GET", "DELETE", "HEAD", "OPTIONS"):
+            if req.content:
+                fs.refuse(flow, Refusal(400, errors.REFUSED_INPUT, f"request refused: {req.method} with a body", {"reason": "unexpected_body"}), stage="parse")
+                return
+            state["request"] = [{"kind": "http", "method": req.method}]
+            state["transport"] = "sse-stream" if req.method == "GET" else "streamable-http"
+            fs.annotate(flow)
+        else:
+            fs.refuse(flow, Refusal(405, errors.REFUSED_INPUT, f"method {req.method} is not part of MCP", {"reason": "method"}), stage="parse")
+            return
+        if not flow.response:
+            fs.mark_stage(flow, "parse")
+
+    def _claim(self, flow: http.HTTPFlow) -> None:
+        flow.metadata.setdefault(fs.MCP, {})
+        flow.metadata[fs.UPSTREAM] = f"{flow.request.host}:{flow.request.port}"
+
+    def _parse_post(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        ctype = _media_type(req.headers.get("content-type"))
+        if ctype != "application/json":
+            fs.refuse(
+                flow,
+                Refusal(415, errors.REFUSED_INPUT, f"request refused: content-type {ctype or 'missing'!s} (MCP requires application/json)",
+                        {"reason": "content_type"}),
+                stage="parse",
+            )
+            return
+        try:
+            raw = decode_content(req.raw_content or b"", req.headers.get("content-encoding"), self.max_body)
+            body = parse_body(raw, max_bytes=self.max_body, max_depth=ctx.options.max_json_depth)
+        except ParseError as e:
+            fs.refuse(flow, parse_refusal(e), stage="parse", body=None)
+            return
+        if "content-encoding" in req.headers:
+            del req.headers["content-encoding"]
+            req.raw_content = raw  # forward what was checked, uncompressed
+        bad = [m for m in body.messages if m.kind == "invalid"]
+        if bad:
+            fs.refuse(
+                flow,
+                Refusal(400, errors.INVALID_REQUEST, "request refused: not a valid JSON-RPC 2.0 message"
+                        + (f" (batch member {body.messages.index(bad[0])})" if body.batch else ""),
+                        {"reason": "invalid_request"}),
+                stage="parse",
+                body=body,
+            )
+            return
+        fs.set_request_body(flow, body)
+        state = fs.mcp_state(flow)
+        state["transport"] = "streamable-http" if "mcp-session-id" in req.headers or _has_init(body) else "http"
+        state["batch"] = body.batch
+        state["request"] = [m.summary() for m in body.messages[:MAX_SUMMARIES]]
+        fs.annotate(flow)
+
+    # --- response side -------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if not fs.is_mcp(flow) or flow.metadata.get("bastion.refused") or flow.response is None:
+            return
+        resp = flow.response
+        if _media_type(resp.headers.get("content-type")) != "text/event-stream":
+            return
+        fs.mcp_state(flow)["sse"] = True
+        # Events may be rewritten or dropped in flight: the length is no longer known.
+        if "content-length" in resp.headers:
+            del resp.headers["content-length"]
+            if resp.http_version == "HTTP/1.1":
+                resp.headers["transfer-encoding"] = "chunked"
+        coding = resp.headers.get("content-encoding", "identity").strip().lower()
+        resp.stream = SSEStream(flow, self._stream_handlers(), self.max_event, broken=None if coding in ("", "identity") else f"compressed event stream ({coding})")
+
+    def _stream_handlers(self) -> tuple[list[Callable], list[Callable]]:
+        on_event, on_output = [], []
+        for addon in traverse(ctx.master.addons.chain):
+            if hasattr(addon, "mcp_stream_event"):
+                on_event.append(addon.mcp_stream_event)
+            if hasattr(addon, "mcp_stream_output"):
+                on_output.append(addon.mcp_stream_output)
+        return on_event, on_output
+
+    @fs.fail_closed("resp:parse")
+    def response(self, flow: http.HTTPFlow) -> None:
+        if not fs.is_mcp(flow) or flow.metadata.get("bastion.refused"):
+            return
+        resp = flow.response
+        if resp is None:
+            return
+        if callable(resp.stream) or resp.stream:
+            fs.mark_stage(flow, "resp:parse")
+            return
+        ctype = _media_type(resp.headers.get("content-type"))
+        state = fs.mcp_state(flow)
+        if ctype == "application/json" and resp.raw_content:
+            try:
+                raw = decode_content(resp.raw_content, resp.headers.get("content-encoding"), self.max_body)
+                body = parse_body(raw, max_bytes=self.max_body, max_depth=ctx.options.max_json_depth)
+            except ParseError as e:
+                self._withhold(flow, f"upstream sent an unreadable response ({e.reason})")
+                return
+            if "content-encoding" in resp.headers:
+                del resp.headers["content-encoding"]
+                resp.raw_content = raw
+            fs.set_response_body(flow, body)
+            state["response"] = [m.summary() for m in body.messages[:MAX_SUMMARIES]]
+        elif resp.raw_content and 200 <= resp.status_code < 300 and flow.request.method != "OPTIONS":
+            self._withhold(flow, f"upstream answered {resp.status_code} with content-type {ctype or 'missing'}")
+            return
+        fs.mark_stage(flow, "resp:parse")
+
+    def _withhold(self, flow: http.HTTPFlow, why: str) -> None:
+        fs.refuse(
+            flow,
+            Refusal(502, errors.UPSTREAM_ERROR, f"mcp-bastion withheld the upstream's answer: {why}", {"reason": "upstream"}),
+            stage="resp:parse",
+            action="error",
+        )
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if fs.is_mcp(flow) and flow.error:
+            fs.add_decision(flow, stage="transport", action="error", reason=flow.error.msg)
+
+
+def _has_init(body: Body) -> bool:
+    return any(m.method == "initialize" for m in body.messages)
+
+
+class SSEStream:
+    """The `response.stream` callable for one event-stream response.
+
+    Parses chunks into events, offers each to the bundle's stream handlers,
+    and emits an event as soon as it is complete. If anything fails, it fails
+    closed: pending requests get a JSON-RPC error event and nothing more of the
+    upstream's stream reaches the client.
+    """
+
+    def __init__(
+        self,
+        flow: http.HTTPFlow,
+        handlers: tuple[list[Callable], list[Callable]],
+        max_event: int,
+        broken: str | None = None,
+    ) -> None:
+        self.flow = flow
+        self.on_event, self.on_output = handlers
+        self.parser = SSEParser(max_event)
+        self.dead = False
+        body = fs.request_body(flow)
+        self.pending: list[Any] = list(body.request_ids) if body else []
+        self.state = fs.mcp_state(flow)
+        self.state.setdefault("sse_events", 0)
+        self.state.setdefault("events", [])
+        if broken:
+            self._fail(broken)
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if self.dead:
+            return b""
+        try:
+            if not chunk:  # end of stream: an unterminated block is discarded, as clients do
+                rest = self.parser.close()
+                if rest.strip():
+                    self.state["discarded_tail_bytes"] = len(rest)
+                return b""
+            out = bytearray()
+            for event in self.parser.feed(chunk):
+                out += self._handle(event)
+            return bytes(out)
+        except Exception as exc:  # fail closed
+            logger.error("mcp-bastion: SSE stream failed on %s: %r", self.flow.request.pretty_url, exc, exc_info=exc)
+            return self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _handle(self, event) -> bytes:
+        body: Body | None = None
+        if event.has_data and event.event == "message" and event.data:
+            try:
+                body = parse_body(event.data, max_bytes=self.parser.max_event_bytes, max_depth=ctx.options.max_json_depth)
+            except ParseError as e:
+                raise SSEError(f"unreadable JSON-RPC in SSE event: {e.reason}") from None
+            if any(m.kind == "invalid" for m in body.messages):
+                raise SSEError("SSE event is not a valid JSON-RPC message")
+            for m in body.messages:
+                if m.has_id and m.kind in ("response", "error") and m.id in self.pending:
+                    self.pending.remove(m.id)
+        self.state["sse_events"] += 1
+        if body is not None and len(self.state["events"]) < MAX_SUMMARIES:
+            self.state["events"].extend(m.summary() for m in body.messages)
+        ev = fs.StreamEvent(self.flow, event, body)
+        for handler in self.on_event:
+            handler(ev)
+            if ev.dropped:
+                break
+        out = ev.output()
+        if out:
+            for handler in self.on_output:
+                handler(self.flow, out)
+        return out
+
+    def _fail(self, why: str) -> bytes:
+        self.dead = True
+        self.flow.metadata[fs.ERROR] = f"sse: {why}"
+        fs.add_decision(self.flow, stage="resp:sse", direction="server_to_client", action="error", reason=why)
+        err = Refusal(502, errors.GATEWAY_ERROR, "mcp-bastion stopped this event stream: it could not be checked", {"reason": "stream"})
+        out = b"".join(
+            format_event(json_text(err, i)) for i in self.pending
+        )
+        self.pending = []
+        for handler in self.on_output:
+            try:
+                handler(self.flow, out)
+            except Exception:  # pragma: no cover - recording must not resurrect the stream
+                logger.exception("mcp-bastion: stream output handler failed")
+        return out
+
+
+def json_text(refusal: Refusal, msg_id: Any) -> str:
+    return refusal.body_for([msg_id]).decode("utf-8")

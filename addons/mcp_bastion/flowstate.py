@@ -39,6 +39,8 @@ DECISIONS = "bastion.decisions"  # [{"stage", "direction", "id", "method", "targ
 STAGES = "bastion.stages"  # enforcement stages this flow passed: ["parse", "auth", "policy", "resp:parse", ...]
 ERROR = "bastion.error"  # set when an enforcement step failed and the gateway failed closed
 STARTED = "bastion.t0"  # time.monotonic() when the gateway first saw the request
+CLIENT_HOST = "bastion.client_host"  # the Host the client addressed, before reverse mode rewrites it
+SECRET_HEADERS = "bastion.secret_headers"  # lower-case names of request headers carrying credentials (scrubbed when recorded)
 
 _bodies: weakref.WeakKeyDictionary[http.HTTPFlow, Body] = weakref.WeakKeyDictionary()
 _response_bodies: weakref.WeakKeyDictionary[http.HTTPFlow, Body] = weakref.WeakKeyDictionary()
@@ -188,6 +190,10 @@ def fail_closed(stage: str) -> Callable:
 
     Works for sync and async hooks taking one flow argument. The error and the
     stage are recorded in `flow.metadata` and logged with a traceback.
+
+    Not for `responseheaders`: a refusal set there is overwritten by the
+    upstream's body when mitmproxy reads it; that hook must instead make sure
+    the body is buffered (not streamed) so that `response` can withhold it.
     """
 
     def deco(fn: Callable) -> Callable:

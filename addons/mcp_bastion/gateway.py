@@ -11,11 +11,12 @@ through `mcp_stream_output(flow, data)`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import traverse
@@ -39,6 +40,8 @@ from .core.sse import SSEError, SSEParser, format_event
 logger = logging.getLogger("mcp_bastion")
 
 MAX_SUMMARIES = 200  # per flow, in metadata (a long stream keeps a count beyond this)
+CLIENT_HOST = fs.CLIENT_HOST
+PROBE_TIMEOUT = 10.0  # seconds UpstreamCheck waits for a TCP connection to the upstream
 
 _PARSE_STATUS = {
     "too_large": (413, errors.REFUSED_INPUT),
@@ -59,6 +62,23 @@ def parse_refusal(err: ParseError) -> Refusal:
 
 def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
+
+
+def _hostport(host: str, port: int) -> str:
+    """host:port with IPv6 literals in brackets, as in a Host header."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _mode_name(flow: http.HTTPFlow) -> str:
+    return type(getattr(flow.client_conn, "proxy_mode", None)).__name__
+
+
+def _reverse_mode(flow: http.HTTPFlow) -> bool:
+    return _mode_name(flow) == "ReverseMode"
+
+
+def _upstream_error(why: str) -> Refusal:
+    return Refusal(502, errors.UPSTREAM_ERROR, f"mcp-bastion withheld the upstream's answer: {why}", {"reason": "upstream"})
 
 
 class Gateway:
@@ -125,6 +145,11 @@ class Gateway:
                 validate_patterns(ctx.options.allowed_origins, origins=True)
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from e
+        if "mcp_hosts" in updated:
+            try:
+                validate_patterns(ctx.options.mcp_hosts, origins=False)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"mcp_hosts: {e}") from e
         for name in ("max_body_size", "sse_max_event_size"):
             if name in updated:
                 try:
@@ -137,6 +162,12 @@ class Gateway:
                     self.max_body = size
                 else:
                     self.max_event = size
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            # mitmproxy would forward a large body before any hook has read it.
+            raise exceptions.OptionsError(
+                "stream_large_bodies cannot be used with mcp-bastion: every MCP body is read before it is "
+                "forwarded (event streams are streamed event by event anyway); use max_body_size"
+            )
         if "keep_host_header" in updated and not ctx.options.keep_host_header:
             self._keep_host()
         if "max_json_depth" in updated and ctx.options.max_json_depth < 2:
@@ -148,13 +179,10 @@ class Gateway:
         hosts = ctx.options.mcp_hosts
         if not hosts:
             return True
-        return host_allowed(f"{flow.request.host}:{flow.request.port}", hosts) or host_allowed(
-            flow.request.host, hosts
+        req = flow.request
+        return host_allowed(_hostport(req.host, req.port), hosts) or host_allowed(
+            f"[{req.host}]" if ":" in req.host else req.host, hosts
         )
-
-    def _reverse_mode(self, flow: http.HTTPFlow) -> bool:
-        mode = getattr(flow.client_conn, "proxy_mode", None)
-        return type(mode).__name__ == "ReverseMode"
 
     # --- request side --------------------------------------------------------
 
@@ -196,11 +224,11 @@ class Gateway:
                 stage="parse",
             )
             return
-        if self._reverse_mode(flow):
-            client_host = flow.request.host_header or ""
-            flow.request.host_header = url.hostport(flow.request.scheme, flow.request.host, flow.request.port)
+        if _reverse_mode(flow):
+            client_host = req.host_header or ""
+            flow.metadata[CLIENT_HOST] = client_host
+            req.host_header = url.hostport(req.scheme, req.host, req.port)
             if not host_allowed(client_host, ctx.options.allowed_hosts):
-                self._claim(flow)
                 fs.refuse(
                     flow,
                     Refusal(403, errors.FORBIDDEN, f"host {client_host!r} is not allowed (DNS-rebinding protection)",
@@ -208,9 +236,8 @@ class Gateway:
                     stage="parse",
                 )
                 return
-        length = flow.request.headers.get("content-length", "")
+        length = req.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            self._claim(flow)
             fs.refuse(
                 flow,
                 Refusal(413, errors.REFUSED_INPUT, f"request refused: body of {length} bytes exceeds {self.max_body}",
@@ -244,7 +271,7 @@ class Gateway:
 
     def _claim(self, flow: http.HTTPFlow) -> None:
         flow.metadata.setdefault(fs.MCP, {})
-        flow.metadata[fs.UPSTREAM] = f"{flow.request.host}:{flow.request.port}"
+        flow.metadata[fs.UPSTREAM] = _hostport(flow.request.host, flow.request.port)
 
     def _parse_post(self, flow: http.HTTPFlow) -> None:
         req = flow.request
@@ -265,7 +292,7 @@ class Gateway:
             return
         if "content-encoding" in req.headers:
             del req.headers["content-encoding"]
-            req.raw_content = raw  # forward what was checked, uncompressed
+            req.content = raw  # forward what was checked, uncompressed (and its new Content-Length)
         bad = [m for m in body.messages if m.kind == "invalid"]
         if bad:
             fs.refuse(
@@ -289,8 +316,23 @@ class Gateway:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not fs.is_mcp(flow) or flow.metadata.get("bastion.refused") or flow.response is None:
             return
+        try:
+            self._route_response(flow)
+        except Exception as exc:
+            # Not streamed: the body is buffered and `response` withholds it.
+            logger.error("mcp-bastion: resp:parse failed on %s: %r", flow.request.pretty_url, exc, exc_info=exc)
+            flow.metadata[fs.ERROR] = f"resp:parse: {type(exc).__name__}: {exc}"
+            flow.response.stream = False
+
+    def _route_response(self, flow: http.HTTPFlow) -> None:
+        """Stream an event stream through `SSEStream`; buffer everything else so that `response` reads it."""
         resp = flow.response
+        assert resp is not None
         if _media_type(resp.headers.get("content-type")) != "text/event-stream":
+            resp.stream = False  # never forward a body nobody has read
+            length = resp.headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.max_body:
+                self._withhold_unread(flow, _upstream_error(f"body of {length} bytes exceeds {self.max_body}"))
             return
         fs.mcp_state(flow)["sse"] = True
         # Events may be rewritten or dropped in flight: the length is no longer known.
@@ -299,7 +341,19 @@ class Gateway:
             if resp.http_version == "HTTP/1.1":
                 resp.headers["transfer-encoding"] = "chunked"
         coding = resp.headers.get("content-encoding", "identity").strip().lower()
-        resp.stream = SSEStream(flow, self._stream_handlers(), self.max_event, broken=None if coding in ("", "identity") else f"compressed event stream ({coding})")
+        resp.stream = SSEStream(
+            flow,
+            self._stream_handlers(),
+            self.max_event,
+            broken=None if coding in ("", "identity") else f"compressed event stream ({coding})",
+            relative_endpoint=_reverse_mode(flow),
+        )
+
+    def _withhold_unread(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+        """Answer `refusal` instead of a response whose body is still on its way, without buffering it."""
+        fs.refuse(flow, refusal, stage="resp:parse", action="error")
+        assert flow.response is not None
+        flow.response.stream = Replacement(flow.response.content or b"")
 
     def _stream_handlers(self) -> tuple[list[Callable], list[Callable]]:
         on_event, on_output = [], []
@@ -317,8 +371,13 @@ class Gateway:
         resp = flow.response
         if resp is None:
             return
-        if callable(resp.stream) or resp.stream:
+        if isinstance(resp.stream, SSEStream):
             fs.mark_stage(flow, "resp:parse")
+            return
+        if resp.stream:
+            return  # streamed by someone else, unread: the Gate withholds (or records) it
+        if fs.ERROR in flow.metadata:  # e.g. routing failed in responseheaders
+            self._withhold(flow, "the response could not be checked")
             return
         ctype = _media_type(resp.headers.get("content-type"))
         state = fs.mcp_state(flow)
@@ -331,21 +390,21 @@ class Gateway:
                 return
             if "content-encoding" in resp.headers:
                 del resp.headers["content-encoding"]
-                resp.raw_content = raw
+                resp.content = raw  # what was checked, with its own Content-Length
             fs.set_response_body(flow, body)
             state["response"] = [m.summary() for m in body.messages[:MAX_SUMMARIES]]
+        elif resp.raw_content and resp.status_code == 202:
+            # "Accepted" carries no message (the old SSE transport's POSTs answer
+            # with a text body): the client gets the status, not unread content.
+            state["discarded_body_bytes"] = len(resp.raw_content)
+            resp.content = b""
         elif resp.raw_content and 200 <= resp.status_code < 300 and flow.request.method != "OPTIONS":
             self._withhold(flow, f"upstream answered {resp.status_code} with content-type {ctype or 'missing'}")
             return
         fs.mark_stage(flow, "resp:parse")
 
     def _withhold(self, flow: http.HTTPFlow, why: str) -> None:
-        fs.refuse(
-            flow,
-            Refusal(502, errors.UPSTREAM_ERROR, f"mcp-bastion withheld the upstream's answer: {why}", {"reason": "upstream"}),
-            stage="resp:parse",
-            action="error",
-        )
+        fs.refuse(flow, _upstream_error(why), stage="resp:parse", action="error")
 
     def error(self, flow: http.HTTPFlow) -> None:
         if fs.is_mcp(flow) and flow.error:
@@ -356,6 +415,81 @@ def _has_init(body: Body) -> bool:
     return any(m.method == "initialize" for m in body.messages)
 
 
+class Replacement:
+    """A `response.stream` that sends `body` instead of whatever the upstream streams."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        return [] if chunk else [self.body]
+
+
+class UpstreamCheck:
+    """Answers a JSON error instead of mitmproxy's HTML page when the upstream cannot be reached.
+
+    mitmproxy reports a failed upstream connection with its own HTML 502 page,
+    and no hook can replace it: the connection is attempted after the last
+    request hook, and the error hook runs when the page is already decided.
+    So, before the first request of each client connection is forwarded,
+    this addon opens (and closes) a TCP connection to the upstream itself; if
+    that fails the client gets a JSON-RPC error with the request's id.
+    Later requests on the same client connection are not checked again until
+    a flow on it fails. Sits after the Gate, so only requests that will be
+    forwarded are checked. Forces `connection_strategy=lazy`: with the
+    default (eager) a dead upstream in reverse mode makes mitmproxy drop the
+    client's connection before it has read a request.
+    """
+
+    def __init__(self) -> None:
+        self._reachable: set[tuple[str, str, int]] = set()  # (client connection id, host, port)
+
+    def running(self) -> None:
+        self._lazy()
+
+    def configure(self, updated: set[str]) -> None:
+        if "connection_strategy" in updated:
+            self._lazy()
+
+    def _lazy(self) -> None:
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.connection_strategy = "lazy"
+
+    @fs.fail_closed("upstream")
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
+            return
+        if _mode_name(flow) not in ("ReverseMode", "RegularMode") or flow.server_conn.via:
+            return  # not a direct connection to the upstream: nothing this check could predict
+        key = (flow.client_conn.id, flow.request.host, flow.request.port)
+        if key in self._reachable:
+            return
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(flow.request.host, flow.request.port), PROBE_TIMEOUT
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            # The address and the OS error go to the log, not to the client.
+            logger.warning("mcp-bastion: upstream %s unreachable: %s", flow.metadata.get(fs.UPSTREAM),
+                           str(e) or type(e).__name__)
+            fs.refuse(
+                flow,
+                Refusal(502, errors.UPSTREAM_ERROR, "mcp-bastion could not reach the upstream MCP server",
+                        {"reason": "upstream_unreachable"}),
+                stage="upstream",
+                action="error",
+            )
+            return
+        writer.close()
+        self._reachable.add(key)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._reachable.discard((flow.client_conn.id, flow.request.host, flow.request.port))
+
+    def client_disconnected(self, client) -> None:
+        self._reachable = {k for k in self._reachable if k[0] != client.id}
+
+
 class SSEStream:
     """The `response.stream` callable for one event-stream response.
 
@@ -363,6 +497,12 @@ class SSEStream:
     and emits an event as soon as it is complete. If anything fails, it fails
     closed: pending requests get a JSON-RPC error event and nothing more of the
     upstream's stream reaches the client.
+
+    The old HTTP+SSE transport announces where to POST messages in an
+    `endpoint` event. That URL must be on the stream's own origin (otherwise
+    the client would send its messages around the gateway, so the stream
+    fails closed); with `relative_endpoint` (reverse mode) an absolute URL is
+    rewritten to its path, which the client resolves against the gateway.
     """
 
     def __init__(
@@ -371,22 +511,30 @@ class SSEStream:
         handlers: tuple[list[Callable], list[Callable]],
         max_event: int,
         broken: str | None = None,
+        relative_endpoint: bool = False,
     ) -> None:
         self.flow = flow
         self.on_event, self.on_output = handlers
         self.parser = SSEParser(max_event)
+        self.relative_endpoint = relative_endpoint
         self.dead = False
         body = fs.request_body(flow)
         self.pending: list[Any] = list(body.request_ids) if body else []
         self.state = fs.mcp_state(flow)
         self.state.setdefault("sse_events", 0)
         self.state.setdefault("events", [])
-        if broken:
-            self._fail(broken)
+        self._backlog = self._fail(broken) if broken else b""
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        # A list, never b"": mitmproxy sends a returned b"" as an empty chunk,
+        # which in HTTP/1.1 chunked encoding ends the body for the client.
+        out = self._process(chunk)
+        return [out] if out else []
+
+    def _process(self, chunk: bytes) -> bytes:
         if self.dead:
-            return b""
+            out, self._backlog = self._backlog, b""
+            return out
         try:
             if not chunk:  # end of stream: an unterminated block is discarded, as clients do
                 rest = self.parser.close()
@@ -410,13 +558,12 @@ class SSEStream:
                 raise SSEError(f"unreadable JSON-RPC in SSE event: {e.reason}") from None
             if any(m.kind == "invalid" for m in body.messages):
                 raise SSEError("SSE event is not a valid JSON-RPC message")
-            for m in body.messages:
-                if m.has_id and m.kind in ("response", "error") and m.id in self.pending:
-                    self.pending.remove(m.id)
         self.state["sse_events"] += 1
         if body is not None and len(self.state["events"]) < MAX_SUMMARIES:
             self.state["events"].extend(m.summary() for m in body.messages)
         ev = fs.StreamEvent(self.flow, event, body)
+        if event.has_data and event.event == "endpoint":
+            self._check_endpoint(ev)
         for handler in self.on_event:
             handler(ev)
             if ev.dropped:
@@ -425,7 +572,21 @@ class SSEStream:
         if out:
             for handler in self.on_output:
                 handler(self.flow, out)
+        if body is not None and not ev.dropped:
+            # Answered only once the answer is on its way: until then, a failure still answers it.
+            for m in body.messages:
+                if m.kind in ("response", "error") and m.id in self.pending:
+                    self.pending.remove(m.id)
         return out
+
+    def _check_endpoint(self, ev: fs.StreamEvent) -> None:
+        announced = ev.event.data.strip()
+        target = urlsplit(urljoin(self.flow.request.url, announced))
+        if _origin(target) != _origin(urlsplit(self.flow.request.url)):
+            raise SSEError(f"upstream announced a message endpoint on another origin: {announced!r}")
+        self.state["endpoint"] = target.path + (f"?{target.query}" if target.query else "")
+        if self.relative_endpoint and urlsplit(announced).netloc:
+            ev.replace(self.state["endpoint"])
 
     def _fail(self, why: str) -> bytes:
         self.dead = True
@@ -442,6 +603,12 @@ class SSEStream:
             except Exception:  # pragma: no cover - recording must not resurrect the stream
                 logger.exception("mcp-bastion: stream output handler failed")
         return out
+
+
+def _origin(parts) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a split URL, with the scheme's default port made explicit."""
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
 
 
 def json_text(refusal: Refusal, msg_id: Any) -> str:

@@ -41,9 +41,9 @@ def host_allowed(host_header: str | None, patterns: Iterable[str]) -> bool:
         return False
     for pattern in patterns:
         p_host, p_port = _split_hostport(pattern)
-        if p_host != host and p_host != "*":
+        if p_host not in (host, "*"):
             continue
-        if p_port in ("*",) or p_port == port or (p_port is None and port is None):
+        if p_port == "*" or p_port == port:
             return True
     return False
 
@@ -59,7 +59,7 @@ def origin_allowed(origin: str | None, patterns: Iterable[str]) -> bool:
         parts = urlsplit(origin)
     except ValueError:
         return False
-    if not parts.scheme or not parts.netloc or parts.path not in ("", "/"):
+    if not parts.scheme or not parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
         return False
     for pattern in patterns:
         pp = urlsplit(pattern.strip().lower())
@@ -74,10 +74,25 @@ def validate_patterns(patterns: Iterable[str], origins: bool) -> None:
     """Raise ValueError for a pattern that could never match (caught at configure time)."""
     for p in patterns:
         if origins:
-            parts = urlsplit(p)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            parts = urlsplit(p.strip().lower())
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.netloc
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+            ):
                 raise ValueError(f"origin pattern {p!r} must look like scheme://host[:port]")
+            _check_hostport(parts.netloc, p)
         else:
-            if not p or "/" in p:
-                raise ValueError(f"host pattern {p!r} must look like host[:port]")
-            _split_hostport(p)
+            _check_hostport(p, p)
+
+
+def _check_hostport(value: str, pattern: str) -> None:
+    if not value or any(c in value for c in "/@ \t?#"):
+        raise ValueError(f"host pattern {pattern!r} must look like host[:port]")
+    host, port = _split_hostport(value)
+    if not host or (":" in host and not host.startswith("[")):
+        raise ValueError(f"host pattern {pattern!r} must look like host[:port] ([v6 address] in brackets)")
+    if not (port is None or port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"pattern {pattern!r}: port must be a number or *")

@@ -1,0 +1,69 @@
+"""
+The MCP conformance suite (npm @modelcontextprotocol/conformance, server
+mode, its default "active" suite) against @modelcontextprotocol/server-everything,
+once directly and once through the gateway with the allow-all bundle: every
+check of every scenario must come out the same.
+
+server-everything is not the suite's reference server, so some scenarios fail
+directly (their tools are missing); what matters is that the gateway changes
+nothing. One exception is expected and asserted: `dns-rebinding-protection`,
+which server-everything fails on its own and the gateway fixes (it checks
+Host/Origin itself), so through the gateway all its checks must pass.
+A full run takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import NODE22, PEERS, everything_server, gateway
+
+pytestmark = pytest.mark.e2e
+
+CONFORMANCE = str(PEERS / "@modelcontextprotocol" / "conformance" / "dist" / "index.js")
+GATEWAY_FIXES = "dns-rebinding-protection"
+
+Checks = dict[str, list[tuple[str, str, str]]]  # scenario -> [(check id, status, error message)]
+
+
+def run_suite(url: str, out: Path, ports: tuple[int, ...]) -> Checks:
+    """Run the suite against `url`; return each scenario's checks, ports in messages replaced by PORT."""
+    done = subprocess.run([NODE22, CONFORMANCE, "server", "--url", url, "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    results: Checks = {}
+    for path in sorted(out.glob("server-*/checks.json")):
+        scenario = re.sub(r"^server-(.+)-\d{4}-\d\d-\d\dT[\d-]+Z$", r"\1", path.parent.name)
+        checks = json.loads(path.read_text())
+        results[scenario] = [(c["id"], c["status"], _portless(c.get("errorMessage") or "", ports)) for c in checks]
+    assert results, f"the suite produced no results:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return results
+
+
+def _portless(text: str, ports: tuple[int, ...]) -> str:
+    for port in ports:
+        text = text.replace(str(port), "PORT")
+    return text
+
+
+def passing(results: Checks) -> list[str]:
+    return [s for s, checks in results.items() if all(status == "SUCCESS" for _, status, _ in checks)]
+
+
+def test_conformance_results_are_the_same_through_the_gateway(tmp_path):
+    with everything_server() as srv:
+        direct = run_suite(srv.endpoint, tmp_path / "direct", (srv.port,))
+    with everything_server() as srv, gateway(srv.url) as gw:
+        proxied = run_suite(f"{gw.url}/mcp", tmp_path / "gateway", (srv.port, gw.port))
+
+    assert len(direct) >= 25 and set(proxied) == set(direct)
+    assert len(passing(direct)) >= 10, "too few scenarios pass directly for the comparison to mean anything"
+    for scenario in sorted(direct):
+        if scenario == GATEWAY_FIXES:
+            continue
+        assert proxied[scenario] == direct[scenario], scenario
+    assert GATEWAY_FIXES in passing(proxied), proxied[GATEWAY_FIXES]

@@ -1,0 +1,1052 @@
+"""
+Rulesets: load, validate and compile a YAML ruleset, then evaluate messages.
+
+Pure: no mitmproxy import. The language (documented in the README):
+
+    version: 1
+    default: deny                  # when no rule matches (deny unless set to allow)
+    upstreams:                     # optional names for upstream servers ("host:port" globs)
+      acme: "127.0.0.1:9000"
+    rules:                         # evaluated top to bottom: the FIRST matching rule decides
+      - id: no-drop
+        match: {tools: [drop_*]}   # every condition given must hold; a list means "any of"
+        action: deny               # allow | deny | approve | mask
+        reason: irreversible
+
+Matching is done on decoded JSON after normalisation (see `normalize`): names
+of methods, tools and prompts are always compared NFKC + case-folded; resource
+URIs, argument values, keywords and patterns are case-folded only where the
+rule says `case_insensitive: true`.
+
+`Ruleset.load(path)` validates against the schema below and raises
+`RulesetError` whose problems name the file, line and rule. Globs and regular
+expressions are compiled once at load; `Ruleset.evaluate()` does no parsing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from . import normalize
+from .jsonrpc import Message
+
+logger = logging.getLogger("mcp_bastion")
+
+ACTIONS = ("allow", "deny", "approve", "mask")
+DIRECTIONS = ("client_to_server", "server_to_client")
+KINDS = ("request", "notification", "response")
+
+# Rule ids the gateway uses for decisions no rule of the file made.
+DEFAULT_RULE = "bastion:default"
+MALFORMED_RULE = "bastion:malformed"
+NO_RULESET_RULE = "bastion:no-ruleset"
+
+# MCP methods whose target is named in params (the name or URI a rule can match).
+_NAMED = {"tools/call": "name", "prompts/get": "name"}
+_URI_METHODS = ("resources/read", "resources/subscribe", "resources/unsubscribe")
+_WITH_ARGUMENTS = ("tools/call", "prompts/get")
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+# --- values -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is asking, as established by the Auth stage (anonymous when identity is off)."""
+
+    sub: str | None = None
+    groups: tuple[str, ...] = ()
+    iss: str | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.sub is not None
+
+    @classmethod
+    def from_claims(cls, claims: dict[str, Any] | None) -> "Identity":
+        """From `flow.metadata["bastion.identity"]` (None: anonymous, no groups)."""
+        if not isinstance(claims, dict):
+            return ANONYMOUS
+        groups = claims.get("groups") or ()
+        if isinstance(groups, str):
+            groups = (groups,)
+        sub, iss = claims.get("sub"), claims.get("iss")
+        return cls(
+            sub=sub if isinstance(sub, str) and sub else None,
+            groups=tuple(g for g in groups if isinstance(g, str)),
+            iss=iss if isinstance(iss, str) else None,
+        )
+
+
+ANONYMOUS = Identity()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one message: which rule decided, and what it said."""
+
+    action: str
+    rule: str
+    reason: str
+    profile: str | None = None
+
+    @property
+    def blocks(self) -> bool:
+        """True when the message must not travel on (deny, or approve without an approval)."""
+        return self.action in ("deny", "approve")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a ruleset file, located for the person who wrote it."""
+
+    file: str
+    line: int | None
+    rule: str | None
+    message: str
+    warning: bool = False
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        what = f"rule '{self.rule}': " if self.rule else ""
+        kind = "warning: " if self.warning else ""
+        return f"{where}: {kind}{what}{self.message}"
+
+
+class RulesetError(ValueError):
+    """A ruleset that cannot be used; `problems` lists every error found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def http_request(verb: str) -> Message:
+    """The pseudo-message for a body-less HTTP request on the MCP endpoint.
+
+    GET (open the server's event stream), DELETE (end the session) and the like
+    carry no JSON-RPC message; rules see them as method `http:GET`, `http:DELETE`.
+    """
+    method = f"http:{verb.upper()}"
+    return Message(kind="request", raw={"method": method}, method=method)
+
+
+# --- what a rule sees of a message -----------------------------------------
+
+
+class View:
+    """One message as rules see it: normalised once, lazily, per evaluation."""
+
+    __slots__ = ("identity", "direction", "upstream", "message", "kind", "method", "params",
+                 "tool", "prompt", "_uri", "arguments", "_cache")
+
+    def __init__(self, identity: Identity, message: Message, direction: str, upstream: str | None):
+        self.identity = identity
+        self.direction = direction
+        self.upstream = upstream.lower() if upstream else None
+        self.message = message
+        self.kind = "response" if message.kind in ("response", "error") else message.kind
+        self.method = normalize.name(message.method) if isinstance(message.method, str) else None
+        params = message.params if isinstance(message.params, dict) else None
+        self.params = params
+        self.tool = self.prompt = self._uri = self.arguments = None
+        if params is not None:
+            if self.method in _NAMED:
+                target = params.get(_NAMED[self.method])
+                target = normalize.name(target) if isinstance(target, str) else None
+                if self.method == "tools/call":
+                    self.tool = target
+                else:
+                    self.prompt = target
+            elif self.method in _URI_METHODS and isinstance(params.get("uri"), str):
+                self._uri = params["uri"]
+            if self.method in _WITH_ARGUMENTS:
+                self.arguments = params.get("arguments")
+        self._cache: dict[Any, Any] = {}
+
+    def malformed(self) -> str | None:
+        """Why a request naming a tool, prompt or resource does not name it readably, if it does not."""
+        if self.kind != "request" or self.method is None:
+            return None
+        if self.method in _NAMED and self.tool is None and self.prompt is None:
+            return f"{self.method} needs params.name as a string"
+        if self.method in _URI_METHODS and self._uri is None:
+            return f"{self.method} needs params.uri as a string"
+        return None
+
+    def uri(self, fold: bool) -> str | None:
+        if self._uri is None:
+            return None
+        key = ("uri", fold)
+        if key not in self._cache:
+            self._cache[key] = normalize.uri(self._uri, fold)
+        return self._cache[key]
+
+    def strings(self, fold: bool, spaced: bool) -> list[str]:
+        """Every string of the message (keys included), normalised."""
+        key = ("strings", fold, spaced)
+        if key not in self._cache:
+            norm = normalize.spaced if spaced else normalize.text
+            self._cache[key] = [norm(s, fold) for s in normalize.strings(self.message.raw)]
+        return self._cache[key]
+
+
+# --- conditions ---------------------------------------------------------------
+
+
+class Condition:
+    """One key of a rule's `match`. `content` conditions look at arguments or strings."""
+
+    key: str
+    content = False
+
+    def test(self, v: View) -> bool:
+        raise NotImplementedError
+
+    def why_not(self, v: View) -> str:
+        raise NotImplementedError
+
+
+def _glob_regex(patterns: Iterable[str]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+class GlobCondition(Condition):
+    """Some value of the message (or its identity) matches one of a list of globs."""
+
+    def __init__(self, key: str, patterns: list[str], values: Callable[[View], Iterable[str | None]],
+                 prepare: Callable[[str], str] = lambda s: s):
+        self.key = key
+        self.patterns = patterns
+        self.values = values
+        self.regex = _glob_regex(prepare(p) for p in patterns)
+
+    def test(self, v: View) -> bool:
+        return any(x is not None and self.regex.match(x) for x in self.values(v))
+
+    def why_not(self, v: View) -> str:
+        got = [x for x in self.values(v) if x is not None]
+        return f"{self.key}: {', '.join(map(repr, got)) or 'none'} matches none of {self.patterns}"
+
+
+class ValueCondition(Condition):
+    """A property of the message equals one of the allowed values."""
+
+    def __init__(self, key: str, allowed: tuple[Any, ...], value: Callable[[View], Any]):
+        self.key = key
+        self.allowed = allowed
+        self.value = value
+
+    def test(self, v: View) -> bool:
+        return self.value(v) in self.allowed
+
+    def why_not(self, v: View) -> str:
+        want = self.allowed[0] if len(self.allowed) == 1 else list(self.allowed)
+        return f"{self.key}: {self.value(v)!r} is not {want!r}"
+
+
+class ResourceCondition(Condition):
+    key = "resources"
+
+    def __init__(self, patterns: list[str], fold: bool):
+        self.patterns = patterns
+        self.fold = fold
+        self.regex = _glob_regex(normalize.uri(p, fold) for p in patterns)
+
+    def test(self, v: View) -> bool:
+        uri = v.uri(self.fold)
+        return uri is not None and bool(self.regex.match(uri))
+
+    def why_not(self, v: View) -> str:
+        uri = v.uri(self.fold)
+        if uri is None:
+            return "resources: the message names no resource"
+        return f"resources: {uri!r} matches none of {self.patterns}"
+
+
+class KeywordCondition(Condition):
+    """A keyword occurs in (or a pattern is found in) any string of the message, keys included."""
+
+    content = True
+
+    def __init__(self, key: str, shown: list[str], regexes: list[re.Pattern[str]], fold: bool):
+        self.key = key
+        self.shown = shown
+        self.regexes = regexes
+        self.fold = fold
+        self.spaced = key == "keywords"
+
+    def test(self, v: View) -> bool:
+        strings = v.strings(self.fold, self.spaced)
+        return any(r.search(s) for r in self.regexes for s in strings)
+
+    def why_not(self, v: View) -> str:
+        return f"{self.key}: none of {self.shown} occurs in the message"
+
+
+Path = tuple[str | None, ...]  # None is the wildcard segment `*`
+
+
+def _resolve(value: Any, path: Path) -> Iterator[Any]:
+    """Every value at `path` under `value` (a wildcard segment fans out)."""
+    level = [value]
+    for seg in path:
+        nxt: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                if seg is None:
+                    nxt.extend(item.values())
+                elif seg in item:
+                    nxt.append(item[seg])
+            elif isinstance(item, list):
+                if seg is None:
+                    nxt.extend(item)
+                elif seg.isdigit() and int(seg) < len(item):
+                    nxt.append(item[int(seg)])
+        level = nxt
+    return iter(level)
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number, or a string that reads as one (`"100"`, `"１e3"`); never a bool or NaN."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        num = float(value)
+    elif isinstance(value, str):
+        try:
+            num = float(normalize.text(value).strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return None if math.isnan(num) else num
+
+
+def _as_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return None
+
+
+_COMPARE = {
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+}
+
+
+class ArgumentCondition(Condition):
+    """A value at a path of `params.arguments` satisfies every operator given."""
+
+    key = "arguments"
+    content = True
+
+    def __init__(self, shown_path: str, path: Path, ops: dict[str, Any], fold: bool):
+        self.shown_path = shown_path
+        self.path = path
+        self.shown_ops = ops
+        self.fold = fold
+        self.checks: list[Callable[[Any], bool]] = []
+        for op, operand in ops.items():
+            self.checks.append(self._compile(op, operand))
+
+    def _compile(self, op: str, operand: Any) -> Callable[[Any], bool]:
+        fold = self.fold
+        operands = operand if isinstance(operand, list) else [operand]
+        if op == "equals":
+            wanted = [normalize.text(o, fold) if isinstance(o, str) else o for o in operands]
+            return lambda value: any(_equal(value, w, fold) for w in wanted)
+        if op == "glob":
+            regex = _glob_regex(normalize.text(p, fold) for p in operands)
+
+            def glob(value: Any) -> bool:
+                text = _as_text(value)
+                if text is None:
+                    return False
+                text = normalize.text(text, fold)
+                if "/" in text:
+                    text = normalize.remove_dot_segments(text)
+                return bool(regex.match(text))
+
+            return glob
+        if op == "regex":
+            flags = re.IGNORECASE if fold else 0
+            regexes = [re.compile(p, flags) for p in operands]
+
+            def search(value: Any) -> bool:
+                text = _as_text(value)
+                if text is None:
+                    return False
+                text = normalize.text(text, fold)
+                return any(r.search(text) for r in regexes)
+
+            return search
+        compare, bound = _COMPARE[op], float(operand)
+
+        def numeric(value: Any) -> bool:
+            num = _number(value)
+            return num is not None and compare(num, bound)
+
+        return numeric
+
+    def test(self, v: View) -> bool:
+        if v.arguments is None:
+            return False
+        return any(all(c(x) for c in self.checks) for x in _resolve(v.arguments, self.path))
+
+    def why_not(self, v: View) -> str:
+        if v.arguments is None:
+            return "arguments: the message has no arguments"
+        found = list(_resolve(v.arguments, self.path))
+        if not found:
+            return f"arguments: nothing at {self.shown_path}"
+        return f"arguments: {self.shown_path} = {found[0] if len(found) == 1 else found!r} does not satisfy {self.shown_ops}"
+
+
+def _equal(value: Any, wanted: Any, fold: bool) -> bool:
+    if isinstance(wanted, str):
+        return isinstance(value, str) and normalize.text(value, fold) == wanted
+    if isinstance(wanted, bool) or wanted is None:
+        return value is wanted
+    num = _number(value)
+    return num is not None and num == wanted
+
+
+# --- rules and rulesets -------------------------------------------------------
+
+
+@dataclass
+class Rule:
+    id: str
+    line: int
+    action: str
+    reason: str
+    profile: str | None
+    conditions: tuple[Condition, ...]
+    description: str = ""
+    decision: Decision = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decision = Decision(self.action, self.id, self.reason, self.profile)
+
+    def matches(self, v: View) -> bool:
+        for c in self.conditions:
+            if not c.test(v):
+                return False
+        return True
+
+    def first_failure(self, v: View) -> Condition | None:
+        return next((c for c in self.conditions if not c.test(v)), None)
+
+
+@dataclass
+class Step:
+    """One line of an explanation: a rule, whether it matched, and why not."""
+
+    rule: str
+    line: int | None
+    matched: bool
+    detail: str
+
+
+_LISTS = {
+    "tools/list": ("tools", "name", "tool"),
+    "prompts/list": ("prompts", "name", "prompt"),
+    "resources/list": ("resources", "uri", "resource"),
+    "resources/templates/list": ("resourceTemplates", "uriTemplate", "template"),
+}
+_PROBE = {
+    "tool": ("tools/call", "name"),
+    "prompt": ("prompts/get", "name"),
+    "resource": ("resources/read", "uri"),
+    "template": ("resources/read", "uri"),
+}
+
+
+class Ruleset:
+    """A compiled ruleset: an ordered list of rules and a default."""
+
+    def __init__(self, rules: list[Rule], default: str = "deny", default_reason: str | None = None,
+                 source: str = "<ruleset>", warnings: list[Problem] | None = None,
+                 default_rule: str = DEFAULT_RULE):
+        self.rules = rules
+        self.default = default
+        self.source = source
+        self.warnings = warnings or []
+        if default_reason is None:
+            default_reason = "no rule allows this message" if default == "deny" else "no rule matched; the default is allow"
+        self.default_decision = Decision(default, default_rule, default_reason)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Ruleset":
+        """Read, validate and compile a ruleset file; RulesetError names file, line and rule."""
+        name = os.fspath(path)
+        try:
+            with open(name, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise RulesetError([Problem(name, None, None, f"cannot read: {e.strerror or e}")]) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise RulesetError([Problem(name, line, None, "not valid UTF-8")]) from None
+        return cls.parse(text, name)
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<ruleset>") -> "Ruleset":
+        return _Compiler(source).compile(text)
+
+    @classmethod
+    def deny_all(cls, reason: str) -> "Ruleset":
+        """The ruleset in force when none is configured: every message is denied."""
+        return cls([], "deny", reason, source="(none)", default_rule=NO_RULESET_RULE)
+
+    # --- evaluation ---
+
+    def evaluate(self, identity: Identity | None, message: Message,
+                 direction: str = "client_to_server", upstream: str | None = None) -> Decision:
+        """The decision for one message: the first matching rule's, or the default."""
+        v = View(identity or ANONYMOUS, message, direction, upstream)
+        why = v.malformed()
+        if why:
+            return Decision("deny", MALFORMED_RULE, why)
+        for rule in self.rules:
+            if rule.matches(v):
+                return rule.decision
+        return self.default_decision
+
+    def explain(self, identity: Identity | None, message: Message,
+                direction: str = "client_to_server", upstream: str | None = None) -> tuple[list[Step], Decision]:
+        """`evaluate()`, showing each rule tried until one matched and why the others did not."""
+        v = View(identity or ANONYMOUS, message, direction, upstream)
+        why = v.malformed()
+        if why:
+            return [Step(MALFORMED_RULE, None, True, why)], Decision("deny", MALFORMED_RULE, why)
+        steps = []
+        for rule in self.rules:
+            failed = rule.first_failure(v)
+            if failed is None:
+                steps.append(Step(rule.id, rule.line, True, "every condition holds"))
+                return steps, rule.decision
+            steps.append(Step(rule.id, rule.line, False, failed.why_not(v)))
+        steps.append(Step(self.default_decision.rule, None, True, f"no rule matched: default {self.default}"))
+        return steps, self.default_decision
+
+    def visible(self, identity: Identity | None, upstream: str | None, item: str, name: str) -> bool:
+        """Whether a listed tool/prompt/resource/template is shown: could some call to it be let through?
+
+        Conditions on arguments, keywords or patterns (and, for a template, on
+        the resource URI) are unknown at listing time: an allowing rule with
+        such conditions shows the item; a denying one hides it only if its
+        keywords/patterns already match the bare call (they then match every call).
+        """
+        method, key = _PROBE[item]
+        params = {key: name}
+        msg = Message(kind="request", raw={"jsonrpc": "2.0", "id": 0, "method": method, "params": params},
+                      id=0, method=method, params=params)
+        v = View(identity or ANONYMOUS, msg, "client_to_server", upstream)
+        if v.malformed():
+            return False
+        for rule in self.rules:
+            unknown: list[Condition] = []
+            applies = True
+            for c in rule.conditions:
+                if c.content or (item == "template" and c.key == "resources"):
+                    unknown.append(c)
+                elif not c.test(v):
+                    applies = False
+                    break
+            if not applies:
+                continue
+            if not unknown or rule.action != "deny":
+                return rule.action != "deny"
+            if item != "template" and all(isinstance(c, KeywordCondition) and c.test(v) for c in unknown):
+                return False
+        return self.default != "deny"
+
+    def filter_list(self, identity: Identity | None, upstream: str | None, method: str | None,
+                    result: Any) -> tuple[Any, list[str]]:
+        """Remove from a list result what the identity may not use; returns (result, hidden names).
+
+        `method` is the request's method; when unknown (None) the result's shape decides.
+        Items without a readable name are hidden.
+        """
+        if not isinstance(result, dict):
+            return result, []
+        if method is None:
+            specs = [s for s in _LISTS.values() if isinstance(result.get(s[0]), list)]
+        else:
+            specs = [_LISTS[method]] if method in _LISTS else []
+        hidden: list[str] = []
+        out = result
+        for key, field_name, item in specs:
+            items = result.get(key)
+            if not isinstance(items, list):
+                continue
+            kept = []
+            for entry in items:
+                target = entry.get(field_name) if isinstance(entry, dict) else None
+                if isinstance(target, str) and self.visible(identity, upstream, item, target):
+                    kept.append(entry)
+                else:
+                    hidden.append(target if isinstance(target, str) else "<unnamed>")
+            if len(kept) != len(items):
+                out = dict(out)
+                out[key] = kept
+        return out, hidden
+
+
+# --- loading: YAML nodes -> compiled rules ---------------------------------------
+
+_TOP_KEYS = ("version", "description", "default", "default_reason", "upstreams", "rules")
+_RULE_KEYS = ("id", "description", "match", "action", "reason", "profile")
+_MATCH_KEYS = ("groups", "subjects", "issuers", "authenticated", "upstreams", "direction", "kinds",
+               "methods", "tools", "prompts", "resources", "arguments", "keywords", "patterns",
+               "case_insensitive")
+_ARG_KEYS = ("path", "equals", "glob", "regex", "lt", "le", "gt", "ge")
+_DEFAULT_REASONS = {"deny": "denied by policy", "approve": "needs a person's approval"}
+
+_BAD = object()
+_TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "true or false", type(None): "null"}
+
+
+class _Compiler:
+    """Walks the YAML node tree (which knows line numbers), validating and compiling."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
+        self.scalars = yaml.constructor.SafeConstructor()
+        self.upstream_names: dict[str, list[str]] = {}
+
+    def error(self, node: yaml.Node | None, rule: str | None, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else None
+        self.problems.append(Problem(self.source, line, rule, message))
+
+    def warn(self, node: yaml.Node, rule: str | None, message: str) -> None:
+        self.warnings.append(Problem(self.source, node.start_mark.line + 1, rule, message, warning=True))
+
+    # --- generic shapes ---
+
+    def mapping(self, node: yaml.Node, rule: str | None, what: str, keys: tuple[str, ...]) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, rule, f"{what} must be a mapping")
+            return None
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for k, v in node.value:
+            key = self.scalars.construct_object(k) if isinstance(k, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                self.error(k, rule, f"{what}: keys must be strings")
+                continue
+            if key in out:
+                self.error(k, rule, f"{what}: duplicate key {key!r} (first at line {out[key][0].start_mark.line + 1})")
+                continue
+            if key not in keys:
+                near = difflib.get_close_matches(key, keys, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(keys)})"
+                self.error(k, rule, f"{what}: unknown key {key!r}{hint}")
+                continue
+            out[key] = (k, v)
+        return out
+
+    def scalar(self, node: yaml.Node, rule: str | None, what: str, types: tuple[type, ...]) -> Any:
+        if isinstance(node, yaml.ScalarNode):
+            value = self.scalars.construct_object(node)
+            if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+                return value
+        names = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in types))
+        self.error(node, rule, f"{what} must be {names}")
+        return _BAD
+
+    def strings(self, node: yaml.Node, rule: str | None, what: str) -> list[str] | None:
+        """A string or a non-empty list of strings."""
+        if isinstance(node, yaml.SequenceNode):
+            if not node.value:
+                self.error(node, rule, f"{what}: an empty list matches nothing; remove the key instead")
+                return None
+            values = [self.scalar(n, rule, f"{what} entries", (str,)) for n in node.value]
+            return None if _BAD in values else values
+        value = self.scalar(node, rule, what, (str,))
+        return None if value is _BAD else [value]
+
+    def choice(self, node: yaml.Node, rule: str | None, what: str, allowed: tuple[str, ...]) -> Any:
+        value = self.scalar(node, rule, what, (str,))
+        if value is not _BAD and value not in allowed:
+            self.error(node, rule, f"{what} must be one of {', '.join(allowed)} (got {value!r})")
+            return _BAD
+        return value
+
+    # --- the document ---
+
+    def compile(self, text: str) -> Ruleset:
+        try:
+            docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = mark.line + 1 if mark else None
+            raise RulesetError([Problem(self.source, line, None, f"YAML: {e.problem or e.context}")]) from None
+        except yaml.YAMLError as e:
+            raise RulesetError([Problem(self.source, None, None, f"YAML: {e}")]) from None
+        if len(docs) != 1 or docs[0] is None:
+            raise RulesetError([Problem(self.source, None, None, "expected exactly one YAML document")])
+        root = docs[0]
+        top = self.mapping(root, None, "ruleset", _TOP_KEYS)
+        if top is None:
+            raise RulesetError(self.problems)
+        if "version" not in top:
+            self.error(root, None, "missing 'version: 1'")
+        elif self.scalar(top["version"][1], None, "version", (int,)) not in (1, _BAD):
+            self.error(top["version"][1], None, "version must be 1")
+        default = "deny"
+        if "default" in top:
+            default = self.choice(top["default"][1], None, "default", ("deny", "allow"))
+        default_reason = None
+        if "default_reason" in top:
+            default_reason = self.scalar(top["default_reason"][1], None, "default_reason", (str,))
+        if "description" in top:
+            self.scalar(top["description"][1], None, "description", (str,))
+        if "upstreams" in top:
+            self.read_upstreams(top["upstreams"][1])
+        rules: list[Rule] = []
+        if "rules" not in top:
+            self.error(root, None, "missing 'rules' (a list; it may be empty)")
+        elif not isinstance(top["rules"][1], yaml.SequenceNode):
+            self.error(top["rules"][1], None, "rules must be a list")
+        else:
+            seen: dict[str, int] = {}
+            for i, node in enumerate(top["rules"][1].value):
+                rule = self.rule(node, i, seen)
+                if rule is not None:
+                    rules.append(rule)
+        if self.problems:
+            raise RulesetError(sorted(self.problems, key=lambda p: p.line or 0))
+        self.check_shadowing(rules)
+        return Ruleset(rules, default, default_reason, self.source, self.warnings)
+
+    def read_upstreams(self, node: yaml.Node) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, None, "upstreams must be a mapping of name: \"host:port\"")
+            return
+        for k, v in node.value:
+            name = self.scalar(k, None, "upstream names", (str,))
+            if name is _BAD:
+                continue
+            if not _NAME_RE.match(name):
+                self.error(k, None, f"upstream name {name!r} must be letters, digits, '.', '_' or '-'")
+                continue
+            if name in self.upstream_names:
+                self.error(k, None, f"upstreams: duplicate name {name!r}")
+                continue
+            targets = self.strings(v, None, f"upstreams.{name}")
+            if targets is not None:
+                for t in targets:
+                    if ":" not in t:
+                        self.error(v, None, f"upstreams.{name}: {t!r} must be host:port (globs allowed, e.g. \"127.0.0.1:*\")")
+                self.upstream_names[name] = [t.lower() for t in targets]
+
+    def rule(self, node: yaml.Node, index: int, seen: dict[str, int]) -> Rule | None:
+        label = f"#{index + 1}"
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == "id" and isinstance(v, yaml.ScalarNode) and v.value:
+                    label = v.value
+        keys = self.mapping(node, label, "rule", _RULE_KEYS)
+        if keys is None:
+            return None
+        before = len(self.problems)
+        rule_id = None
+        if "id" not in keys:
+            self.error(node, label, "missing 'id'")
+        else:
+            rule_id = self.scalar(keys["id"][1], label, "id", (str,))
+            if rule_id is not _BAD:
+                if not _ID_RE.match(rule_id):
+                    self.error(keys["id"][1], label, "id must start with a letter or digit and use only letters, digits, '.', '_' or '-'")
+                elif rule_id in seen:
+                    self.error(keys["id"][1], label, f"duplicate id (first used at line {seen[rule_id]})")
+                else:
+                    seen[rule_id] = keys["id"][1].start_mark.line + 1
+        action = None
+        if "action" not in keys:
+            self.error(node, label, f"missing 'action' (one of {', '.join(ACTIONS)})")
+        else:
+            action = self.choice(keys["action"][1], label, "action", ACTIONS)
+        profile = None
+        if "profile" in keys:
+            profile = self.scalar(keys["profile"][1], label, "profile", (str,))
+            if action not in ("mask", _BAD, None):
+                self.error(keys["profile"][0], label, "profile is only for action: mask")
+        elif action == "mask":
+            self.error(node, label, "action mask needs a 'profile' (the masking profile to apply)")
+        reason = None
+        if "reason" in keys:
+            reason = self.scalar(keys["reason"][1], label, "reason", (str,))
+        description = ""
+        if "description" in keys:
+            description = self.scalar(keys["description"][1], label, "description", (str,))
+        conditions: tuple[Condition, ...] = ()
+        if "match" in keys:
+            conditions = self.match(keys["match"][1], label)
+        if len(self.problems) > before:
+            return None
+        return Rule(
+            id=rule_id,
+            line=node.start_mark.line + 1,
+            action=action,
+            reason=reason or _DEFAULT_REASONS.get(action, ""),
+            profile=profile,
+            conditions=conditions,
+            description=description,
+        )
+
+    def match(self, node: yaml.Node, rule: str) -> tuple[Condition, ...]:
+        keys = self.mapping(node, rule, "match", _MATCH_KEYS)
+        if keys is None:
+            return ()
+        fold = False
+        if "case_insensitive" in keys:
+            fold = self.scalar(keys["case_insensitive"][1], rule, "case_insensitive", (bool,)) is True
+        out: list[Condition] = []
+        for key in _MATCH_KEYS:  # a fixed order: cheap identity checks first, content scans last
+            if key not in keys or key == "case_insensitive":
+                continue
+            cond = self.condition(key, keys[key][1], rule, fold)
+            if cond is not None:
+                out.append(cond)
+        named = [k for k in ("tools", "prompts", "resources") if k in keys]
+        if len(named) > 1:
+            self.warn(node, rule, f"{' and '.join(named)} together never match (a message names one target)")
+        return tuple(out)
+
+    def condition(self, key: str, node: yaml.Node, rule: str, fold: bool) -> Condition | None:
+        if key == "authenticated":
+            value = self.scalar(node, rule, key, (bool,))
+            return None if value is _BAD else ValueCondition(key, (value,), lambda v: v.identity.authenticated)
+        if key == "direction":
+            value = self.choice(node, rule, key, DIRECTIONS)
+            return None if value is _BAD else ValueCondition(key, (value,), lambda v: v.direction)
+        if key == "arguments":
+            return self.arguments(node, rule, fold)
+        values = self.strings(node, rule, key)
+        if values is None:
+            return None
+        if key == "kinds":
+            bad = [x for x in values if x not in KINDS]
+            if bad:
+                self.error(node, rule, f"kinds: {bad[0]!r} is not one of {', '.join(KINDS)}")
+                return None
+            return ValueCondition(key, tuple(values), lambda v: v.kind)
+        if key == "groups":
+            return GlobCondition(key, values, lambda v: v.identity.groups)
+        if key == "subjects":
+            return GlobCondition(key, values, lambda v: (v.identity.sub,))
+        if key == "issuers":
+            return GlobCondition(key, values, lambda v: (v.identity.iss,))
+        if key == "upstreams":
+            patterns = self.upstream_patterns(node, rule, values)
+            return None if patterns is None else GlobCondition(key, patterns, lambda v: (v.upstream,))
+        if key == "methods":
+            return GlobCondition(key, values, lambda v: (v.method,), normalize.name)
+        if key == "tools":
+            return GlobCondition(key, values, lambda v: (v.tool,), normalize.name)
+        if key == "prompts":
+            return GlobCondition(key, values, lambda v: (v.prompt,), normalize.name)
+        if key == "resources":
+            return ResourceCondition(values, fold)
+        if key == "keywords":
+            words = [normalize.spaced(w, fold) for w in values]
+            if any(not w.strip() for w in words):
+                self.error(node, rule, "keywords: an empty keyword would match everything")
+                return None
+            return KeywordCondition(key, values, [re.compile("|".join(re.escape(w) for w in words))], fold)
+        if key == "patterns":
+            regexes = []
+            for p in values:
+                try:
+                    regexes.append(re.compile(p, re.IGNORECASE if fold else 0))
+                except re.error as e:
+                    self.error(node, rule, f"patterns: {p!r} is not a valid regular expression: {e}")
+                    return None
+            return KeywordCondition(key, values, regexes, fold)
+        raise AssertionError(key)  # pragma: no cover - _MATCH_KEYS and this method agree
+
+    def upstream_patterns(self, node: yaml.Node, rule: str, values: list[str]) -> list[str] | None:
+        out: list[str] = []
+        for value in values:
+            if value in self.upstream_names:
+                out.extend(self.upstream_names[value])
+            elif ":" in value:
+                out.append(value.lower())
+            else:
+                known = ", ".join(self.upstream_names) or "none defined"
+                self.error(node, rule, f"upstreams: {value!r} is neither a name from 'upstreams' ({known}) nor host:port")
+                return None
+        return out
+
+    def arguments(self, node: yaml.Node, rule: str, fold: bool) -> Condition | None:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.error(node, rule, "arguments must be a non-empty list of {path: ..., <operator>: ...}")
+            return None
+        conds: list[ArgumentCondition] = []
+        for entry in node.value:
+            keys = self.mapping(entry, rule, "arguments entry", _ARG_KEYS)
+            if keys is None:
+                continue
+            if "path" not in keys:
+                self.error(entry, rule, "arguments entry: missing 'path'")
+                continue
+            path = self.arg_path(keys["path"][1], rule)
+            ops: dict[str, Any] = {}
+            for op in _ARG_KEYS[1:]:
+                if op not in keys:
+                    continue
+                value = self.operand(op, keys[op][1], rule)
+                if value is not _BAD:
+                    ops[op] = value
+            if not any(op in keys for op in _ARG_KEYS[1:]):
+                self.error(entry, rule, f"arguments entry: needs one of {', '.join(_ARG_KEYS[1:])}")
+                continue
+            if path is not None and len(ops) == len([op for op in _ARG_KEYS[1:] if op in keys]):
+                shown = ".".join("*" if s is None else s for s in path)
+                conds.append(ArgumentCondition(shown, path, ops, fold))
+        if not conds:
+            return None
+        return conds[0] if len(conds) == 1 else _AllOf(conds)
+
+    def arg_path(self, node: yaml.Node, rule: str) -> Path | None:
+        if isinstance(node, yaml.SequenceNode):
+            parts = [self.scalar(n, rule, "path segments", (str, int)) for n in node.value]
+            if _BAD in parts or not parts:
+                if not parts:
+                    self.error(node, rule, "path must not be empty")
+                return None
+            return tuple(None if p == "*" else str(p) for p in parts)
+        text = self.scalar(node, rule, "path", (str,))
+        if text is _BAD:
+            return None
+        if not text or any(not seg for seg in text.split(".")):
+            self.error(node, rule, f"path {text!r}: empty segment (write a.b.c; use a list for keys containing dots)")
+            return None
+        return tuple(None if seg == "*" else seg for seg in text.split("."))
+
+    def operand(self, op: str, node: yaml.Node, rule: str) -> Any:
+        if op in _COMPARE:
+            return self.scalar(node, rule, op, (int, float))
+        if op == "equals":
+            nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
+            values = [self.scalar(n, rule, "equals", (str, int, float, bool, type(None))) for n in nodes]
+            return _BAD if _BAD in values else (values if isinstance(node, yaml.SequenceNode) else values[0])
+        values = self.strings(node, rule, op)
+        if values is None:
+            return _BAD
+        if op == "regex":
+            for p in values:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    self.error(node, rule, f"regex {p!r} is not a valid regular expression: {e}")
+                    return _BAD
+        return values
+
+    def check_shadowing(self, rules: list[Rule]) -> None:
+        """Warn about rules that can never decide because an unconditional rule comes first."""
+        for i, rule in enumerate(rules):
+            if not rule.conditions and i + 1 < len(rules):
+                for later in rules[i + 1:]:
+                    self.warnings.append(Problem(self.source, later.line, later.id,
+                                                 f"never reached: rule '{rule.id}' (line {rule.line}) matches every message",
+                                                 warning=True))
+                return
+
+
+class _AllOf(Condition):
+    """Several `arguments` entries: each must hold."""
+
+    key = "arguments"
+    content = True
+
+    def __init__(self, parts: list[ArgumentCondition]):
+        self.parts = parts
+
+    def test(self, v: View) -> bool:
+        return all(p.test(v) for p in self.parts)
+
+    def why_not(self, v: View) -> str:
+        return next(p.why_not(v) for p in self.parts if not p.test(v))
+
+
+# --- hot reload -------------------------------------------------------------
+
+
+class ReloadingRuleset:
+    """A ruleset file that is re-read when it changes, at most once per `interval` seconds.
+
+    A changed file is loaded and validated in full before it replaces the
+    current ruleset (a single reference swap); a file that fails validation is
+    logged once and the previous ruleset stays in force.
+    """
+
+    def __init__(self, path: str, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.path = path
+        self.interval = interval
+        self.clock = clock
+        self._stamp = self._stat()
+        self.ruleset = Ruleset.load(path)
+        self._checked = clock()
+        self._refused: tuple | None = None
+
+    def _stat(self) -> tuple:
+        st = os.stat(self.path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self) -> Ruleset:
+        """The ruleset in force, reloading first if the file changed since the last look."""
+        now = self.clock()
+        if now - self._checked >= self.interval:
+            self._checked = now
+            self.check()
+        return self.ruleset
+
+    def check(self) -> bool:
+        """Reload now if the file changed; True if a new ruleset took effect."""
+        try:
+            stamp = self._stat()
+        except OSError as e:
+            if self._refused != ("missing",):
+                self._refused = ("missing",)
+                logger.error("mcp-bastion: ruleset %s cannot be read (%s); the previous ruleset stays in force",
+                             self.path, e.strerror or e)
+            return False
+        if stamp == self._stamp or stamp == self._refused:
+            return False
+        try:
+            new = Ruleset.load(self.path)
+        except RulesetError as e:
+            self._refused = stamp
+            logger.error("mcp-bastion: ruleset edit refused, the previous ruleset stays in force:\n%s", e)
+            return False
+        self.ruleset, self._stamp, self._refused = new, stamp, None
+        logger.info("mcp-bastion: ruleset %s reloaded (%d rules, default %s)", self.path, len(new.rules), new.default)
+        for w in new.warnings:
+            logger.warning("mcp-bastion: %s", w)
+        return True

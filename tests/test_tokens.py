@@ -466,3 +466,34 @@ def test_changed_tokens_are_refused(pos, char):
     mutated = _GOOD[:pos] + char + _GOOD[pos + 1:]
     with pytest.raises(TokenError):
         verify_blocking(v, mutated)
+
+
+
+def test_a_token_arriving_during_the_first_key_fetch_waits_for_it(idp, clock):
+    """The start-up fetch is under way when a request comes: it must wait for it, not get 503."""
+    import threading
+
+    v = make(idp, clock)
+    release, fetching = threading.Event(), threading.Event()
+    serve = idp.fetch
+
+    def slow_fetch(url):
+        if url == idp.discovery["jwks_uri"]:
+            fetching.set()
+            release.wait(10)
+        return serve(url)
+
+    v.fetch = slow_fetch
+    first = threading.Thread(target=v.refresh, args=(ISS,))
+    first.start()
+    assert fetching.wait(10)
+    token = idp.token()
+    with pytest.raises(KeysNeeded):  # not TokenError("keys_unavailable"): the caller refreshes, i.e. waits
+        v.verify(token)
+    waiter = threading.Thread(target=v.refresh, args=(ISS,))
+    waiter.start()
+    release.set()
+    first.join(10)
+    waiter.join(10)
+    assert v.verify(token, may_refresh=False).sub == "alice"
+    assert idp.calls.count(idp.discovery["jwks_uri"]) == 1  # the waiter did not fetch again

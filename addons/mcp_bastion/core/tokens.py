@@ -222,6 +222,7 @@ class _IssuerState:
     keys: KeySet | None = None
     last_attempt: float | None = None
     last_error: str | None = None
+    fetching: bool = False  # a refresh is under way: callers wait for it rather than fail
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -301,7 +302,7 @@ class Verifier:
         state = self._issuers[iss]
         keys = state.keys
         if keys is None or now >= keys.expires_at:
-            if may_refresh and self._may_refresh(state, now):
+            if may_refresh and (state.fetching or self._may_refresh(state, now)):
                 raise KeysNeeded(iss)
             if keys is None or now >= keys.expires_at + self.config.max_stale:
                 raise TokenError("keys_unavailable", "the issuer's signing keys could not be obtained",
@@ -311,7 +312,7 @@ class Verifier:
             return key
         if keys.has(kid):
             raise TokenError("alg_key_mismatch", f"the issuer's key {str(kid)[:64]!r} is not for {alg}")
-        if may_refresh and self._may_refresh(state, now):
+        if may_refresh and (state.fetching or self._may_refresh(state, now)):
             raise KeysNeeded(iss)
         raise TokenError("unknown_key", "token is signed with a key the issuer does not publish")
 
@@ -390,25 +391,33 @@ class Verifier:
         stay in use, within `max_stale`), None otherwise. Blocking; thread-safe.
         """
         state = self._issuers[issuer]
+        seen = state.last_attempt
         with state.lock:
             now = self.clock()
-            if not self._may_refresh(state, now):
-                return state.last_error
+            if state.last_attempt != seen or not self._may_refresh(state, now):
+                return state.last_error  # another caller fetched while this one waited, or too soon
             state.last_attempt = now
+            state.fetching = True
             try:
-                if state.jwks_uri is None:
-                    state.jwks_uri = self._discover(issuer)
-                try:
-                    state.keys = self._fetch_keys(state.jwks_uri, now)
-                except TokenFetchError:
-                    # the jwks_uri may have moved: rediscover once, then give up
-                    state.jwks_uri = self._discover(issuer)
-                    state.keys = self._fetch_keys(state.jwks_uri, now)
-            except TokenFetchError as e:
-                state.last_error = str(e)
-                return state.last_error
-            state.last_error = None
-            return None
+                return self._refresh_locked(issuer, state, now)
+            finally:
+                state.fetching = False
+
+    def _refresh_locked(self, issuer: str, state: _IssuerState, now: float) -> str | None:
+        try:
+            if state.jwks_uri is None:
+                state.jwks_uri = self._discover(issuer)
+            try:
+                state.keys = self._fetch_keys(state.jwks_uri, now)
+            except TokenFetchError:
+                # the jwks_uri may have moved: rediscover once, then give up
+                state.jwks_uri = self._discover(issuer)
+                state.keys = self._fetch_keys(state.jwks_uri, now)
+        except TokenFetchError as e:
+            state.last_error = str(e)
+            return state.last_error
+        state.last_error = None
+        return None
 
     def _get_json(self, url: str) -> tuple[dict[str, Any], Mapping[str, str]]:
         try:

@@ -25,12 +25,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .client import Row, run_session
+from .issuer import DevIssuer
 
 ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 console = Console(width=max(120, Console().width))
 
-STYLE = {"ok": "green", "denied": "red", "refused": "red", "error": "yellow"}
+STYLE = {"ok": "green", "denied": "red", "refused": "red", "held": "magenta", "error": "yellow"}
 
 
 def free_port() -> int:
@@ -73,9 +74,15 @@ class Stack(ExitStack):
         out.close()
 
 
-def gateway_options(workdir: Path) -> dict[str, str]:
+def gateway_options(workdir: Path, issuer: DevIssuer) -> dict[str, str]:
     return {
         "ruleset": str(ROOT / "rulesets" / "demo.yaml"),
+        "oidc_issuer": issuer.url,
+        "oidc_required_scopes": "mcp:tools",
+        "record_dir": str(workdir / "sessions"),
+        "audit_log": str(workdir / "audit.jsonl"),
+        "audit_key_file": str(workdir / "audit.key"),
+        "upstream_token_env": "ACME_OPS_TOKEN",
     }
 
 
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     upstream_port, gw_port, web_port = free_port(), free_port(), free_port()
     with Stack() as stack:
         console.rule("[bold]mcp-bastion demo")
+        issuer = stack.enter_context(DevIssuer(audience=f"http://127.0.0.1:{gw_port}"))
+        console.print(f"issuer    dev OpenID issuer      {issuer.url} (alice: engineering, carol: contractors)")
         stack.start("demo MCP server", [str(BIN / "python"), "-m", "mcp_bastion.demo.server", "--port", str(upstream_port)],
                     upstream_port, workdir / "server.log")
         console.print(f"upstream  acme-ops MCP server   http://127.0.0.1:{upstream_port}/mcp")
@@ -98,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{gw_port}"]
         if args.web:
             cmd += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}"]
-        for key, value in gateway_options(workdir).items():
+        for key, value in gateway_options(workdir, issuer).items():
             cmd += ["--set", f"{key}={value}"]
-        stack.start("gateway", cmd, gw_port, workdir / "gateway.log")
+        # The upstream's own credential: the gateway injects it, clients never see it.
+        stack.start("gateway", cmd, gw_port, workdir / "gateway.log", env={"ACME_OPS_TOKEN": "acme-ops-upstream-secret"})
         console.print(f"gateway   {tool} + addons/bastion.py http://127.0.0.1:{gw_port}/mcp")
         if args.web:
             console.print(f"mitmweb   http://127.0.0.1:{web_port}/")
@@ -108,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
 
         url = f"http://127.0.0.1:{gw_port}/mcp"
         rows: list[Row] = []
-        for user, token in users():
+        for user in ("alice", "carol", "anonymous"):
+            token = issuer.mint(user) if user != "anonymous" else None
             rows += asyncio.run(run_session(url, user, token))
         show(rows)
+        forensics(workdir)
         if keep:
             console.print("\nRunning; Ctrl-C stops everything.")
             try:
@@ -120,8 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def users() -> list[tuple[str, str | None]]:
-    return [("anonymous", None)]
+def forensics(workdir: Path) -> None:
+    """What was recorded: the session timelines and the audit log's verification."""
+    console.rule("[bold]recorded")
+    sessions = sorted((workdir / "sessions").glob("*.mitm"))
+    for path in sessions:
+        console.print(f"[dim]scripts/replay timeline {path}")
+        subprocess.run([str(ROOT / "scripts" / "replay"), "timeline", str(path)], check=False)
+    console.print(f"[dim]scripts/audit verify {workdir / 'audit.jsonl'} --key-file {workdir / 'audit.key'}")
+    subprocess.run([str(ROOT / "scripts" / "audit"), "verify", str(workdir / "audit.jsonl"),
+                    "--key-file", str(workdir / "audit.key")], check=False)
 
 
 def show(rows: list[Row]) -> None:
@@ -132,7 +152,7 @@ def show(rows: list[Row]) -> None:
     table.add_column("what the client got", overflow="fold", max_width=70)
     for r in rows:
         lines = r.detail.strip().splitlines() or [""]
-        detail = "\n".join(line[:100] for line in lines[:3]) + ("\n..." if len(lines) > 3 else "")
+        detail = "\n".join(line[:200] for line in lines[:3]) + ("\n..." if len(lines) > 3 else "")
         table.add_row(r.user, r.call, f"[{STYLE.get(r.outcome, 'white')}]{r.outcome}", detail)
     console.print(table)
 

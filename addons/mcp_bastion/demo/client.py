@@ -13,13 +13,17 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from ..core.errors import APPROVAL_REQUIRED
+
 STEPS: list[tuple[str, dict[str, Any]]] = [
     ("lookup_customer", {"query": "c-1001"}),
     ("read_file", {"path": "/srv/app/README.md"}),
     ("read_file", {"path": "/etc/ssl/private/deploy.pem"}),
     ("search_logs", {"query": "card"}),
+    ("deploy", {"service": "billing-api", "env": "staging"}),
     ("deploy", {"service": "billing-api", "env": "prod"}),
     ("drop_table", {"table": "invoices"}),
+    ("ｄｒｏｐ＿ｔａｂｌｅ", {"table": "invoices"}),  # full-width letters: the same tool to the rules
 ]
 
 
@@ -27,7 +31,7 @@ STEPS: list[tuple[str, dict[str, Any]]] = [
 class Row:
     user: str
     call: str
-    outcome: str  # "ok", "denied", "error", "refused"
+    outcome: str  # "ok", "denied", "held" (waiting for approval), "error", "refused"
     detail: str
 
 
@@ -55,7 +59,8 @@ async def run_session(url: str, user: str, token: str | None) -> list[Row]:
                     try:
                         result = await client.call_tool(tool, args)
                     except MCPError as e:
-                        rows.append(Row(user, label, "denied", f"{e.error.code}: {e.error.message}"))
+                        outcome = "held" if e.error.code == APPROVAL_REQUIRED else "denied"
+                        rows.append(Row(user, label, outcome, f"{e.error.code}: {e.error.message}"))
                         continue
                     outcome = "error" if getattr(result, "is_error", False) else "ok"
                     rows.append(Row(user, label, outcome, _text(result)))

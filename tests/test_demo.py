@@ -1,0 +1,55 @@
+"""The README's first command, run as a newcomer would: scripts/demo, end to end."""
+
+import os
+import subprocess
+
+import pytest
+
+from harness import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def demo_output() -> str:
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([str(ROOT / "scripts" / "demo")], capture_output=True, text=True, timeout=300,
+                          env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def rows(output: str, user: str) -> list[str]:
+    """The demo table's rows for `user`, wrapped cells joined, as 'cell │ cell │ ...'."""
+    table: list[list[str]] = []
+    for line in output.splitlines():
+        if not line.startswith("│ "):
+            continue
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if cells[0]:
+            table.append(cells)
+        elif table and len(cells) == len(table[-1]):
+            table[-1] = [f"{a} {b}".strip() for a, b in zip(table[-1], cells)]
+    return [" │ ".join(" ".join(c.split()) for c in r) for r in table if r[0] == user]
+
+
+def test_engineer_reads_but_secrets_and_destruction_are_stopped(demo_output):
+    alice = rows(demo_output, "alice")
+    assert any("lookup_customer(c-1001) │ ok" in r for r in alice)
+    assert any("read_file(/etc/ssl/private/deploy.pem) │ denied │ -32001" in r and "no-secret-files" in r for r in alice)
+    assert any("deploy(billing-api, staging) │ ok" in r for r in alice)
+    assert any("deploy(billing-api, prod) │ held │ -32002" in r for r in alice)
+    assert sum("no-drop-table" in r for r in alice) == 2  # drop_table and its full-width spelling
+
+
+def test_contractor_sees_a_filtered_catalogue_and_no_unmasked_customers(demo_output):
+    carol = rows(demo_output, "carol")
+    assert any("tools/list │ ok │ list_customers, lookup_customer, search_logs" in r for r in carol)
+    assert any("lookup_customer(c-1001) │ denied" in r and "masking profile" in r for r in carol)
+    assert not any("Dana Whitfield" in r for r in carol)
+
+
+def test_anonymous_is_refused_and_everything_is_recorded(demo_output):
+    assert any("connect │ refused" in r and "bearer token is required" in r for r in rows(demo_output, "anonymous"))
+    assert "session timeline" in demo_output
+    assert "chain intact" in demo_output

@@ -53,3 +53,31 @@ def test_anonymous_is_refused_and_everything_is_recorded(demo_output):
     assert any("connect │ refused" in r and "bearer token is required" in r for r in rows(demo_output, "anonymous"))
     assert "session timeline" in demo_output
     assert "chain intact" in demo_output
+
+
+def test_demo_web_keeps_mitmweb_running_until_interrupted():
+    """`scripts/demo --web`: the same session, then mitmweb stays up for inspection until Ctrl-C."""
+    import re
+    import signal
+    import urllib.request
+
+    proc = subprocess.Popen([str(ROOT / "scripts" / "demo"), "--web"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "COLUMNS": "200"}, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Running; Ctrl-C"):
+                break
+        text = "".join(lines)
+        assert "Running; Ctrl-C" in text, text[-3000:]
+        web = re.search(r"^mitmweb\s+(http://127\.0\.0\.1:\d+/\?token=\S+)", text, re.M).group(1)
+        with urllib.request.urlopen(web, timeout=10) as r:  # the printed link opens the UI
+            assert r.status == 200 and b"mitmproxy" in r.read().lower()
+        assert any("deploy(billing-api, prod) │ held" in r for r in rows(text, "alice"))
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -105,15 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         tool = "mitmweb" if args.web else "mitmdump"
         cmd = [str(BIN / tool), "--listen-host", "127.0.0.1", "-s", str(ROOT / "addons" / "bastion.py"),
                "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{gw_port}"]
+        web_token = secrets.token_urlsafe(12)
         if args.web:
-            cmd += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}"]
+            cmd += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}", "--set", f"web_password={web_token}"]
         for key, value in gateway_options(workdir, issuer).items():
             cmd += ["--set", f"{key}={value}"]
         # The upstream's own credential: the gateway injects it, clients never see it.
         stack.start("gateway", cmd, gw_port, workdir / "gateway.log", env={"ACME_OPS_TOKEN": "acme-ops-upstream-secret"})
         console.print(f"gateway   {tool} + addons/bastion.py http://127.0.0.1:{gw_port}/mcp")
         if args.web:
-            console.print(f"mitmweb   http://127.0.0.1:{web_port}/")
+            console.print(f"mitmweb   http://127.0.0.1:{web_port}/?token={web_token}")
         console.print(f"logs      {workdir}")
 
         url = f"http://127.0.0.1:{gw_port}/mcp"

@@ -16,7 +16,7 @@ import json
 from urllib.parse import urlsplit
 
 import pytest
-from mitmproxy import exceptions, http
+from mitmproxy import exceptions, flow, http
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook, HttpResponseHeadersHook, HttpResponseHook
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy.mode_specs import ProxyMode
@@ -650,3 +650,22 @@ async def test_upstream_check_leaves_refused_and_unclaimed_flows_alone():
         f.request.headers["origin"] = "http://evil.example"
         await request_side(tctx, f)
         assert f.response.status_code == 403  # the gateway's answer, not a probe's
+
+
+async def test_a_client_closing_an_answered_stream_is_not_an_error():
+    """The SDK closes a POST's event stream once the answer arrived; an unanswered one is an error."""
+    from mitmproxy.proxy.layers.http import HttpErrorHook
+
+    with bundle() as tctx:
+        answered = await streaming(tctx)
+        sent(answered.response.stream, sse({"jsonrpc": "2.0", "id": 5, "result": {}}))
+        answered.error = flow.Error("Client disconnected.")
+        await tctx.master.addons.trigger_event(HttpErrorHook(answered))
+        assert not [d for d in answered.metadata.get(fs.DECISIONS, []) if d["stage"] == "transport"]
+        assert answered.metadata[fs.MCP]["closed"] == "Client disconnected."
+        assert "error" not in answered.comment
+
+        cut = await streaming(tctx)
+        cut.error = flow.Error("Client disconnected.")
+        await tctx.master.addons.trigger_event(HttpErrorHook(cut))
+        assert [d["action"] for d in cut.metadata[fs.DECISIONS] if d["stage"] == "transport"] == ["error"]

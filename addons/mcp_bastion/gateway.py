@@ -407,8 +407,14 @@ class Gateway:
         fs.refuse(flow, _upstream_error(why), stage="resp:parse", action="error")
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if fs.is_mcp(flow) and flow.error:
-            fs.add_decision(flow, stage="transport", action="error", reason=flow.error.msg)
+        if not fs.is_mcp(flow) or not flow.error:
+            return
+        state = fs.mcp_state(flow)
+        if state.get("answered"):
+            # Clients close a POST's event stream once its answer arrived: not a failure.
+            state["closed"] = flow.error.msg
+            return
+        fs.add_decision(flow, stage="transport", action="error", reason=flow.error.msg)
 
 
 def _has_init(body: Body) -> bool:
@@ -577,6 +583,8 @@ class SSEStream:
             for m in body.messages:
                 if m.kind in ("response", "error") and m.id in self.pending:
                     self.pending.remove(m.id)
+                    if not self.pending:
+                        self.state["answered"] = True  # every request of this POST got its answer
         return out
 
     def _check_endpoint(self, ev: fs.StreamEvent) -> None:

@@ -114,6 +114,7 @@ def error_of(flow: http.HTTPFlow) -> dict:
     [
         {"oidc_issuer": ["https://idp.test"], "oidc_algorithms": ["HS256"]},
         {"oidc_issuer": ["https://idp.test"], "oidc_algorithms": ["none"]},
+        {"oidc_algorithms": ["HS256"]},  # refused even while identity checks are off
         {"oidc_issuer": ["idp.test"]},
         {"oidc_issuer": ["https://idp.test"], "oidc_groups_claim": "a..b"},
         {"oidc_issuer": ["https://idp.test"], "oidc_leeway": -5},

@@ -1,6 +1,8 @@
 """The README's first command, run as a newcomer would: scripts/demo, end to end."""
 
 import os
+import re
+import socket
 import subprocess
 
 import pytest
@@ -81,3 +83,25 @@ def test_demo_web_keeps_mitmweb_running_until_interrupted():
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigterm_to_the_demo_stops_everything_it_started():
+    """Its peers run in their own sessions: the demo must stop them itself when it is told to stop."""
+    import signal
+
+    proc = subprocess.Popen([str(ROOT / "scripts" / "demo"), "--keep"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
+                            stdin=subprocess.DEVNULL)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Running; Ctrl-C"):
+            break
+    text = "".join(lines)
+    ports = [int(p) for p in re.findall(r"^(?:upstream|gateway)\s.*http://127\.0\.0\.1:(\d+)/mcp", text, re.M)]
+    assert len(ports) == 2, text[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    for port in ports:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"

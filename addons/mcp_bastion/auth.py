@@ -158,6 +158,10 @@ class Auth:
                     raise exceptions.OptionsError(
                         f"oidc_resource must be an http(s) URL without query or fragment: {opts.oidc_resource!r}"
                     )
+            bad = [a for a in opts.oidc_algorithms if a not in ASYMMETRIC_ALGORITHMS]
+            if bad or not opts.oidc_algorithms:  # refused even while identity is off: it would be on later
+                raise exceptions.OptionsError(
+                    f"oidc_algorithms must be a non-empty subset of {', '.join(ASYMMETRIC_ALGORITHMS)}; refused: {bad}")
             self.verifier = self._make_verifier() if opts.oidc_issuer else None
 
     def _make_verifier(self) -> Verifier:

@@ -227,15 +227,15 @@ class Gateway:
         if _reverse_mode(flow):
             client_host = req.host_header or ""
             flow.metadata[CLIENT_HOST] = client_host
-            req.host_header = url.hostport(req.scheme, req.host, req.port)
             if not host_allowed(client_host, ctx.options.allowed_hosts):
-                fs.refuse(
+                fs.refuse(  # the flow keeps the Host the client sent, for whoever reads the recording
                     flow,
                     Refusal(403, errors.FORBIDDEN, f"host {client_host!r} is not allowed (DNS-rebinding protection)",
                             {"reason": "host"}),
                     stage="parse",
                 )
                 return
+            req.host_header = url.hostport(req.scheme, req.host, req.port)
         length = req.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             fs.refuse(

@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--web", action="store_true", help="run mitmweb instead of mitmdump (implies --keep)")
     args = ap.parse_args(argv)
     keep = args.keep or args.web
+    # Ctrl-C and SIGTERM both unwind the stack below, which stops every process the demo started
+    # (they run in their own sessions, so a signal to the demo alone would not reach them).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     workdir = Path(tempfile.mkdtemp(prefix="bastion-demo-"))
     upstream_port, gw_port, web_port = free_port(), free_port(), free_port()

@@ -257,7 +257,7 @@ def _thumbprint(jwk: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mcp_bastion.demo.issuer", description=__doc__.strip().splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m mcp_bastion.demo.issuer", description="A small OpenID issuer for the demo: discovery, JWKS and a client_credentials token endpoint.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9100)
     ap.add_argument("--audience", help="audience of tokens requested without a resource parameter")

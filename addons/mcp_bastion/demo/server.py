@@ -119,7 +119,7 @@ def build_server() -> MCPServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap = argparse.ArgumentParser(description="The demo upstream: acme-ops, an MCP server with realistic sensitive data.")
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--transport", choices=("streamable-http", "sse"), default="streamable-http")
     args = ap.parse_args(argv)

@@ -137,7 +137,8 @@ def write_log(tmp_path, n=5, key=KEY):
         for i in range(n):
             f.write(audit.line_of(chain.seal({"time": audit.iso_time(1_700_000_000 + i), "method": "tools/call",
                                               "tool": f"t{i}", "subject": "alice", "action": "allow"})))
-    audit.write_head(path, audit.make_head(key, chain.seq, chain.prev))
+    with audit.HeadFile(path) as head:
+        head.write(audit.make_head(key, chain.seq, chain.prev))
     return path
 
 
@@ -244,10 +245,56 @@ def test_chain_resumes_across_restarts(tmp_path):
     with open(path, "ab") as f:
         for i in range(3):
             f.write(audit.line_of(chain.seal({"i": i})))
-    audit.write_head(path, audit.make_head(KEY, chain.seq, chain.prev))
+    with audit.HeadFile(path) as head:
+        head.write(audit.make_head(KEY, chain.seq, chain.prev))
     v = audit.verify_file(path, KEY)
     assert v.ok and v.records == 5
     assert audit.resume_point(tmp_path / "missing.jsonl") == (0, audit.GENESIS)
+
+
+def test_head_is_one_fixed_size_record_rewritten_in_place(tmp_path):
+    path = write_log(tmp_path, n=2)
+    head_file = audit.head_path(path)
+    assert head_file.stat().st_size == audit.HEAD_SIZE and stat.S_IMODE(head_file.stat().st_mode) == 0o600
+    inode = head_file.stat().st_ino
+    with audit.HeadFile(path) as head:
+        head.write(audit.make_head(KEY, 10**15, "f" * 64))  # a long seq still fits
+    assert head_file.stat().st_ino == inode and head_file.stat().st_size == audit.HEAD_SIZE
+    assert audit.read_head(path)["seq"] == 10**15
+
+
+def test_foreign_longer_head_file_is_cut_to_the_record(tmp_path):
+    path = write_log(tmp_path, n=2)
+    seq, last = audit.resume_point(path)
+    audit.head_path(path).write_bytes(b"x" * 1000)
+    with audit.HeadFile(path) as head:
+        head.write(audit.make_head(KEY, seq, last))
+    assert audit.head_path(path).stat().st_size == audit.HEAD_SIZE and audit.verify_file(path, KEY).ok
+
+
+def torn(path):
+    """The head file as a crash in the middle of rewriting it leaves it: the start of a newer head, the rest older."""
+    seq, last = audit.resume_point(path)
+    old = audit.head_path(path).read_bytes()
+    with audit.HeadFile(path) as head:
+        head.write(audit.make_head(KEY, seq + 1, "e" * 64))
+    new = audit.head_path(path).read_bytes()
+    audit.head_path(path).write_bytes(new[:20] + old[20:])
+
+
+def test_torn_head_does_not_verify(tmp_path):
+    path = write_log(tmp_path)
+    torn(path)
+    v = audit.verify_file(path, KEY)
+    assert not v.ok and "head file does not verify" in v.reason and "crash" in v.reason
+
+
+def test_head_being_rewritten_while_read_is_read_again(tmp_path, monkeypatch):
+    path = write_log(tmp_path)
+    good = audit.head_path(path).read_bytes()
+    torn(path)
+    monkeypatch.setattr(audit.time, "sleep", lambda s: audit.head_path(path).write_bytes(good))  # the writer finishes
+    assert audit.verify_file(path, KEY).ok
 
 
 def test_last_line_reads_across_blocks(tmp_path):
@@ -433,6 +480,55 @@ def test_addon_refuses_to_start_on_a_truncated_log(tmp_path, keyfile):
     with taddons.context(b) as tctx:
         with pytest.raises(exceptions.OptionsError, match="records were removed"):
             tctx.configure(b, audit_log=str(log), audit_key_file=str(keyfile))
+
+
+def two_runs_then(tmp_path, keyfile, damage):
+    """Write two records with the addon, stop it, `damage(log)`, start it again and write one more."""
+    log = tmp_path / "audit.jsonl"
+    a = AuditLog()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, audit_log=str(log), audit_key_file=str(keyfile))
+        run(a, mcp_flow("one"))
+        run(a, mcp_flow("two"))
+        tctx.configure(a, audit_log="")
+        damage(log)
+        tctx.configure(a, audit_log=str(log))
+        run(a, mcp_flow("three"))
+        a.done()
+    return log
+
+
+@pytest.mark.parametrize("damage", [
+    torn,
+    lambda log: audit.head_path(log).write_bytes(audit.head_path(log).read_bytes()[:100]),  # cut short: no JSON
+    lambda log: audit.head_path(log).unlink(),
+], ids=["torn", "cut-short", "missing"])
+def test_addon_continues_a_log_its_head_cannot_vouch_for_and_says_so(tmp_path, keyfile, damage, caplog):
+    log = two_runs_then(tmp_path, keyfile, damage)
+    v = audit.verify_file(log, b"q" * 40)
+    assert v.ok and v.records == 4
+    recs = [json.loads(x) for x in log.read_bytes().splitlines()]
+    assert [(r["seq"], r.get("tool"), r["action"]) for r in recs] == [
+        (1, "one", "allow"), (2, "two", "allow"), (3, None, "recover"), (4, "three", "allow")]
+    assert recs[2]["kind"] == "audit" and "to seq 2" in recs[2]["reason"]
+    assert "recovery record" in caplog.text
+
+
+def test_addon_refuses_a_log_whose_head_cannot_vouch_and_that_does_not_verify(tmp_path, keyfile):
+    def torn_and_edited(log):
+        torn(log)
+        log.write_bytes(log.read_bytes().replace(b'"two"', b'"TWO"'))
+
+    with pytest.raises(exceptions.OptionsError, match="does not verify either"):
+        two_runs_then(tmp_path, keyfile, torn_and_edited)
+
+
+def test_addon_refuses_a_log_under_another_key(tmp_path, keyfile):
+    def rekey(log):
+        keyfile.write_text("z" * 40)
+
+    with pytest.raises(exceptions.OptionsError, match="does not verify"):
+        two_runs_then(tmp_path, keyfile, rekey)
 
 
 def test_addon_write_failure_refuses_new_requests_until_writing_works(tmp_path, keyfile, monkeypatch, caplog):

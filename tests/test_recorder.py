@@ -8,7 +8,9 @@ import time
 import tracemalloc
 
 import pytest
-from mitmproxy import exceptions, http, io
+from hypothesis import given
+from hypothesis import strategies as st
+from mitmproxy import connection, exceptions, http, io
 from mitmproxy.io import tnetstring
 from mitmproxy.test import taddons, tflow
 
@@ -181,6 +183,115 @@ def test_credentials_never_reach_the_file_and_the_live_flow_is_untouched(rec):
     assert CLIENT_TOKEN in f.request.path
 
 
+def test_every_value_of_a_secret_field_is_redacted_whatever_its_spelling(rec):
+    f = mcp_flow()
+    f.request.headers.add("Authorization", f"Bearer {CLIENT_TOKEN}")
+    f.request.headers.add("AUTHORIZATION", f"Basic {CLIENT_TOKEN}")
+    f.request.headers["X-Upstream-Key"] = UPSTREAM_TOKEN
+    f.request.path = f"/mcp?access%5Ftoken={CLIENT_TOKEN}&access_token={CLIENT_TOKEN}&x=%2F"
+    f.response.headers.add("set-cookie", f"a={UPSTREAM_TOKEN}")
+    f.response.headers.add("Set-Cookie", f"b={UPSTREAM_TOKEN}")
+    f.response.trailers = http.Headers(cookie=CLIENT_TOKEN, other="kept")
+    f.metadata[rmod.SECRET_HEADERS] = "x-upstream-key"  # a single name, not a list
+    before = f.get_state()
+    finish(rec, f)
+    after = f.get_state()
+    (path,) = files(rec)
+    assert CLIENT_TOKEN.encode() not in path.read_bytes() and UPSTREAM_TOKEN.encode() not in path.read_bytes()
+    (saved,) = read(path)
+    assert saved.request.headers.get_all("authorization") == [REDACTED, REDACTED]
+    names = [k for k, _ in saved.request.headers.fields if k.lower() == b"authorization"]
+    assert names == [b"Authorization", b"AUTHORIZATION"]  # each field kept its own spelling
+    assert saved.request.query.get_all("access_token") == [REDACTED, REDACTED] and saved.request.query["x"] == "/"
+    assert saved.response.headers.get_all("set-cookie") == [REDACTED, REDACTED]
+    assert saved.response.trailers["cookie"] == REDACTED and saved.response.trailers["other"] == "kept"
+    assert sorted(saved.metadata[RECORD]["redacted"]) == [
+        "query access_token", "request header authorization", "request header x-upstream-key",
+        "response header set-cookie", "response trailer cookie"]
+    assert RECORD not in after["metadata"]
+    # the live flow is untouched
+    assert (after["request"], after["response"]) == (before["request"], before["response"])
+
+
+def test_recorded_flow_keeps_its_id_and_is_what_mitmproxy_itself_writes(rec):
+    f = mcp_flow()
+    f.request.headers["authorization"] = f"Bearer {CLIENT_TOKEN}"
+    fs.add_decision(f, stage="policy", id=1, method="tools/call", action="allow", rule="ok")
+    del f.metadata[fs.STARTED]  # no latency: the note below is known exactly
+    finish(rec, f)
+    (path,) = files(rec)
+    (saved,) = read(path)
+    assert saved.id == f.id
+    expected = f.get_state()  # what mitmproxy's FlowWriter writes for the flow, scrubbed and annotated
+    expected["request"]["headers"] = tuple((k, REDACTED.encode() if k == b"authorization" else v)
+                                           for k, v in expected["request"]["headers"])
+    expected["metadata"][RECORD] = {"session": "sess-1", "subject": "alice", "latency_ms": None,
+                                    "redacted": ["request header authorization"]}
+    assert path.read_bytes() == tnetstring.dumps(expected)
+
+
+def encoded_state(flow, conns=None):
+    return b"".join(rmod.tnet_parts(rmod.flow_state(flow, conns or rmod.ConnectionStates()))[0])
+
+
+def backed_up_and_edited():
+    f = tflow.tflow(resp=True)
+    f.backup()
+    f.request.path = "/edited"
+    return f
+
+
+def marked_and_commented():
+    f = mcp_flow()
+    f.marked, f.comment = ":no_entry:", "alice: tools/call echo -> deny"
+    f.client_conn.alpn_offers = [b"h2", b"http/1.1"]
+    return f
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tflow.tflow(resp=True), lambda: tflow.tflow(err=True), lambda: tflow.tflow(),
+    tflow.twebsocketflow, mcp_flow, marked_and_commented, backed_up_and_edited,
+], ids=["response", "error", "no-response", "websocket", "mcp", "marked", "backup"])
+def test_flow_state_encodes_as_mitmproxys_own_get_state(make):
+    f = make()
+    assert encoded_state(f) == tnetstring.dumps(f.get_state())
+
+
+def test_connection_state_is_reused_until_the_connection_changes(monkeypatch):
+    calls = []
+    real = connection.Client.get_state
+    monkeypatch.setattr(connection.Client, "get_state", lambda self: calls.append(self.id) or real(self))
+    conns = rmod.ConnectionStates()
+    first, second = tflow.tflow(resp=True), tflow.tflow(resp=True)
+    second.client_conn = first.client_conn  # two requests on one keep-alive connection
+    assert encoded_state(first, conns) == tnetstring.dumps(first.get_state())
+    calls.clear()
+    assert encoded_state(second, conns) == tnetstring.dumps(second.get_state())
+    assert len(calls) == 1  # only the reference state above: the connection was encoded once
+    client = first.client_conn
+    for change in (lambda: setattr(client, "timestamp_end", 946681300.5),
+                   lambda: setattr(client, "alpn_offers", [b"h2"]),
+                   lambda: client.alpn_offers.append(b"http/1.1"),  # changed in place
+                   lambda: setattr(client, "error", "connection reset")):
+        change()
+        assert encoded_state(second, conns) == tnetstring.dumps(second.get_state())
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(max_size=5000),
+    lambda inner: st.lists(inner) | st.lists(inner).map(tuple)
+    | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), inner),
+    max_leaves=30,
+)
+
+
+@given(json_like)
+def test_tnet_parts_are_mitmproxys_tnetstring(value):
+    parts, size = rmod.tnet_parts(value)
+    data = b"".join(parts)
+    assert data == tnetstring.dumps(value) and size == len(data)
+
+
 def test_recording_keeps_the_decisions(rec):
     f = mcp_flow()
     fs.add_decision(f, stage="policy", id=1, method="tools/call", action="deny", rule="no-echo", reason="nope")
@@ -189,6 +300,28 @@ def test_recording_keeps_the_decisions(rec):
     assert saved.metadata[fs.DECISIONS][0]["rule"] == "no-echo"
     assert saved.metadata[fs.IDENTITY]["sub"] == "alice"
     assert saved.comment == f.comment and saved.marked == f.marked
+
+
+SEVERE = {"error": ":warning:", "deny": ":no_entry:", "approve": ":hourglass:", "mask": ":performing_arts:"}
+
+
+@given(st.lists(st.sampled_from([*SEVERE, "allow", "filter", "clear", "new-list"]), max_size=60))
+def test_annotation_names_the_first_most_severe_decision_else_the_last(steps):
+    """What the recording (and mitmweb) shows as the flow's comment and mark, decision after decision."""
+    f = mcp_flow()
+    for i, step in enumerate(steps):
+        if step == "clear":  # changed otherwise than by appending: read again
+            f.metadata.get(fs.DECISIONS, []).clear()
+        elif step == "new-list":
+            f.metadata[fs.DECISIONS] = list(f.metadata.get(fs.DECISIONS, []))
+        action = step if step in SEVERE or step == "filter" else "allow"
+        fs.add_decision(f, stage="policy", action=action, rule=f"r{i}", reason=f"why {i}")
+        decisions = f.metadata[fs.DECISIONS]
+        severe = sorted((d for d in decisions if d["action"] in SEVERE), key=lambda d: list(SEVERE).index(d["action"]))
+        shown = severe[0] if severe else decisions[-1]
+        reason = f": {shown['reason']}" if shown["action"] != "allow" else ""
+        assert f.comment == f"alice: tools/call echo -> {shown['action']} [{shown['rule']}]{reason}"
+        assert f.marked == (SEVERE[shown["action"]] if severe else "")
 
 
 # --- event streams --------------------------------------------------------------------

@@ -6,12 +6,17 @@ the decisions of every stage, the refusal the client got (including one
 made because recording failed), the HTTP status, the latency. Records are
 built by `core.audit.build_records`, sealed by a `core.audit.Chain` (key from
 `audit_key_env` or `audit_key_file`) and appended with one write per flow;
-then the head file `<audit_log>.head` is replaced, so records removed at the
-end are detected by `scripts/audit verify`.
+then the head file `<audit_log>.head` is rewritten in place (one `pwrite`),
+so records removed at the end are detected by `scripts/audit verify`.
 
 Starting refuses (OptionsError) when the key is missing or too short, when
 the log ends with a damaged line, or when the head file shows that records
-were removed: the chain must not silently restart over a tampered log.
+were removed or replaced: the chain must not silently restart over a
+tampered log. A head file that is missing, unreadable or does not verify
+(forged, another key, or an in-place rewrite cut short by a crash: they look
+the same) cannot vouch for the end of the log; then the whole log is
+verified, starting is refused if it does not verify, and otherwise the log
+is continued with a sealed `recover` record that says so (see `core.audit`).
 
 With `audit_required` (the default) the AuditLog is an enforcement stage: it
 marks `audit` on each request only while it can write; after a failed write,
@@ -59,27 +64,61 @@ def flow_facts(flow: http.HTTPFlow, incomplete: str | None = None,
 
 
 class AuditWriter:
-    """An open, chained audit log file."""
+    """An open, chained audit log file and its head file."""
 
     def __init__(self, path: Path, key: bytes):
         self.path = path
         self.key = key
-        head = audit.read_head(path)
         seq, last = audit.resume_point(path)
-        if head is not None:
-            if not audit.check_head(key, head):
-                raise audit.AuditError(f"{audit.head_path(path)} does not verify with this key "
-                                       "(modified, or the key changed); run scripts/audit verify")
-            if not isinstance(head.get("seq"), int) or head["seq"] > seq:
-                raise audit.AuditError(f"{path} ends at seq {seq} but its head file records seq {head.get('seq')}: "
-                                       "records were removed; run scripts/audit verify")
-            if head["seq"] == seq and head.get("hash") != last:
-                raise audit.AuditError(f"{path}: the last record is not the one the head file records; "
-                                       "run scripts/audit verify")
-        elif seq:
-            logger.warning("mcp-bastion: audit log %s has no head file; continuing its chain at seq %d", path, seq)
+        doubt = self._check_head(seq, last)
         self.chain = audit.Chain(key, seq, last)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.head = audit.HeadFile(path)
+        if doubt:
+            logger.warning("mcp-bastion: audit log %s: %s; the log itself verifies up to seq %d, continuing it "
+                           "(a recovery record says so)", path, doubt, seq)
+            try:
+                self.append([audit.recovery_record(doubt, seq)])
+            except BaseException:
+                self.close()
+                raise
+
+    def _check_head(self, seq: int, last: str) -> str | None:
+        """Check the head file against the log's last record (seq, hash).
+
+        Raises AuditError if the head shows records removed or replaced, or
+        if it cannot vouch for the end of the log and the log itself does not
+        verify. Returns why it cannot vouch (no head file, or one that does
+        not parse or verify: forged, another key, or a rewrite cut short by a
+        crash), or None when it matches.
+        """
+        problem = None
+        try:
+            head = audit.read_head(self.path)
+        except audit.AuditError as e:
+            head, problem = None, str(e)
+        if head is not None:
+            if not audit.check_head(self.key, head):
+                problem = f"{audit.head_path(self.path)} does not verify with this key"
+            elif not isinstance(head.get("seq"), int) or head["seq"] > seq:
+                raise audit.AuditError(f"{self.path} ends at seq {seq} but its head file records seq "
+                                       f"{head.get('seq')}: records were removed; run scripts/audit verify")
+            elif head["seq"] == seq and head.get("hash") != last:
+                raise audit.AuditError(f"{self.path}: the last record is not the one the head file records; "
+                                       "run scripts/audit verify")
+            else:
+                return None
+        elif problem is None:
+            if not seq:
+                return None  # a new log
+            problem = f"no head file {audit.head_path(self.path)}"
+        if seq:
+            with open(self.path, "rb") as f:
+                verdict = audit.verify_lines(f, self.key)
+            if not verdict.ok:
+                raise audit.AuditError(f"{problem}, and the log does not verify either (line {verdict.bad_line}: "
+                                       f"{verdict.reason}); run scripts/audit verify")
+        return problem
 
     def append(self, records: list[dict]) -> None:
         """Seal and append records with one write, then move the head. Rolled back on failure."""
@@ -95,10 +134,11 @@ class AuditWriter:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, start)
             raise
-        audit.write_head(self.path, audit.make_head(self.key, self.chain.seq, self.chain.prev))
+        self.head.write(audit.make_head(self.key, self.chain.seq, self.chain.prev))
 
     def close(self) -> None:
         os.close(self.fd)
+        self.head.close()
 
 
 class AuditLog:

@@ -103,6 +103,46 @@ _MARKS = {
     "approve": ":hourglass:",
     "mask": ":performing_arts:",
 }
+_RANK = {action: rank for rank, action in enumerate(_MARKS)}  # most severe first
+
+
+class _Scan:
+    """How far `annotate` has read a flow's decisions, and the most severe one so far.
+
+    A long event stream adds hundreds of decisions, each followed by
+    `annotate`: reading only the new ones keeps that linear. Decisions are
+    only ever appended (`add_decision`); a list replaced, cut or with its last
+    entry replaced is read again from the start.
+    """
+
+    __slots__ = ("decisions", "count", "last", "rank", "index")
+
+    def __init__(self, decisions: list[dict[str, Any]]):
+        self.decisions = decisions
+        self.count = 0  # decisions read
+        self.last: dict[str, Any] | None = None  # the last one read
+        self.rank: int | None = None  # of the most severe decision read
+        self.index = 0  # of the first decision with that rank
+
+
+_scans: weakref.WeakKeyDictionary[http.HTTPFlow, _Scan] = weakref.WeakKeyDictionary()
+
+
+def _headline(flow: http.HTTPFlow, decisions: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
+    """The decision the comment names, and the worst severity: the first of the most severe
+    decisions (error, deny, approve, mask), else the last decision."""
+    scan = _scans.get(flow)
+    if (scan is None or scan.decisions is not decisions or scan.count > len(decisions)
+            or (scan.count and decisions[scan.count - 1] is not scan.last)):
+        scan = _scans[flow] = _Scan(decisions)
+    for i in range(scan.count, len(decisions)):
+        rank = _RANK.get(decisions[i].get("action"))
+        if rank is not None and (scan.rank is None or rank < scan.rank):
+            scan.rank, scan.index = rank, i
+    scan.count, scan.last = len(decisions), decisions[-1]
+    if scan.rank is None:
+        return decisions[-1], None
+    return decisions[scan.index], decisions[scan.index]["action"]
 
 
 def annotate(flow: http.HTTPFlow) -> None:
@@ -117,13 +157,9 @@ def annotate(flow: http.HTTPFlow) -> None:
     who = ident.get("sub") if isinstance(ident, dict) else None
     decisions = flow.metadata.get(DECISIONS, [])
     worst = None
-    for severity in ("error", "deny", "approve", "mask"):
-        if any(d.get("action") == severity for d in decisions):
-            worst = severity
-            break
     line = ", ".join(parts) or flow.request.method
     if decisions:
-        d = next((d for d in decisions if d.get("action") == worst), decisions[-1])
+        d, worst = _headline(flow, decisions)
         line += f" -> {d.get('action')}"
         if d.get("rule"):
             line += f" [{d['rule']}]"

@@ -13,6 +13,21 @@ Records and the chain
     at the end is caught by the head file written next to the log
     (`<log>.head`: the last `seq` and `hash`, itself MACed).
 
+The head file
+    Moved after every append, so it must be cheap: it is one fixed-size
+    record (`HEAD_SIZE` bytes: canonical JSON padded with spaces) rewritten in
+    place with a single `pwrite`, not a new file renamed over the old one. An
+    update cut short by a crash or power loss leaves a head that does not
+    parse or whose MAC fails: exactly what a forged head looks like. Whoever
+    meets such a head cannot tell which it is, so it proves nothing about the
+    end of the log: `verify_file` reports it, and the gateway, at start,
+    verifies the whole log instead and, if the log is intact, continues it
+    with a `recover` record that says the head could not vouch for the end
+    (see `recovery_record`). What is lost in that case is only the detection
+    of records deleted at the end *before* that restart; the recovery record
+    keeps the event itself in the chain. A reader that meets a head being
+    rewritten at that very moment reads it again (`read_valid_head`).
+
 Which records
     One record per client-to-server message of a flow (a batch of three gives
     three records; a GET event stream or a DELETE gives one `kind: "http"`
@@ -214,14 +229,18 @@ def build_records(facts: FlowFacts) -> list[dict[str, Any]]:
 # --- the chain ----------------------------------------------------------------
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(record: dict[str, Any]) -> bytes:
     """The bytes a record's MAC covers: sorted keys, compact, UTF-8."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(record).encode("utf-8")
 
 
 def record_mac(key: bytes, record: dict[str, Any]) -> str:
     body = {k: v for k, v in record.items() if k != "hash"}
-    return hmac.new(key, canonical(body), hashlib.sha256).hexdigest()
+    return hmac.digest(key, canonical(body), "sha256").hex()
 
 
 class Chain:
@@ -248,11 +267,14 @@ def line_of(record: dict[str, Any]) -> bytes:
     ordered = {k: record[k] for k in _LINE_ORDER if k in record}
     ordered.update((k, v) for k, v in record.items() if k not in ordered and k not in ("prev", "hash"))
     ordered.update((k, record[k]) for k in ("prev", "hash") if k in record)
-    return json.dumps(ordered, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    return _COMPACT.encode(ordered).encode("utf-8") + b"\n"
 
 
 def head_path(log: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(log)}.head")
+
+
+HEAD_SIZE = 256  # bytes of the head file: canonical JSON, spaces, newline
 
 
 def make_head(key: bytes, seq: int, last_hash: str) -> dict[str, Any]:
@@ -280,16 +302,65 @@ def read_head(log: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def write_head(log: str | os.PathLike, head: dict[str, Any]) -> None:
-    """Replace the head file atomically (write a temp file, then rename)."""
-    path = head_path(log)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def read_valid_head(log: str | os.PathLike, key: bytes, retry_after: float = 0.05) -> dict[str, Any] | None:
+    """The head file if it verifies; else it is read once more (the gateway may have been
+    rewriting it at that moment) and returned as found: check it with `check_head`.
+
+    Raises AuditError if it cannot be parsed twice.
+    """
     try:
-        os.write(fd, canonical(head) + b"\n")
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        head = read_head(log)
+        if head is None or check_head(key, head):
+            return head
+    except AuditError:
+        pass
+    time.sleep(retry_after)
+    return read_head(log)
+
+
+class HeadFile:
+    """The head file, kept open and rewritten in place: one `pwrite` of `HEAD_SIZE` bytes per update."""
+
+    def __init__(self, log: str | os.PathLike):
+        self.path = head_path(log)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._trim = os.fstat(self.fd).st_size > HEAD_SIZE  # not one of ours: cut what follows our record
+
+    def write(self, head: dict[str, Any]) -> None:
+        data = canonical(head)
+        if len(data) >= HEAD_SIZE:
+            raise AuditError(f"head record of {len(data)} bytes does not fit in {HEAD_SIZE}")
+        data = data.ljust(HEAD_SIZE - 1) + b"\n"
+        if os.pwrite(self.fd, data, 0) != HEAD_SIZE:
+            raise OSError(f"short write to {self.path}")
+        if self._trim:
+            os.ftruncate(self.fd, HEAD_SIZE)
+            self._trim = False
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> HeadFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def recovery_record(reason: str, seq: int) -> dict[str, Any]:
+    """The record a gateway appends when it continues a log whose head could not vouch for its end.
+
+    `reason` says why (no head file, or one that does not parse or verify);
+    the log itself was verified up to `seq` before this record is written.
+    """
+    return {
+        "time": iso_time(time.time()),
+        "kind": "audit",
+        "stage": "audit",
+        "action": "recover",
+        "reason": f"{reason}; the log verified from its first record to seq {seq} and continues from there, "
+                  "but records removed from its end before this point could not have been detected",
+    }
 
 
 def last_line(path: str | os.PathLike, block: int = 64 * 1024) -> bytes | None:
@@ -388,11 +459,15 @@ def verify_file(path: str | os.PathLike, key: bytes, *, require_head: bool = Tru
     The head is written right after the records, so after a crash it may lag
     behind the log: records after the head are reported in `notes`, not as
     tampering. A head *ahead* of the log, or not matching the record it
-    names, means records were removed or replaced.
+    names, means records were removed or replaced. A head that does not
+    verify is reported as such: it may have been forged, made with another
+    key, or cut short by a crash while it was being rewritten (the gateway
+    then verifies the log itself when it starts, see the module docstring).
     """
-    head = read_head(path)
+    head = read_valid_head(path, key)
     if head is not None and not check_head(key, head):
-        return Verdict(False, 0, reason="head file does not verify (modified, or made with another key)")
+        return Verdict(False, 0, reason="head file does not verify (modified, made with another key, "
+                                        "or cut short by a crash while being rewritten)")
     head_seq = head.get("seq") if head else None
     with open(path, "rb") as f:
         verdict = verify_lines(f, key, remember=[head_seq] if isinstance(head_seq, int) else [])

@@ -71,6 +71,43 @@ def test_batch_gives_one_record_per_message_with_its_own_decision():
     assert recs[1]["reason"] == "no"
 
 
+def test_the_deciding_rule_names_the_record_not_the_auth_step():
+    meta = mcp([{"kind": "request", "id": 4, "method": "tools/call", "tool": "deploy"}])
+    meta["bastion.decisions"] = [
+        {"stage": "auth", "direction": "client_to_server", "action": "allow", "reason": "token of alice"},
+        {"stage": "policy", "direction": "client_to_server", "id": 4, "method": "tools/call", "action": "allow",
+         "rule": "eng-deploy"},
+    ]
+    (rec,) = audit.build_records(facts(meta))
+    assert (rec["action"], rec["rule"], rec["stage"]) == ("allow", "eng-deploy", "policy")
+    assert "reason" not in rec
+
+
+def test_a_batch_member_refused_with_its_batch_is_recorded_as_refused():
+    meta = mcp([{"kind": "request", "id": 1, "method": "tools/call", "tool": "search"},
+                {"kind": "request", "id": 2, "method": "tools/call", "tool": "deploy"}])
+    meta["bastion.decisions"] = [
+        {"stage": "policy", "id": 1, "method": "tools/call", "action": "allow", "rule": "logs"},
+        {"stage": "policy", "id": 2, "method": "tools/call", "action": "deny", "rule": "no-deploy"},
+        {"stage": "policy", "id": 1, "method": "tools/call", "action": "deny", "rule": "no-deploy",
+         "reason": "not forwarded: tools/call deploy in the same batch was denied", "batch": True},
+    ]
+    recs = audit.build_records(facts(meta))
+    assert [(r["id"], r["action"], r["rule"]) for r in recs] == [(1, "deny", "no-deploy"), (2, "deny", "no-deploy")]
+
+
+def test_get_and_delete_give_one_record_each():
+    for verb in ("GET", "DELETE"):
+        meta = {"bastion.mcp": {"request": [{"kind": "http", "method": verb}]}}
+        meta["bastion.decisions"] = [
+            {"stage": "auth", "direction": "client_to_server", "action": "allow"},
+            {"stage": "policy", "direction": "client_to_server", "method": f"http:{verb}", "action": "allow",
+             "rule": "lifecycle"},
+        ]
+        (rec,) = audit.build_records(facts(meta, http_method=verb))
+        assert (rec["kind"], rec["method"], rec["rule"]) == ("http", verb, "lifecycle")
+
+
 def test_flow_level_refusal_applies_to_every_message():
     meta = mcp([{"kind": "request", "id": 1, "method": "tools/list"}, {"kind": "request", "id": 2, "method": "ping"}])
     meta["bastion.decisions"] = [{"stage": "parse", "direction": "client_to_server", "action": "deny",

@@ -194,7 +194,8 @@ def test_a_batch_with_one_denied_member_is_not_forwarded_at_all(bundle):
     assert answers[1]["error"]["data"] == {"rule": "no-drop", "reason": "irreversible"}
     assert answers[0]["error"]["data"] == {"rule": "no-drop", "reason": "batch"}
     assert "in the same batch was denied by rule 'no-drop'" in answers[0]["error"]["message"]
-    assert [d["action"] for d in policy_decisions(f)] == ["allow", "allow", "deny", "allow"]
+    assert [d["action"] for d in policy_decisions(f)] == ["allow", "allow", "deny", "allow", "deny", "deny"]
+    assert [(d["id"], d["batch"]) for d in policy_decisions(f) if d.get("batch")] == [(1, True), (3, True)]
 
 
 def test_a_denied_notification_gets_an_http_error_without_id(bundle):

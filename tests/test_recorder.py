@@ -500,6 +500,23 @@ def test_shutdown_writes_flows_still_in_flight(rec):
     assert rec.files.open == {}
 
 
+def test_a_stream_closed_by_the_client_after_its_answer_is_recorded_without_an_error(rec):
+    """The SDK closes a POST's event stream once the result arrived; the Gateway notes it as `closed`."""
+    from mitmproxy import flow as mflow
+
+    answered, cut = sse_flow(), sse_flow()
+    for f in (answered, cut):
+        rec.requestheaders(f)
+        rec.mcp_stream_output(f, b'data: {"jsonrpc":"2.0","id":1,"result":{}}\n\n')
+        f.error = mflow.Error("Client disconnected.")
+    answered.metadata[fs.MCP]["closed"] = "Client disconnected."
+    rec.error(answered)
+    rec.error(cut)
+    saved = {f.id: f for f in read(files(rec)[0])}
+    assert saved[answered.id].error is None and saved[answered.id].metadata[fs.MCP]["closed"]
+    assert saved[cut.id].error.msg == "Client disconnected."
+
+
 def test_error_after_response_does_not_write_twice(rec):
     f = mcp_flow()
     finish(rec, f)

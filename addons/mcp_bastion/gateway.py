@@ -27,7 +27,7 @@ from . import flowstate as fs
 from .core import errors
 from .core.encoding import decode_content
 from .core.errors import Refusal
-from .core.jsonrpc import Body, ParseError, parse_body
+from .core.jsonrpc import DEFAULT_MAX_DEPTH, Body, ParseError, parse_body
 from .core.origin import (
     DEFAULT_HOSTS,
     DEFAULT_ORIGINS,
@@ -90,6 +90,10 @@ class Gateway:
     def __init__(self) -> None:
         self.max_body = 4 * 1024 * 1024
         self.max_event = 16 * 1024 * 1024
+        self.max_depth = DEFAULT_MAX_DEPTH
+        self.allowed_hosts: tuple[str, ...] = DEFAULT_HOSTS
+        self.allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
+        self.mcp_hosts: tuple[str, ...] = ()
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -139,17 +143,21 @@ class Gateway:
         )
 
     def configure(self, updated: set[str]) -> None:
+        # List options are read once here: each ctx.options read of a list copies it.
         if "allowed_hosts" in updated or "allowed_origins" in updated:
             try:
                 validate_patterns(ctx.options.allowed_hosts, origins=False)
                 validate_patterns(ctx.options.allowed_origins, origins=True)
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from e
+            self.allowed_hosts = tuple(ctx.options.allowed_hosts)
+            self.allowed_origins = tuple(ctx.options.allowed_origins)
         if "mcp_hosts" in updated:
             try:
                 validate_patterns(ctx.options.mcp_hosts, origins=False)
             except ValueError as e:
                 raise exceptions.OptionsError(f"mcp_hosts: {e}") from e
+            self.mcp_hosts = tuple(ctx.options.mcp_hosts)
         for name in ("max_body_size", "sse_max_event_size"):
             if name in updated:
                 try:
@@ -170,13 +178,15 @@ class Gateway:
             )
         if "keep_host_header" in updated and not ctx.options.keep_host_header:
             self._keep_host()
-        if "max_json_depth" in updated and ctx.options.max_json_depth < 2:
-            raise exceptions.OptionsError("max_json_depth must be at least 2")
+        if "max_json_depth" in updated:
+            if ctx.options.max_json_depth < 2:
+                raise exceptions.OptionsError("max_json_depth must be at least 2")
+            self.max_depth = ctx.options.max_json_depth
 
     # --- which flows are ours ------------------------------------------------
 
     def _in_scope(self, flow: http.HTTPFlow) -> bool:
-        hosts = ctx.options.mcp_hosts
+        hosts = self.mcp_hosts
         if not hosts:
             return True
         req = flow.request
@@ -213,10 +223,10 @@ class Gateway:
         self._claim(flow)
         req = flow.request
         origin = req.headers.get("origin")
-        if not origin_allowed(origin, ctx.options.allowed_origins):
+        if not origin_allowed(origin, self.allowed_origins):
             fs.refuse(flow, Refusal(403, errors.FORBIDDEN, f"origin {origin!r} is not allowed", {"reason": "origin"}), stage="parse")
             return
-        if "access_token" in req.query:
+        if "?" in req.path and "access_token" in req.query:  # req.query parses the URL: skip it when there is none
             fs.refuse(
                 flow,
                 Refusal(400, errors.UNAUTHENTICATED, "tokens in the query string are refused; send an Authorization header",
@@ -227,7 +237,7 @@ class Gateway:
         if _reverse_mode(flow):
             client_host = req.host_header or ""
             flow.metadata[CLIENT_HOST] = client_host
-            if not host_allowed(client_host, ctx.options.allowed_hosts):
+            if not host_allowed(client_host, self.allowed_hosts):
                 fs.refuse(  # the flow keeps the Host the client sent, for whoever reads the recording
                     flow,
                     Refusal(403, errors.FORBIDDEN, f"host {client_host!r} is not allowed (DNS-rebinding protection)",
@@ -286,7 +296,7 @@ class Gateway:
             return
         try:
             raw = decode_content(req.raw_content or b"", req.headers.get("content-encoding"), self.max_body)
-            body = parse_body(raw, max_bytes=self.max_body, max_depth=ctx.options.max_json_depth)
+            body = parse_body(raw, max_bytes=self.max_body, max_depth=self.max_depth)
         except ParseError as e:
             fs.refuse(flow, parse_refusal(e), stage="parse", body=None)
             return
@@ -345,6 +355,7 @@ class Gateway:
             flow,
             self._stream_handlers(),
             self.max_event,
+            max_depth=self.max_depth,
             broken=None if coding in ("", "identity") else f"compressed event stream ({coding})",
             relative_endpoint=_reverse_mode(flow),
         )
@@ -384,7 +395,7 @@ class Gateway:
         if ctype == "application/json" and resp.raw_content:
             try:
                 raw = decode_content(resp.raw_content, resp.headers.get("content-encoding"), self.max_body)
-                body = parse_body(raw, max_bytes=self.max_body, max_depth=ctx.options.max_json_depth)
+                body = parse_body(raw, max_bytes=self.max_body, max_depth=self.max_depth)
             except ParseError as e:
                 self._withhold(flow, f"upstream sent an unreadable response ({e.reason})")
                 return
@@ -516,10 +527,12 @@ class SSEStream:
         flow: http.HTTPFlow,
         handlers: tuple[list[Callable], list[Callable]],
         max_event: int,
+        max_depth: int = DEFAULT_MAX_DEPTH,
         broken: str | None = None,
         relative_endpoint: bool = False,
     ) -> None:
         self.flow = flow
+        self.max_depth = max_depth
         self.on_event, self.on_output = handlers
         self.parser = SSEParser(max_event)
         self.relative_endpoint = relative_endpoint
@@ -559,7 +572,7 @@ class SSEStream:
         body: Body | None = None
         if event.has_data and event.event == "message" and event.data:
             try:
-                body = parse_body(event.data, max_bytes=self.parser.max_event_bytes, max_depth=ctx.options.max_json_depth)
+                body = parse_body(event.data, max_bytes=self.parser.max_event_bytes, max_depth=self.max_depth)
             except ParseError as e:
                 raise SSEError(f"unreadable JSON-RPC in SSE event: {e.reason}") from None
             if any(m.kind == "invalid" for m in body.messages):

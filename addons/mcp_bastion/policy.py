@@ -371,6 +371,9 @@ def _answer(flow: http.HTTPFlow, body: Body | None, verdicts: list[tuple[Message
         else:
             err = (code, f"not forwarded: {_label(culprit_msg)} in the same batch was {why} by rule '{culprit.rule}'",
                    {"rule": culprit.rule, "reason": "batch"})
+            # The member's own rule allowed it, but it was not forwarded: the record must say so.
+            fs.add_decision(flow, stage="policy", direction=C2S, id=m.id, method=m.method, target=m.target,
+                            action=action, rule=culprit.rule, reason=err[1], batch=True)
         items.append(errors.error_message(m.id, *err))
     if items:
         status, payload = 200, (items if body is not None and body.batch else items[0])

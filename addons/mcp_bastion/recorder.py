@@ -709,6 +709,10 @@ class Recorder:
         session = session_key(flow)
         note: dict[str, Any] = {"session": session, "subject": subject, "latency_ms": fs.elapsed_ms(flow)}
         state = flow_state(flow, self.conns)
+        if flow.metadata.get(fs.MCP, {}).get("closed"):
+            # The client closed an event stream after its answer arrived (the Gateway notes it in
+            # bastion.mcp "closed"): not an error, and mitmproxy would list the flow twice for one.
+            state["error"] = None
         redacted = scrub(state, flow.metadata.get(SECRET_HEADERS))
         if redacted:
             note["redacted"] = redacted

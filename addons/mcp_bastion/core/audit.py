@@ -134,13 +134,16 @@ def _concerns(d: dict[str, Any], msg: dict[str, Any]) -> bool:
         if direction == "client_to_server":
             return True
         return d.get("method") in (None, msg.get("method"))
-    return direction == "client_to_server" and "id" not in d and d.get("method") == msg.get("method")
+    # GET/DELETE are summarised as kind "http"; the policy decides them as the pseudo-method "http:GET".
+    methods = (msg.get("method"), f"http:{msg.get('method')}") if msg.get("kind") == "http" else (msg.get("method"),)
+    return direction == "client_to_server" and "id" not in d and d.get("method") in methods
 
 
 def _verdict(decisions: list[dict[str, Any]]) -> dict[str, Any]:
     if not decisions:
         return {"action": "forward"}
-    worst = min(decisions, key=_rank)
+    # The most severe decision; among equals, one a rule made (its stage and reason are the story).
+    worst = min(decisions, key=lambda d: (_rank(d), d.get("rule") is None))
     out = {"action": worst.get("action", "forward")}
     rule = worst.get("rule") or next((d["rule"] for d in decisions if d.get("rule")), None)
     for key, value in (("rule", rule), ("stage", worst.get("stage")), ("reason", worst.get("reason"))):

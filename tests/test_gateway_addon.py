@@ -669,3 +669,26 @@ async def test_a_client_closing_an_answered_stream_is_not_an_error():
         cut.error = flow.Error("Client disconnected.")
         await tctx.master.addons.trigger_event(HttpErrorHook(cut))
         assert [d["action"] for d in cut.metadata[fs.DECISIONS] if d["stage"] == "transport"] == ["error"]
+
+
+async def test_a_streamed_answer_is_readable_on_the_flow_once_sent_up_to_a_bound(monkeypatch):
+    """mitmproxy keeps no body for a streamed response: the gateway puts what the client got on the flow."""
+    from mitmproxy.proxy.layers.http import HttpResponseHook
+
+    from mcp_bastion import gateway as gw
+
+    with bundle() as tctx:
+        f = await streaming(tctx)
+        wire = sse({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}) + \
+            sse({"jsonrpc": "2.0", "id": 5, "result": {"ok": True}})
+        sent(f.response.stream, wire)
+        sent(f.response.stream, b"")
+        await tctx.master.addons.trigger_event(HttpResponseHook(f))
+        assert f.response.raw_content == wire
+        assert "shown_bytes" not in f.metadata[fs.MCP]
+
+        monkeypatch.setattr(gw, "SHOW_LIMIT", 10)
+        f = await streaming(tctx)
+        sent(f.response.stream, wire)
+        await tctx.master.addons.trigger_event(HttpResponseHook(f))
+        assert f.response.raw_content == wire[:10] and f.metadata[fs.MCP]["shown_bytes"] == 10

@@ -39,6 +39,7 @@ from .core.sse import SSEError, SSEParser, format_event
 
 logger = logging.getLogger("mcp_bastion")
 
+SHOW_LIMIT = 1024 * 1024  # bytes of a streamed response kept on the flow for people to read in mitmweb
 MAX_SUMMARIES = 200  # per flow, in metadata (a long stream keeps a count beyond this)
 CLIENT_HOST = fs.CLIENT_HOST
 PROBE_TIMEOUT = 10.0  # seconds UpstreamCheck waits for a TCP connection to the upstream
@@ -383,6 +384,11 @@ class Gateway:
         if resp is None:
             return
         if isinstance(resp.stream, SSEStream):
+            # Already sent; mitmproxy keeps no streamed body, so give mitmweb what the client got
+            # (bounded; recordings keep every byte through mcp_stream_output).
+            resp.raw_content = bytes(resp.stream.shown)
+            if resp.stream.sent > len(resp.stream.shown):
+                fs.mcp_state(flow)["shown_bytes"] = len(resp.stream.shown)
             fs.mark_stage(flow, "resp:parse")
             return
         if resp.stream:
@@ -533,6 +539,8 @@ class SSEStream:
     ) -> None:
         self.flow = flow
         self.max_depth = max_depth
+        self.sent = 0
+        self.shown = bytearray()  # the first SHOW_LIMIT bytes sent, for the flow's body in mitmweb
         self.on_event, self.on_output = handlers
         self.parser = SSEParser(max_event)
         self.relative_endpoint = relative_endpoint
@@ -589,8 +597,7 @@ class SSEStream:
                 break
         out = ev.output()
         if out:
-            for handler in self.on_output:
-                handler(self.flow, out)
+            self._sent(out)
         if body is not None and not ev.dropped:
             # Answered only once the answer is on its way: until then, a failure still answers it.
             for m in body.messages:
@@ -618,12 +625,19 @@ class SSEStream:
             format_event(json_text(err, i)) for i in self.pending
         )
         self.pending = []
-        for handler in self.on_output:
-            try:
-                handler(self.flow, out)
-            except Exception:  # pragma: no cover - recording must not resurrect the stream
-                logger.exception("mcp-bastion: stream output handler failed")
+        try:
+            self._sent(out)
+        except Exception:  # pragma: no cover - recording must not resurrect the stream
+            logger.exception("mcp-bastion: stream output handler failed")
         return out
+
+    def _sent(self, out: bytes) -> None:
+        """Bytes on their way to the client: to the output handlers, and (bounded) kept for display."""
+        self.sent += len(out)
+        if len(self.shown) < SHOW_LIMIT:
+            self.shown += out[: SHOW_LIMIT - len(self.shown)]
+        for handler in self.on_output:
+            handler(self.flow, out)
 
 
 def _origin(parts) -> tuple[str, str, int | None]:

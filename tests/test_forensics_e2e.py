@@ -213,6 +213,8 @@ def test_audit_log_verifies_and_a_tampered_line_is_named(recorded, tmp_path):
     assert len(export.stdout.splitlines()) == 2 and ",echo," in export.stdout
     refused = run(str(ROOT / "scripts" / "audit"), "export", str(copy), env=env)
     assert refused.returncode == 1 and "refusing to export" in refused.stdout
+    no_key = run(str(ROOT / "scripts" / "audit"), "verify", str(log), env={"BASTION_AUDIT_KEY": ""})
+    assert no_key.returncode == 2 and "no key" in no_key.stderr  # could not run: not the same as tampered
 
 
 def test_client_replay_reproduces_the_calls_against_the_server(recorded, server):

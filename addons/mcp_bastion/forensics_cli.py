@@ -26,7 +26,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from mitmproxy import exceptions, http, io
@@ -396,13 +396,19 @@ def _interrupt(signum: int, frame: Any) -> None:
 # --- audit commands -------------------------------------------------------------------
 
 
+def _cannot_run(message: str) -> NoReturn:
+    """The command could not run (exit 2): distinct from a log that does not verify (exit 1)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _key(args: argparse.Namespace) -> bytes:
     if not args.key_file and not os.environ.get(args.key_env):
-        raise SystemExit(f"audit: no key: pass --key-file FILE or set ${args.key_env}")
+        _cannot_run(f"audit: no key: pass --key-file FILE or set ${args.key_env}")
     try:
         key, _ = audit.load_key(None if args.key_file else args.key_env, args.key_file)
     except audit.AuditError as e:
-        raise SystemExit(f"audit: {e}") from None
+        _cannot_run(f"audit: {e}")
     return key
 
 
@@ -439,7 +445,7 @@ def _filter(args: argparse.Namespace) -> audit.Filter:
             sessions=tuple(args.session),
         )
     except ValueError as e:
-        raise SystemExit(f"audit export: {e}") from None
+        _cannot_run(f"audit export: {e}")
 
 
 def audit_export(args: argparse.Namespace, console: Console) -> int:
@@ -520,7 +526,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # stopped: still remove the temp files of a replay
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
     if args.group == "audit":
         return (audit_verify if args.cmd == "verify" else audit_export)(args, console)
     if args.cmd == "timeline":

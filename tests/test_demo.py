@@ -46,7 +46,8 @@ def test_engineer_reads_but_secrets_and_destruction_are_stopped(demo_output):
 
 def test_contractor_sees_a_filtered_catalogue_and_no_unmasked_customers(demo_output):
     carol = rows(demo_output, "carol")
-    assert any("tools/list │ ok │ list_customers, lookup_customer, search_logs" in r for r in carol)
+    # the customer tools are only reachable through the 'pii' masking profile, which this wave has not got
+    assert any("tools/list │ ok │ search_logs" in r for r in carol)
     assert any("lookup_customer(c-1001) │ denied" in r and "masking profile" in r for r in carol)
     assert not any("Dana Whitfield" in r for r in carol)
 

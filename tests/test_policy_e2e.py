@@ -218,7 +218,8 @@ def test_contractor_gets_a_filtered_list_masking_and_no_sampling(groups_gateway)
         ("count", "count", {"steps": 2}),
         ("summarize", "summarize", {"text": "secret plans"}),
     ]))
-    assert seen.tools == ["add", "summarize"]
+    assert seen.tools == ["summarize"]  # `add` is only ever masked, and no masking addon provides 'pii'
+
     # No masking addon provides 'pii' in this bundle: refused rather than sent unmasked.
     assert seen.calls["add"] == (f"error {errors.DENIED}: tools/call add denied by rule 'contractors-tools': "
                                  "masking profile 'pii' is not available in this gateway, so the data is "

@@ -542,3 +542,27 @@ def test_reload_swaps_valid_edits_and_keeps_the_old_ruleset_on_invalid_ones(tmp_
     path.unlink()
     clock.now = 7
     assert src.current() is good and "cannot be read" in caplog.text
+
+
+def test_a_listing_hides_what_only_an_unavailable_masking_profile_would_allow():
+    """At call time such a mask is a denial (the Policy refuses rather than send unmasked data)."""
+    rs = Ruleset.parse(
+        "version: 1\n"
+        "rules:\n"
+        "  - id: masked\n"
+        "    match: {groups: [contractors], tools: [lookup]}\n"
+        "    action: mask\n"
+        "    profile: pii\n"
+        "  - id: logs\n"
+        "    match: {groups: [contractors], tools: [logs]}\n"
+        "    action: allow\n",
+        "t.yaml",
+    )
+    carol = Identity(sub="carol", groups=("contractors",))
+    listing = {"tools": [{"name": "lookup"}, {"name": "logs"}]}
+    kept, hidden = rs.filter_list(carol, None, "tools/list", listing, masking_profiles=())
+    assert [t["name"] for t in kept["tools"]] == ["logs"] and hidden == ["lookup"]
+    kept, hidden = rs.filter_list(carol, None, "tools/list", listing, masking_profiles=("pii",))
+    assert hidden == []
+    kept, hidden = rs.filter_list(carol, None, "tools/list", listing)  # profiles unknown (policy CLI)
+    assert hidden == []

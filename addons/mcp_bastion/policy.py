@@ -244,7 +244,7 @@ class Policy:
         for m in messages:
             if m.kind == "response":
                 method = asked.get(m.id) if m.id is not None else None
-                result, hidden = ruleset.filter_list(identity, upstream, method, m.params)
+                result, hidden = ruleset.filter_list(identity, upstream, method, m.params, self._masking_profiles())
                 if hidden:
                     changed = True
                     fs.add_decision(flow, stage="resp:policy", direction=S2C, id=m.id, method=method,

@@ -32,7 +32,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -551,8 +551,12 @@ class Ruleset:
         steps.append(Step(self.default_decision.rule, None, True, f"no rule matched: default {self.default}"))
         return steps, self.default_decision
 
-    def visible(self, identity: Identity | None, upstream: str | None, item: str, name: str) -> bool:
+    def visible(self, identity: Identity | None, upstream: str | None, item: str, name: str,
+                masking_profiles: Collection[str] | None = None) -> bool:
         """Whether a listed tool/prompt/resource/template is shown: could some call to it be let through?
+
+        With `masking_profiles` (the profiles the gateway can apply), a `mask`
+        rule whose profile is not among them counts as a denial, as it does at call time.
 
         Conditions on arguments, keywords or patterns (and, for a template, on
         the resource URI) are unknown at listing time: an allowing rule with
@@ -577,14 +581,16 @@ class Ruleset:
                     break
             if not applies:
                 continue
-            if not unknown or rule.action != "deny":
-                return rule.action != "deny"
+            refuses = rule.action == "deny" or (
+                rule.action == "mask" and masking_profiles is not None and rule.profile not in masking_profiles)
+            if not unknown or not refuses:
+                return not refuses
             if item != "template" and all(isinstance(c, KeywordCondition) and c.test(v) for c in unknown):
                 return False
         return self.default != "deny"
 
     def filter_list(self, identity: Identity | None, upstream: str | None, method: str | None,
-                    result: Any) -> tuple[Any, list[str]]:
+                    result: Any, masking_profiles: Collection[str] | None = None) -> tuple[Any, list[str]]:
         """Remove from a list result what the identity may not use; returns (result, hidden names).
 
         `method` is the request's method; when unknown (None) the result's shape decides.
@@ -605,7 +611,7 @@ class Ruleset:
             kept = []
             for entry in items:
                 target = entry.get(field_name) if isinstance(entry, dict) else None
-                if isinstance(target, str) and self.visible(identity, upstream, item, target):
+                if isinstance(target, str) and self.visible(identity, upstream, item, target, masking_profiles):
                     kept.append(entry)
                 else:
                     hidden.append(target if isinstance(target, str) else "<unnamed>")

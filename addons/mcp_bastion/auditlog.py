@@ -38,8 +38,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 
 from . import flowstate as fs
-from .core import audit, errors
-from .core.errors import Refusal
+from .core import audit
 from .recorder import RETRY_AFTER_FAILURE, session_key
 
 logger = logging.getLogger("mcp_bastion")
@@ -201,17 +200,9 @@ class AuditLog:
         self.active[flow.id] = flow
         if flow.response or flow.error or not flow.live or not ctx.options.audit_required:
             return
-        if self.failure and time.monotonic() - self.failed_at < RETRY_AFTER_FAILURE:
-            fs.refuse(
-                flow,
-                Refusal(503, errors.GATEWAY_ERROR,
-                        "mcp-bastion cannot write its audit log right now; the request was not forwarded",
-                        {"reason": "audit"}, {"retry-after": str(int(RETRY_AFTER_FAILURE))}),
-                stage="audit",
-                action="error",
-            )
-            return
-        fs.mark_stage(flow, "audit")
+        failing = bool(self.failure) and time.monotonic() - self.failed_at < RETRY_AFTER_FAILURE
+        fs.admit_unless_failing(flow, stage="audit", failing=failing, hold=RETRY_AFTER_FAILURE,
+                                what="write its audit log", reason="audit")
 
     def _wanted(self, flow: http.HTTPFlow) -> bool:
         if self.writer is None or flow.metadata.get("bastion.passthrough"):

@@ -209,6 +209,21 @@ def refuse(
     )
 
 
+def admit_unless_failing(flow: http.HTTPFlow, *, stage: str, failing: bool, hold: float, what: str, reason: str) -> None:
+    """For a stage that must write before a flow may go on (recording, audit): mark `stage`, or,
+    while its writes are `failing`, answer 503 with Retry-After `hold` seconds instead."""
+    if not failing:
+        mark_stage(flow, stage)
+        return
+    refuse(
+        flow,
+        Refusal(503, errors.GATEWAY_ERROR, f"mcp-bastion cannot {what} right now; the request was not forwarded",
+                {"reason": reason}, {"retry-after": str(int(hold))}),
+        stage=stage,
+        action="error",
+    )
+
+
 def internal_error(stage: str, exc: BaseException) -> Refusal:
     """The refusal used when an enforcement step itself fails."""
     return Refusal(

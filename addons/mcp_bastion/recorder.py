@@ -47,9 +47,7 @@ from mitmproxy.io import tnetstring
 from mitmproxy.utils import asyncio_utils, human
 
 from . import flowstate as fs
-from .core import errors
 from .core.audit import parse_duration
-from .core.errors import Refusal
 
 logger = logging.getLogger("mcp_bastion")
 
@@ -626,17 +624,9 @@ class Recorder:
         self.active[flow.id] = flow
         if flow.response or flow.error or not flow.live or not ctx.options.record_required:
             return
-        if self.failure and time.monotonic() - self.failed_at < RETRY_AFTER_FAILURE:
-            fs.refuse(
-                flow,
-                Refusal(503, errors.GATEWAY_ERROR,
-                        "mcp-bastion cannot record this session right now; the request was not forwarded",
-                        {"reason": "recording"}, {"retry-after": str(int(RETRY_AFTER_FAILURE))}),
-                stage="record",
-                action="error",
-            )
-            return
-        fs.mark_stage(flow, "record")
+        failing = bool(self.failure) and time.monotonic() - self.failed_at < RETRY_AFTER_FAILURE
+        fs.admit_unless_failing(flow, stage="record", failing=failing, hold=RETRY_AFTER_FAILURE,
+                                what="record this session", reason="recording")
 
     # --- event streams -------------------------------------------------------
 

@@ -17,22 +17,6 @@ Order matters, because mitmproxy calls each hook on the addons in this order:
 7. ContentView: the MCP view in mitmweb and the console.
 """
 
-from mcp_bastion.auditlog import AuditLog
-from mcp_bastion.auth import Auth, UpstreamToken
-from mcp_bastion.contentview import ContentView
-from mcp_bastion.gate import Gate
-from mcp_bastion.gateway import Gateway, UpstreamCheck
-from mcp_bastion.policy import Policy
-from mcp_bastion.recorder import Recorder
+from mcp_bastion.bundle import bundle
 
-addons = [
-    Gateway(),
-    Auth(),
-    Policy(),
-    Gate(),
-    UpstreamCheck(),
-    UpstreamToken(),
-    Recorder(),
-    AuditLog(),
-    ContentView(),
-]
+addons = bundle()

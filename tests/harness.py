@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 VENV_BIN = Path(sys.executable).parent
 MITMDUMP = str(VENV_BIN / "mitmdump")
 MITMWEB = str(VENV_BIN / "mitmweb")

@@ -1,0 +1,547 @@
+"""
+Forensics on the audit log and session recordings (`scripts/audit`, `scripts/replay`).
+
+    audit verify LOG                     prove the chain intact, or name the first bad record
+    audit export LOG [filters] [--format json|csv] [-o OUT]
+    replay timeline FILE...              who asked what, and what the gateway did
+    replay client FILE --to URL          re-send the recorded requests (mitmproxy client replay)
+    replay server FILE... --port N       answer a client from the recording (mitmproxy server replay)
+
+The key for `audit` comes from `--key-file`, else from the environment
+variable `--key-env` (default BASTION_AUDIT_KEY), as for the gateway.
+
+This file is also a mitmproxy script: `replay client` loads it into the
+replaying mitmdump for `SessionRemap` (below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from mitmproxy import exceptions, http, io
+from rich import box
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from mcp_bastion.addons.auditlog import DEFAULT_KEY_ENV, flow_facts
+from mcp_bastion.core import audit
+from mcp_bastion.core.jsonrpc import ParseError, parse_body
+from mcp_bastion.core.sse import SSEParser
+from mcp_bastion.addons.recorder import RECORD, REDACTED, session_of
+
+MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
+REPLAY_SESSION = "bastion.replay.session"  # on a flow queued for client replay: its recorded session id
+REPLAY_OF = "bastion.replay.of"  # ... and the id of the recorded flow it re-sends
+
+_ACTION_STYLE = {
+    "allow": "green", "forward": "dim", "deny": "bold red", "error": "bold red",
+    "mask": "magenta", "approve": "yellow",
+}
+
+
+# --- reading recordings -------------------------------------------------------------
+
+
+def read_flows(paths: Sequence[str | os.PathLike]) -> list[http.HTTPFlow]:
+    """All HTTP flows of the given files. A file cut off by a crash gives the flows before the cut."""
+    flows: list[http.HTTPFlow] = []
+    for path in paths:
+        with open(path, "rb") as f:
+            reader = io.FlowReader(f)
+            try:
+                for flow in reader.stream():
+                    if isinstance(flow, http.HTTPFlow):
+                        flows.append(flow)
+            except exceptions.FlowReadException as e:
+                print(f"warning: {path}: unreadable after {len(flows)} flows ({e})", file=sys.stderr)
+    return flows
+
+
+def _recorded_latency(flow: http.HTTPFlow) -> float | None:
+    note = flow.metadata.get(RECORD) or {}
+    if note.get("latency_ms") is not None:
+        return note["latency_ms"]
+    if flow.response is not None and flow.response.timestamp_end and flow.request.timestamp_start:
+        return round((flow.response.timestamp_end - flow.request.timestamp_start) * 1000, 3)
+    return None
+
+
+def timeline_rows(flows: Iterable[http.HTTPFlow]) -> list[dict[str, Any]]:
+    """One row per message, as the audit log would have it, in the order requests arrived."""
+    rows = []
+    for flow in sorted(flows, key=lambda f: f.request.timestamp_start or 0):
+        note = flow.metadata.get(RECORD) or {}
+        facts = flow_facts(flow, incomplete=note.get("incomplete"), latency_ms=_recorded_latency(flow))
+        facts.session = note.get("session") or facts.session
+        for rec in audit.build_records(facts):
+            rec["_t"] = facts.started
+            if note.get("stream"):
+                rec["stream"] = note["stream"]
+            rows.append(rec)
+    return rows
+
+
+_HTTP_LABEL = {"GET": "GET (event stream)", "DELETE": "DELETE (end session)"}
+
+
+def _message(rec: dict[str, Any]) -> str:
+    out = rec.get("method") or rec.get("kind") or "?"
+    if rec.get("kind") == "http":
+        out = _HTTP_LABEL.get(out, out)
+    target = rec.get("tool") or rec.get("prompt") or rec.get("resource") or rec.get("target")
+    if target:
+        out += f" {target}"
+    if rec.get("id") is not None:
+        out += f" #{rec['id']}"
+    return out
+
+
+def _detail(rec: dict[str, Any]) -> str:
+    parts = []
+    if rec.get("reason") and rec.get("action") not in ("allow", "forward"):
+        parts.append(str(rec["reason"]))
+    if rec.get("masking") is not None:
+        parts.append(f"masking {json.dumps(rec['masking'], sort_keys=True)}")
+    if rec.get("approval") is not None:
+        parts.append(f"approval {json.dumps(rec['approval'], sort_keys=True)}")
+    if rec.get("error"):
+        parts.append(str(rec["error"]))
+    stream = rec.get("stream")
+    if stream and stream.get("truncated"):
+        parts.append(f"stream truncated in recording: {stream['stored_bytes']} of {stream['bytes']} bytes stored")
+    return "; ".join(parts)
+
+
+def render_timeline(flows: list[http.HTTPFlow], sources: Sequence[str], console: Console) -> None:
+    rows = timeline_rows(flows)
+    if not rows:
+        console.print("no flows")
+        return
+    start = rows[0]["_t"]
+    end = max((f.response.timestamp_end or 0) if f.response else (f.request.timestamp_start or 0) for f in flows)
+    subjects = sorted({r.get("subject") or "anonymous" for r in rows})
+    sessions = sorted({r.get("session") or "?" for r in rows})
+    upstreams = sorted({r.get("upstream") or "?" for r in rows})
+    events = sum((f.metadata.get("bastion.mcp") or {}).get("sse_events", 0) for f in flows)
+    head = Text()
+    head.append("recording ", style="bold")
+    head.append(", ".join(str(s) for s in sources))
+    head.append(f"\nsession   {', '.join(sessions)}\nsubject   {', '.join(subjects)}\nupstream  {', '.join(upstreams)}")
+    head.append(f"\nfrom      {audit.iso_time(start)}  to {audit.iso_time(max(end, start))}")
+    head.append(f"\n{len(flows)} flows, {len(rows)} messages, {events} SSE events")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["action"]] = counts.get(r["action"], 0) + 1
+    head.append("\n" + "  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    console.print(Panel(head, title="mcp-bastion session timeline", expand=False))
+
+    table = Table(box=box.SIMPLE_HEAD, show_lines=False)
+    for col, kw in (("time (UTC)", {"no_wrap": True}), ("+s", {"justify": "right", "no_wrap": True}),
+                    ("who", {"overflow": "fold"}), ("", {"no_wrap": True}), ("message", {"overflow": "fold"}),
+                    ("action", {"no_wrap": True}), ("rule", {"overflow": "fold"}), ("status", {"no_wrap": True}),
+                    ("ms", {"justify": "right", "no_wrap": True}), ("detail", {"overflow": "fold"})):
+        table.add_column(col, **kw)
+    for r in rows:
+        action = r["action"]
+        status = "" if r.get("status") is None else str(r["status"])
+        if r.get("rpc"):
+            status += f" {r['rpc']}"
+        table.add_row(
+            r["time"][11:23],
+            f"{r['_t'] - start:.3f}",
+            r.get("subject") or "anonymous",
+            "→" if r.get("direction") == "client_to_server" else "←",
+            _message(r),
+            Text(action, style=_ACTION_STYLE.get(action, "cyan")),
+            r.get("rule") or "",
+            status,
+            "" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f}",
+            _detail(r),
+        )
+    console.print(table)
+
+
+# --- comparing answers --------------------------------------------------------------
+
+
+def answers(flow: http.HTTPFlow) -> dict[Any, tuple[str, Any]]:
+    """JSON-RPC answers in a response body (JSON or event stream): id -> ("result"|"error", value)."""
+    if flow.response is None or not flow.response.raw_content:
+        return {}
+    ctype = (flow.response.headers.get("content-type") or "").split(";")[0].strip().lower()
+    bodies: list[bytes | str] = []
+    if ctype == "text/event-stream":
+        parser = SSEParser(max_event_bytes=len(flow.response.raw_content) + 1)
+        bodies = [ev.data for ev in parser.feed(flow.response.raw_content) if ev.has_data and ev.event == "message"]
+    elif ctype == "application/json":
+        bodies = [flow.response.raw_content]
+    out = {}
+    for body in bodies:
+        try:
+            parsed = parse_body(body, max_bytes=1 << 31)
+        except ParseError:
+            continue
+        for m in parsed.messages:
+            if m.kind in ("response", "error") and m.id is not None:
+                out[m.id] = ("result" if m.kind == "response" else "error", m.params)
+    return out
+
+
+def _outcome(before: dict, after: dict) -> str:
+    if not before and not after:
+        return "no answer"
+    if not after:
+        return "no answer now"
+    if before == after:
+        return "same"
+    kinds = {i: k for i, (k, _) in before.items()}, {i: k for i, (k, _) in after.items()}
+    return "differs" if kinds[0] == kinds[1] else "changed kind"
+
+
+# --- client replay ------------------------------------------------------------------
+
+
+class SessionRemap:
+    """mitmproxy addon for a client replay: use the session id the server hands out now.
+
+    The replayed initialize gets a new `Mcp-Session-Id`; every later replayed
+    request carrying the recorded id is sent with the new one instead.
+    """
+
+    def __init__(self) -> None:
+        self.map: dict[str, str] = {}
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        sid = flow.request.headers.get("mcp-session-id")
+        if flow.is_replay == "request" and sid in self.map:
+            flow.request.headers["mcp-session-id"] = self.map[sid]
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        recorded = flow.metadata.get(REPLAY_SESSION)
+        new = flow.response.headers.get("mcp-session-id") if flow.response else None
+        if flow.is_replay == "request" and recorded and new and new != recorded:
+            self.map[recorded] = new
+
+
+addons = [SessionRemap()]
+
+
+def prepare_client_replay(flows: Iterable[http.HTTPFlow], to: str | None, headers: Sequence[tuple[str, str]],
+                          include_streams: bool = False, include_refused: bool = False
+                          ) -> tuple[list[http.HTTPFlow], list[tuple[http.HTTPFlow, str]]]:
+    """Copies of the flows to re-send, in arrival order, and the ones skipped with why.
+
+    Redacted credentials are removed (give real ones with `headers`); requests
+    the gateway refused are skipped unless `include_refused` (re-sending them
+    straight to a server would do what the gateway prevented); long-lived GET
+    event streams are skipped unless `include_streams`.
+    """
+    target = urlsplit(to) if to else None
+    chosen, skipped = [], []
+    for flow in sorted(flows, key=lambda f: f.request.timestamp_start or 0):
+        if flow.request.method == "GET" and not include_streams:
+            skipped.append((flow, "GET event stream (use --include-streams)"))
+            continue
+        if flow.metadata.get("bastion.refused") and not include_refused:
+            skipped.append((flow, "refused by the gateway (use --include-refused)"))
+            continue
+        if flow.request.raw_content is None:
+            skipped.append((flow, "request body not recorded"))
+            continue
+        f = flow.copy()
+        req = f.request
+        for name in {k.lower() for k, v in req.headers.items(multi=True) if v == REDACTED}:
+            del req.headers[name]
+        for name in [k for k, v in req.query.items(multi=True) if v == REDACTED]:
+            del req.query[name]
+        for name, value in headers:
+            req.headers[name] = value
+        if target is not None:
+            req.scheme = target.scheme or "http"
+            req.host = target.hostname or req.host
+            req.port = target.port or (443 if req.scheme == "https" else 80)
+            req.host_header = target.netloc
+            if target.path not in ("", "/"):
+                req.path = target.path + (f"?{urlsplit(req.path).query}" if urlsplit(req.path).query else "")
+        f.metadata[REPLAY_SESSION] = session_of(flow)
+        f.metadata[REPLAY_OF] = flow.id
+        chosen.append(f)
+    return chosen, skipped
+
+
+def write_flows(flows: Iterable[http.HTTPFlow], path: str | os.PathLike) -> None:
+    with open(path, "wb") as fo:
+        w = io.FlowWriter(fo)
+        for f in flows:
+            w.add(f)
+
+
+def client_replay(args: argparse.Namespace, console: Console) -> int:
+    recorded = read_flows(args.files)
+    headers = [_header(h) for h in args.header]
+    chosen, skipped = prepare_client_replay(recorded, args.to, headers, args.include_streams, args.include_refused)
+    for flow, why in skipped:
+        console.print(f"[dim]skipped {_flow_label(flow)}: {why}[/dim]")
+    if not chosen:
+        console.print("nothing to replay")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="bastion-replay-") as tmp:
+        queue = Path(tmp) / "queue.mitm"
+        out = Path(args.save) if args.save else Path(tmp) / "replayed.mitm"
+        write_flows(chosen, queue)
+        cmd = [MITMDUMP, "-n", "-q", "-s", __file__, "--client-replay", str(queue),
+               "--set", f"save_stream_file={out}"]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            console.print(proc.stdout)
+            console.print(f"[red]mitmdump exited with {proc.returncode}[/red]")
+            return proc.returncode
+        replayed = {f.id: f for f in read_flows([out])}
+    by_id = {f.id: f for f in recorded}
+    table = Table(box=box.SIMPLE_HEAD, title=f"client replay of {len(chosen)} requests")
+    for col in ("message", "recorded", "replayed", "answer"):
+        table.add_column(col)
+    differing = 0
+    for f in chosen:
+        new = replayed.get(f.id)
+        original = by_id[f.metadata[REPLAY_OF]]
+        before, after = answers(original), answers(new) if new else {}
+        outcome = _outcome(before, after) if new is not None and new.response is not None else "no response"
+        differing += outcome not in ("same", "no answer")
+        table.add_row(_flow_label(f), _status(original), _status(new), outcome)
+    console.print(table)
+    if args.save:
+        console.print(f"replayed flows saved to {args.save}")
+    missing = sum(1 for f in chosen if f.id not in replayed or replayed[f.id].response is None)
+    console.print(f"{len(chosen) - missing} of {len(chosen)} requests answered; {differing} answers differ from the recording")
+    return 0 if missing == 0 else 2
+
+
+def _status(flow: http.HTTPFlow | None) -> str:
+    if flow is None:
+        return "-"
+    if flow.response is None:
+        return f"error: {flow.error.msg}" if flow.error else "-"
+    kinds = sorted({k for k, _ in answers(flow).values()})
+    return f"{flow.response.status_code}" + (f" {'/'.join(kinds)}" if kinds else "")
+
+
+def _flow_label(flow: http.HTTPFlow) -> str:
+    summaries = (flow.metadata.get("bastion.mcp") or {}).get("request") or []
+    if not summaries:
+        return f"{flow.request.method} {flow.request.path}"
+    return ", ".join(_message(dict(s, resource=s.get("uri"))) for s in summaries[:3]) + (
+        f" (+{len(summaries) - 3})" if len(summaries) > 3 else "")
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise SystemExit(f"--header expects 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+# --- server replay ------------------------------------------------------------------
+
+
+def server_replay_command(queue: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [MITMDUMP, "--listen-host", args.listen_host, "--mode", f"reverse:http://127.0.0.1:9@{args.port}",
+           "--server-replay", str(queue),
+           "--set", "server_replay_ignore_host=true", "--set", "server_replay_ignore_port=true",
+           "--set", f"server_replay_extra={args.extra}", "--set", "keepserving=true",
+           "--set", "connection_strategy=lazy"]
+    if args.reuse:
+        cmd += ["--set", "server_replay_reuse=true"]
+    if args.loose:
+        cmd += ["--set", "server_replay_ignore_content=true"]
+    return cmd
+
+
+def server_replay(args: argparse.Namespace, console: Console) -> int:
+    flows = [f for f in read_flows(args.files) if f.response is not None]
+    if not flows:
+        console.print("no recorded responses to serve")
+        return 1
+    flows.sort(key=lambda f: f.request.timestamp_start or 0)
+    with tempfile.TemporaryDirectory(prefix="bastion-replay-") as tmp:
+        queue = Path(tmp) / "responses.mitm"
+        write_flows(flows, queue)
+        console.print(f"serving {len(flows)} recorded responses on http://{args.listen_host}:{args.port} "
+                      f"(unmatched requests: {args.extra}); Ctrl-C to stop")
+        proc = subprocess.Popen(server_replay_command(queue, args))
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            return proc.wait()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+# --- audit commands -------------------------------------------------------------------
+
+
+def _cannot_run(message: str) -> NoReturn:
+    """The command could not run (exit 2): distinct from a log that does not verify (exit 1)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _key(args: argparse.Namespace) -> bytes:
+    if not args.key_file and not os.environ.get(args.key_env):
+        _cannot_run(f"audit: no key: pass --key-file FILE or set ${args.key_env}")
+    try:
+        key, _ = audit.load_key(None if args.key_file else args.key_env, args.key_file)
+    except audit.AuditError as e:
+        _cannot_run(f"audit: {e}")
+    return key
+
+
+def audit_verify(args: argparse.Namespace, console: Console) -> int:
+    key = _key(args)
+    try:
+        v = audit.verify_file(args.log, key, require_head=not args.allow_missing_head)
+    except (OSError, audit.AuditError) as e:
+        console.print(f"[red]cannot verify {args.log}: {e}[/red]")
+        return 2
+    for note in v.notes:
+        console.print(f"note: {note}")
+    if v.ok:
+        console.print(f"[green]OK[/green] {args.log}: {v.records} records, chain intact, last seq {v.last_seq}, "
+                      f"last hash {v.last_hash[:16]}…")
+        return 0
+    where = []
+    if v.bad_line is not None:
+        where.append(f"line {v.bad_line}")
+    if v.bad_seq is not None:
+        where.append(f"seq {v.bad_seq}")
+    at = f" at {', '.join(where)}" if where else ""
+    console.print(f"[bold red]TAMPERED[/bold red] {args.log}: first bad record{at}: {v.reason} "
+                  f"({v.records} records before it are intact)")
+    return 1
+
+
+def _filter(args: argparse.Namespace) -> audit.Filter:
+    try:
+        return audit.Filter(
+            since=audit.parse_when(args.since) if args.since else None,
+            until=audit.parse_when(args.until) if args.until else None,
+            subjects=tuple(args.subject), tools=tuple(args.tool), actions=tuple(args.action),
+            sessions=tuple(args.session),
+        )
+    except ValueError as e:
+        _cannot_run(f"audit export: {e}")
+
+
+def audit_export(args: argparse.Namespace, console: Console) -> int:
+    flt = _filter(args)
+    if not args.no_verify:
+        v = audit.verify_file(args.log, _key(args), require_head=not args.allow_missing_head)
+        if not v.ok:
+            console.print(f"[bold red]refusing to export[/bold red]: {args.log} does not verify "
+                          f"(line {v.bad_line}, seq {v.bad_seq}): {v.reason}; --no-verify exports anyway")
+            return 1
+    writer = audit.write_csv if args.format == "csv" else audit.write_json
+    with open(args.log, "rb") as src, _output(args.output) as out:
+        n = writer((r for r in audit.read_records(src) if flt.match(r)), out)
+    if args.output:
+        console.print(f"{n} records written to {args.output}")
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[Any]:
+    if not path or path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+    else:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            yield f
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcp-bastion forensics", description=__doc__.split("\n\n")[0])
+    top = p.add_subparsers(dest="group", required=True)
+
+    a = top.add_parser("audit", help="verify or export an audit log").add_subparsers(dest="cmd", required=True)
+    for name in ("verify", "export"):
+        sp = a.add_parser(name)
+        sp.add_argument("log", help="the audit log (JSON Lines)")
+        sp.add_argument("--key-file", help="file holding the HMAC key")
+        sp.add_argument("--key-env", default=DEFAULT_KEY_ENV, help="environment variable holding the key (default %(default)s)")
+        sp.add_argument("--allow-missing-head", action="store_true",
+                        help="accept a log without its .head file (records removed at the end go unnoticed)")
+        if name == "export":
+            sp.add_argument("--since", help="ISO time or duration ago (2h, 7d)")
+            sp.add_argument("--until", help="ISO time or duration ago (exclusive)")
+            sp.add_argument("--subject", action="append", default=[], help="repeatable")
+            sp.add_argument("--tool", action="append", default=[], help="repeatable")
+            sp.add_argument("--action", action="append", default=[], help="allow, deny, mask, ... (repeatable)")
+            sp.add_argument("--session", action="append", default=[], help="repeatable")
+            sp.add_argument("--format", choices=("json", "csv"), default="json")
+            sp.add_argument("-o", "--output", help="file to write (default: stdout)")
+            sp.add_argument("--no-verify", action="store_true", help="export without verifying the chain first")
+
+    r = top.add_parser("replay", help="timeline, client or server replay of a session recording"
+                       ).add_subparsers(dest="cmd", required=True)
+    t = r.add_parser("timeline", help="print who asked what and what the gateway did")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--json", action="store_true", help="one JSON object per message instead of a table")
+    c = r.add_parser("client", help="re-send the recorded requests to a server (mitmproxy client replay)")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--to", help="base URL to send to (default: the recorded upstream), e.g. http://127.0.0.1:8000/mcp")
+    c.add_argument("--header", action="append", default=[], help="'Name: value' added to every request (credentials)")
+    c.add_argument("--include-streams", action="store_true", help="also re-open recorded GET event streams")
+    c.add_argument("--include-refused", action="store_true", help="also re-send requests the gateway refused")
+    c.add_argument("--save", help="write the replayed flows to this file")
+    s = r.add_parser("server", help="serve the recorded responses in place of the server (mitmproxy server replay)")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--listen-host", default="127.0.0.1")
+    s.add_argument("--extra", default="404", choices=("404", "400", "500", "204", "kill"),
+                   help="answer to a request the recording has no match for")
+    s.add_argument("--reuse", action="store_true", help="serve a recorded response more than once")
+    s.add_argument("--loose", action="store_true", help="match requests by method and path only, in recorded order")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped: still remove the temp files of a replay
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+    if args.group == "audit":
+        return (audit_verify if args.cmd == "verify" else audit_export)(args, console)
+    if args.cmd == "timeline":
+        flows = read_flows(args.files)
+        if args.json:
+            for row in timeline_rows(flows):
+                row.pop("_t", None)
+                print(json.dumps(row, sort_keys=True, ensure_ascii=False))
+            return 0
+        render_timeline(flows, args.files, console)
+        return 0
+    if args.cmd == "client":
+        return client_replay(args, console)
+    return server_replay(args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

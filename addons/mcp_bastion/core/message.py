@@ -1,0 +1,260 @@
+"""
+The one message model: every JSON-RPC message the gateway sees, in either
+direction, in a JSON body, a batch, or an SSE event, is a `Message`.
+
+A `Message` is a value: stages never change one, they return a new one
+(`Message.replace`). It carries what every stage, rule, label and audit
+record needs, computed once:
+
+- `kind`, `id`, `method`, `params`, `direction`, and `raw` (the decoded JSON);
+- `target`: the one vocabulary for "what does this message act on" - a tool,
+  prompt, resource or task, with its name (see `TARGETS`);
+- `request`: for a response or error, the request of the same flow it answers
+  (so a `tools/list` result knows it lists tools);
+- `carrier`: where it travelled (a JSON body, a batch member, an SSE event, a
+  body-less HTTP request).
+
+Room for the 2026-07-28 wire: `carrier` also names `input_required` (a request
+the server makes inside a result) and `task` (a task result that belongs to an
+earlier call); `headers` holds the `Mcp-Method`/`Mcp-Name`/`Mcp-Param-*` request
+headers that must agree with the body.
+
+Pure: no mitmproxy import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from .vocab import Direction, Kind
+
+
+class TargetKind(StrEnum):
+    TOOL = "tool"
+    PROMPT = "prompt"
+    RESOURCE = "resource"
+    TASK = "task"
+
+
+class Carrier(StrEnum):
+    BODY = "body"  # the single message of a JSON body
+    BATCH = "batch"  # one member of a JSON-RPC batch
+    EVENT = "event"  # an SSE event
+    HTTP = "http"  # a body-less HTTP request (GET opens a stream, DELETE ends a session)
+    INPUT_REQUIRED = "input_required"  # 2026-07-28: a server request inside an `input_required` result
+    TASK = "task"  # a task's result, fetched by a later call
+
+
+# Which request methods act on which target, and the param that names it. The one table
+# rules, list filtering, labels and audit records read.
+TARGETS: dict[str, tuple[TargetKind, str]] = {
+    "tools/call": (TargetKind.TOOL, "name"),
+    "prompts/get": (TargetKind.PROMPT, "name"),
+    "resources/read": (TargetKind.RESOURCE, "uri"),
+    "resources/subscribe": (TargetKind.RESOURCE, "uri"),
+    "resources/unsubscribe": (TargetKind.RESOURCE, "uri"),
+    "tasks/get": (TargetKind.TASK, "taskId"),
+    "tasks/result": (TargetKind.TASK, "taskId"),
+    "tasks/cancel": (TargetKind.TASK, "taskId"),
+    "tasks/update": (TargetKind.TASK, "taskId"),
+}
+# Methods whose params carry `arguments` for their target.
+WITH_ARGUMENTS = frozenset({"tools/call", "prompts/get"})
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A list method: the result key holding the items, the field naming each, and what they are."""
+
+    key: str
+    field: str
+    kind: TargetKind
+    template: bool = False
+
+
+LISTS: dict[str, Listing] = {
+    "tools/list": Listing("tools", "name", TargetKind.TOOL),
+    "prompts/list": Listing("prompts", "name", TargetKind.PROMPT),
+    "resources/list": Listing("resources", "uri", TargetKind.RESOURCE),
+    "resources/templates/list": Listing("resourceTemplates", "uriTemplate", TargetKind.RESOURCE, template=True),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a message acts on: `tool deploy`, `resource file:///etc/passwd`, `task 7f3c`."""
+
+    kind: TargetKind
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+def target_of(method: str | None, params: Any) -> Target | None:
+    """The target a request names, if its method has one and the param is a string."""
+    spec = TARGETS.get(method) if method is not None else None
+    if spec is None or not isinstance(params, dict):
+        return None
+    name = params.get(spec[1])
+    return Target(spec[0], name) if isinstance(name, str) else None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Message:
+    """One JSON-RPC message, as it travels (request, notification, response, error or invalid)."""
+
+    kind: Kind | str
+    raw: Any
+    id: str | int | None = None
+    method: str | None = None
+    params: Any = None
+    direction: Direction | None = None
+    carrier: Carrier = Carrier.BODY
+    request: "Message | None" = field(default=None, repr=False)  # what a response answers
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # Mcp-* request headers (2026-07-28)
+
+    # --- what it is about ---
+
+    @property
+    def target(self) -> Target | None:
+        if self.kind in (Kind.REQUEST, Kind.NOTIFICATION):
+            return target_of(self.method, self.params)
+        return None
+
+    @property
+    def names_target(self) -> bool:
+        """True for a request whose method acts on a target (whether or not it names one readably)."""
+        return self.method in TARGETS
+
+    @property
+    def tool_name(self) -> str | None:
+        t = self.target
+        return t.name if t is not None and t.kind is TargetKind.TOOL else None
+
+    @property
+    def prompt_name(self) -> str | None:
+        t = self.target
+        return t.name if t is not None and t.kind is TargetKind.PROMPT else None
+
+    @property
+    def resource_uri(self) -> str | None:
+        t = self.target
+        return t.name if t is not None and t.kind is TargetKind.RESOURCE else None
+
+    @property
+    def arguments(self) -> Any:
+        if self.method in WITH_ARGUMENTS and isinstance(self.params, dict):
+            return self.params.get("arguments")
+        return None
+
+    @property
+    def answers(self) -> str | None:
+        """For a response or error: the method of the request it answers, when known."""
+        return self.request.method if self.request is not None else None
+
+    @property
+    def listing(self) -> Listing | None:
+        """For the result of a list request: what it lists."""
+        return LISTS.get(self.answers) if self.kind == Kind.RESPONSE and self.answers else None
+
+    @property
+    def has_id(self) -> bool:
+        return self.kind in (Kind.REQUEST, Kind.RESPONSE, Kind.ERROR)
+
+    # --- new values ---
+
+    def replace(self, raw: Any) -> "Message":
+        """A new message with `raw` as its content, keeping where it travels and what it answers."""
+        fresh = classify(raw)
+        return replace(fresh, direction=self.direction, carrier=self.carrier, request=self.request,
+                       headers=self.headers)
+
+    def placed(self, *, direction: Direction | None = None, carrier: Carrier | None = None,
+               request: "Message | None" = None) -> "Message":
+        """The same content, with where it travels filled in."""
+        return replace(self, direction=direction or self.direction, carrier=carrier or self.carrier,
+                       request=request if request is not None else self.request)
+
+    # --- for people ---
+
+    def summary(self) -> dict[str, Any]:
+        """A small, serialisable description (flow.metadata, audit records, labels)."""
+        out: dict[str, Any] = {"kind": str(self.kind)}
+        if self.id is not None:
+            out["id"] = self.id
+        if self.method is not None:
+            out["method"] = self.method
+        t = self.target
+        if t is not None:
+            out[SUMMARY_KEYS[t.kind]] = t.name
+        return out
+
+    def label(self) -> str:
+        """One line: `tools/call deploy #3`."""
+        parts = [self.method or str(self.kind)]
+        t = self.target
+        if t is not None:
+            parts.append(t.name)
+        if self.id is not None:
+            parts.append(f"#{self.id}")
+        return " ".join(parts)
+
+
+# The key a target is kept under in a summary (and an audit record).
+SUMMARY_KEYS = {TargetKind.TOOL: "tool", TargetKind.PROMPT: "prompt", TargetKind.RESOURCE: "uri",
+                TargetKind.TASK: "task"}
+
+
+def summary_target(summary: dict[str, Any]) -> str | None:
+    """The target name in a summary made by `Message.summary`."""
+    for key in SUMMARY_KEYS.values():
+        if isinstance(summary.get(key), str):
+            return summary[key]
+    return None
+
+
+def summary_label(summary: dict[str, Any]) -> str:
+    """`tools/call deploy` from a summary (flow comments, timelines)."""
+    out = summary.get("method") or summary.get("kind", "?")
+    target = summary_target(summary)
+    return f"{out} {target}" if target else str(out)
+
+
+def http_request(verb: str) -> Message:
+    """The pseudo-message for a body-less HTTP request on the MCP endpoint.
+
+    GET (open the server's event stream), DELETE (end the session) and the like
+    carry no JSON-RPC message; rules see them as method `http:GET`, `http:DELETE`.
+    """
+    method = f"http:{verb.upper()}"
+    return Message(kind=Kind.REQUEST, raw={"method": method}, method=method, direction=Direction.C2S,
+                   carrier=Carrier.HTTP)
+
+
+def classify(obj: Any) -> Message:
+    """Turn one decoded JSON value into a Message; shapes that are not JSON-RPC are `invalid`."""
+    if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
+        return Message(kind=Kind.INVALID, raw=obj)
+    msg_id = obj.get("id")
+    if msg_id is not None and (isinstance(msg_id, bool) or not isinstance(msg_id, (str, int))):
+        return Message(kind=Kind.INVALID, raw=obj)
+    method = obj.get("method")
+    if "method" in obj:
+        if not isinstance(method, str) or "result" in obj or "error" in obj:
+            return Message(kind=Kind.INVALID, raw=obj, id=msg_id)
+        params = obj.get("params")
+        if params is not None and not isinstance(params, (dict, list)):
+            return Message(kind=Kind.INVALID, raw=obj, id=msg_id, method=method)
+        if "id" in obj and msg_id is not None:
+            return Message(kind=Kind.REQUEST, raw=obj, id=msg_id, method=method, params=params)
+        if "id" in obj:  # "id": null on a request is not allowed by MCP
+            return Message(kind=Kind.INVALID, raw=obj, method=method, params=params)
+        return Message(kind=Kind.NOTIFICATION, raw=obj, method=method, params=params)
+    if ("result" in obj) == ("error" in obj):
+        return Message(kind=Kind.INVALID, raw=obj, id=msg_id)
+    if "error" in obj:
+        return Message(kind=Kind.ERROR, raw=obj, id=msg_id, params=obj["error"])
+    return Message(kind=Kind.RESPONSE, raw=obj, id=msg_id, params=obj["result"])

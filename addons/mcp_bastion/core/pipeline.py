@@ -1,0 +1,203 @@
+"""
+The stage contract and the pipeline that runs it.
+
+A stage looks at one `Message` with its `Context` and returns an `Outcome`:
+
+    Pass()                 the message goes on unchanged
+    Replace(message)       the message goes on as `message` (a new value)
+    Drop(reason)           the message goes no further (a server notification nobody must see)
+    Refuse(refusal)        the message is refused: the gateway answers for it (see `glue.replies`)
+    Hold(wait, reason)     the message waits: `await wait` gives the outcome (other flows go on)
+
+Each outcome may carry `decisions`: what the stage decided and why (rule, reason),
+recorded on the flow for mitmweb and the audit log.
+
+Stages never change a message in place. The pipeline hands each stage the
+current message (after every earlier replacement), stops at the first drop or
+refusal, and says whether anything changed, so the caller serialises once.
+
+Precedence within one message: the first stage that drops or refuses ends the
+run; a Hold is awaited and its outcome taken as the stage's own. Across the
+messages of one body, `Run.refused` lists every refusal; the caller decides what
+that means for the body (a request batch is forwarded whole or not at all).
+
+Pure: no mitmproxy import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import APPROVAL_REQUIRED, Refusal
+from .message import Message
+from .vocab import Action, Direction, StageName
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One decision a stage made about one message, as recorded on the flow."""
+
+    stage: StageName | str
+    action: Action | str
+    rule: str | None = None
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, m: Message) -> dict[str, Any]:
+        """The flow-metadata form: plain JSON-like values."""
+        out: dict[str, Any] = {"stage": str(self.stage), "direction": str(m.direction) if m.direction else None,
+                               "id": m.id, "method": m.method,
+                               "target": m.target.name if m.target is not None else None,
+                               "action": str(self.action), "rule": self.rule, "reason": self.reason}
+        out.update(self.extra)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    decisions: tuple[Verdict, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    message: Message
+    decisions: tuple[Verdict, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    reason: str
+    decisions: tuple[Verdict, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    refusal: Refusal
+    decisions: tuple[Verdict, ...] = ()
+    action: Action = Action.DENY  # what a batch member refused along with this one is recorded as
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    wait: Callable[[], Awaitable["Outcome"]]
+    reason: str
+    decisions: tuple[Verdict, ...] = ()
+
+
+Outcome = Pass | Replace | Drop | Refuse | Hold
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a stage knows besides the message: who asks, through which upstream, on which flow."""
+
+    identity: Any  # core.identity.Identity
+    upstream: str | None = None
+    session: str | None = None
+    flow_id: str | None = None
+    http_method: str = "POST"
+    masking_profiles: frozenset[str] = frozenset()  # what the loaded masking stages can apply
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """A message stage. `name` is its request-side StageName; the response side is `name.response`."""
+
+    name: StageName
+
+    def check(self, message: Message, cx: Context) -> Outcome: ...
+
+
+@dataclass(slots=True)
+class Result:
+    """One message after the stages: what goes on (None if dropped or refused) and what happened."""
+
+    original: Message
+    message: Message | None
+    outcome: Outcome  # the last one: Pass, Replace, Drop or Refuse
+    decisions: list[Verdict] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.message is not self.original
+
+    @property
+    def refusal(self) -> Refusal | None:
+        return self.outcome.refusal if isinstance(self.outcome, Refuse) else None
+
+
+@dataclass(slots=True)
+class Run:
+    """The stages over the messages of one body or one event."""
+
+    results: list[Result]
+
+    @property
+    def changed(self) -> bool:
+        return any(r.changed for r in self.results)
+
+    @property
+    def messages(self) -> list[Message]:
+        """What goes on, in order."""
+        return [r.message for r in self.results if r.message is not None]
+
+    @property
+    def refused(self) -> list[Result]:
+        return [r for r in self.results if isinstance(r.outcome, Refuse)]
+
+
+def _fold(result: Result, out: Outcome) -> bool:
+    """Apply a stage's (non-Hold) outcome to `result`; True when the run for this message ends."""
+    result.decisions.extend(out.decisions)
+    result.outcome = out
+    if isinstance(out, Replace):
+        result.message = out.message
+        return False
+    if isinstance(out, (Drop, Refuse)):
+        result.message = None
+        return True
+    if isinstance(out, Pass):
+        return False
+    raise TypeError(f"a stage returned {type(out).__name__}, not an Outcome")
+
+
+async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -> Run:
+    """Every message through every stage, in order; a Hold is awaited."""
+    results = []
+    for m in messages:
+        result = Result(m, m, Pass())
+        for stage in stages:
+            assert result.message is not None
+            out = stage.check(result.message, cx)
+            while isinstance(out, Hold):
+                result.decisions.extend(out.decisions)
+                out = await out.wait()
+            if _fold(result, out):
+                break
+        results.append(result)
+    return Run(results)
+
+
+def run_now(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -> Run:
+    """`run` where nothing may wait (an event stream): a Hold is refused, never skipped."""
+    results = []
+    for m in messages:
+        result = Result(m, m, Pass())
+        for stage in stages:
+            assert result.message is not None
+            out = stage.check(result.message, cx)
+            if isinstance(out, Hold):  # nothing can wait inside an event stream: refused, never skipped
+                out = Refuse(Refusal(403, APPROVAL_REQUIRED, f"{m.label()} was held by {stage.name} ({out.reason}), "
+                                     "but nothing can wait inside an event stream, so it is refused"),
+                             out.decisions, Action.APPROVE)
+            if _fold(result, out):
+                break
+        results.append(result)
+    return Run(results)
+
+
+def direction_of(stage_name: StageName, direction: Direction) -> StageName:
+    """The name a stage's decisions are recorded under for `direction`."""
+    return stage_name.response if direction is Direction.S2C else stage_name

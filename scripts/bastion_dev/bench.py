@@ -1,0 +1,1114 @@
+"""
+Benchmarks: what the gateway costs, measured against bare mitmdump and no proxy.
+
+    scripts/bench [--quick] [--json PATH] [--configs direct,bare,bundle]
+
+Starts a fast MCP upstream (`scripts/bastion_dev/bench_upstream.py`) on 127.0.0.1 and
+measures, one after the other against the same upstream:
+
+1. `direct`: the load generator talks to the upstream itself;
+2. `bare`: `mitmdump` in reverse mode with no addon of ours. mitmproxy buffers
+   event streams unless a flow is marked for streaming (mitmproxy#4469), so
+   this configuration loads a three-line script that sets `response.stream` for
+   `text/event-stream` responses and does nothing else;
+3. `bundle`: `mitmdump -s addons/bastion.py` with the options of
+   `BUNDLE_OPTIONS` that the bundle declares when the benchmark runs.
+
+For each: tools/call latency p50/p95/p99 at concurrency 1 (small JSON, large
+JSON, SSE), calls/s and the proxy's CPU time per call at a concurrency that
+saturates the machine, SSE time to first event, the proxy's peak RSS, and the
+RSS growth while a 100 MiB event stream passes through. Microbenchmarks time
+the per-message work of the core modules. Results print as a table and are
+written as JSON (and the same table as Markdown next to it).
+
+Speed is reported here, never asserted: targets are listed as met or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+UPSTREAM = ROOT / "scripts" / "bastion_dev" / "bench_upstream.py"
+BUNDLE = ROOT / "addons" / "bastion.py"
+MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
+DEFAULT_JSON_DIR = ROOT / "var" / "bench"
+
+CONFIGS = ("direct", "bare", "bundle")
+TITLES = {"direct": "1 direct", "bare": "2 bare mitmdump", "bundle": "3 full bundle"}
+
+STREAM_SSE_SCRIPT = '''\
+def responseheaders(flow):
+    if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+        flow.response.stream = True
+'''
+
+# Configuration 3: one line per option, (component, option, value). In values,
+# {tmp} is the run's temporary directory and {ruleset} the ruleset written by
+# `bench_ruleset()`. An option the loaded bundle does not declare is left out
+# and its component reported n/a (mitmdump would silently ignore it).
+# Identity (oidc_issuer, oidc_resource) is set up by `bundle_setup` with the dev issuer.
+BUNDLE_OPTIONS: list[tuple[str, str, str]] = [
+    ("policy", "ruleset", "{ruleset}"),
+    ("recording", "record_dir", "{tmp}/recordings"),
+    ("audit", "audit_log", "{tmp}/audit.jsonl"),
+    ("audit", "audit_key_file", "{tmp}/audit.key"),
+]
+COMMON_MITMDUMP_OPTIONS = {"flow_detail": "0"}  # no per-flow console line in either configuration
+
+
+@dataclass
+class Settings:
+    """How much work each measurement does."""
+
+    samples: int = 2000  # sequential calls per latency measurement (large JSON and SSE gap use a tenth)
+    duration: float = 10.0  # seconds per throughput measurement
+    concurrency: int = 32  # connections in a throughput measurement
+    large_bytes: int = 1 << 20
+    stream_bytes: int = 100 << 20
+    gap_ms: float = 20.0  # pause between the first SSE event and the result (time to first event)
+    micro_seconds: float = 1.0  # per microbenchmark
+    warmup: int = 200
+    step_timeout: float = 600.0  # a measurement that takes longer is reported n/a
+    script: Path = BUNDLE  # the mitmdump script of configuration 3
+    profile: Path | None = None  # run the proxies under cProfile: stats in <profile>.<config>.prof
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        """A tiny run: a few calls each, a 2 MiB stream (for smoke tests, not for figures)."""
+        return cls(samples=20, duration=0.3, concurrency=4, large_bytes=64 << 10, stream_bytes=2 << 20,
+                   gap_ms=5.0, micro_seconds=0.02, warmup=5, step_timeout=60.0)
+
+
+class BenchError(Exception):
+    """A measurement that could not be made; reported as n/a with this message."""
+
+
+# --- the load generator -------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes  # the whole body, or only its end when the caller discards it
+    size: int  # body bytes received
+    t_first_event: float | None  # perf_counter() when the first SSE block was complete
+    t_end: float
+
+    @property
+    def media_type(self) -> str:
+        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+    def describe(self) -> str:
+        return f"HTTP {self.status} {self.media_type}: {self.body[:300].decode('utf-8', 'replace')}"
+
+
+class _Body:
+    """Collects a response body; notes when the first SSE block is complete."""
+
+    def __init__(self, keep: bool, sse: bool):
+        self.keep = keep
+        self.sse = sse
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.prefix = b""
+        self.t_first: float | None = None
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.sse and self.t_first is None:
+            self.prefix += data
+            if b"\n\n" in self.prefix or b"\r\n\r\n" in self.prefix:
+                self.t_first = time.perf_counter()
+                self.prefix = b""
+        if self.keep:
+            self.parts.append(data)
+        else:  # the final event is small: the last two chunks always hold it
+            self.parts = self.parts[-1:] + [data]
+
+    def bytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class MCPConnection:
+    """One keep-alive connection posting MCP messages to /mcp: HTTP/1.1 written and read by hand."""
+
+    def __init__(self, port: int, token: str | None = None):
+        self.port = port
+        self.token = token
+        self.session: str | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.next_id = 0
+
+    async def open(self) -> "MCPConnection":
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
+        self.writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    async def initialize(self) -> "MCPConnection":
+        reply = await self.rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                              "clientInfo": {"name": "mcp-bastion-bench", "version": "1"}})
+        check_result(reply, self.next_id)
+        self.session = reply.headers.get("mcp-session-id")
+        reply = await self.post(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode())
+        if reply.status != 202:
+            raise BenchError(f"notifications/initialized: {reply.describe()}")
+        return self
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def _head(self, length: int) -> bytes:
+        lines = [
+            "POST /mcp HTTP/1.1",
+            f"Host: 127.0.0.1:{self.port}",
+            "Content-Type: application/json",
+            "Accept: application/json, text/event-stream",
+            "MCP-Protocol-Version: 2025-06-18",
+            f"Content-Length: {length}",
+        ]
+        if self.session:
+            lines.append(f"Mcp-Session-Id: {self.session}")
+        if self.token:
+            lines.append(f"Authorization: Bearer {self.token}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def rpc(self, method: str, params: dict, keep_body: bool = True) -> Reply:
+        self.next_id += 1
+        msg = {"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}
+        return await self.post(json.dumps(msg, separators=(",", ":")).encode(), keep_body)
+
+    async def call_tool(self, name: str, arguments: dict, keep_body: bool = True) -> Reply:
+        return await self.rpc("tools/call", {"name": name, "arguments": arguments,
+                                             "_meta": {"progressToken": self.next_id + 1}}, keep_body)
+
+    async def post(self, payload: bytes, keep_body: bool = True) -> Reply:
+        """Send one POST and read its whole answer; timestamps are perf_counter() values."""
+        reader, writer = self.reader, self.writer
+        writer.write(self._head(len(payload)) + payload)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = _Body(keep_body, headers.get("content-type", "").startswith("text/event-stream"))
+        if "content-length" in headers:
+            body.add(await reader.readexactly(int(headers["content-length"])))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int((await reader.readline()).split(b";", 1)[0], 16)
+                if size == 0:
+                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                body.add(await reader.readexactly(size))
+                await reader.readexactly(2)
+        else:
+            while data := await reader.read(1 << 16):
+                body.add(data)
+        t_end = time.perf_counter()
+        if headers.get("connection", "").lower() == "close" or reader.at_eof():
+            self.close()
+        return Reply(int(status_line.split(" ", 2)[1]), headers, body.bytes(), body.size, body.t_first, t_end)
+
+
+def check_result(reply: Reply, msg_id: int) -> None:
+    """Raise BenchError unless `reply` carries the JSON-RPC result for `msg_id` (JSON or SSE)."""
+    if reply.status != 200:
+        raise BenchError(reply.describe())
+    if reply.media_type == "text/event-stream":
+        events = [e for e in reply.body.replace(b"\r\n", b"\n").split(b"\n\n") if b"data:" in e]
+        if not events:
+            raise BenchError(f"no SSE event in the last bytes: {reply.describe()}")
+        data = b"\n".join(line[5:].removeprefix(b" ") for line in events[-1].split(b"\n") if line.startswith(b"data:"))
+    else:
+        data = reply.body
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        raise BenchError(f"unreadable result: {reply.describe()}") from None
+    if msg.get("id") != msg_id or "result" not in msg:
+        raise BenchError(f"not the result of call {msg_id}: {reply.describe()}")
+
+
+def quick_check(reply: Reply) -> None:
+    """The cheap check made on every call under load: a 200 carrying a result, not an error.
+
+    A JSON body names its result near the start, an event stream in its last event.
+    """
+    if reply.status != 200 or (b'"result":' not in reply.body[:256] and b'"result":' not in reply.body[-4096:]):
+        raise BenchError(reply.describe())
+
+
+@dataclass
+class Call:
+    """One kind of tools/call the load generator repeats."""
+
+    tool: str
+    arguments: dict = field(default_factory=dict)
+    keep_body: bool = True
+
+
+class Load:
+    """Drives MCP calls against one endpoint (the upstream or a proxy in front of it)."""
+
+    def __init__(self, port: int, token: str | None = None):
+        self.port = port
+        self.token = token
+
+    async def connect(self) -> MCPConnection:
+        return await (await MCPConnection(self.port, self.token).open()).initialize()
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        """Retry `initialize` while the endpoint answers 503 (e.g. the gateway still fetching issuer keys)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                (await self.connect()).close()
+                return
+            except BenchError as e:
+                if not str(e).startswith("HTTP 503") or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.1)
+
+    async def sequential(self, call: Call, n: int) -> list[tuple[float, Reply]]:
+        """n calls one after the other on one connection: (start time, reply) each, every reply checked."""
+        conn = await self.connect()
+        out = []
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                reply = await conn.call_tool(call.tool, call.arguments, call.keep_body)
+                check_result(reply, conn.next_id)
+                out.append((t0, reply))
+        finally:
+            conn.close()
+        return out
+
+    async def saturate(self, call: Call, concurrency: int, duration: float) -> tuple[int, float]:
+        """`concurrency` connections calling back to back for `duration` seconds: (calls, seconds)."""
+        conns = [await self.connect() for _ in range(concurrency)]
+        counts = [0] * concurrency
+        start = time.perf_counter()
+        deadline = start + duration
+
+        async def worker(i: int) -> None:
+            conn = conns[i]
+            while time.perf_counter() < deadline:
+                quick_check(await conn.call_tool(call.tool, call.arguments, call.keep_body))
+                counts[i] += 1
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(concurrency):
+                    group.create_task(worker(i))
+        except ExceptionGroup as eg:  # the first failure stopped the others
+            raise eg.exceptions[0] from None
+        finally:
+            for conn in conns:
+                conn.close()
+        return sum(counts), time.perf_counter() - start
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+# --- processes ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A started process listening on a port on 127.0.0.1, output in a log file; stopped on exit."""
+
+    def __init__(self, args: list[str], port: int, log: Path):
+        self.args = args
+        self.port = port
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> "Process":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{Path(self.args[0]).name} exited with {self.proc.returncode}: {self.tail()}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise BenchError(f"{Path(self.args[0]).name} not listening on {self.port} after {timeout}s: {self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def started(args: list[str], port: int, log: Path) -> Iterator[Process]:
+    proc = Process(args, port, log)
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+class Memory:
+    """Resident memory and CPU time of a process, from /proc (Linux)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def status_kb(self, key: str) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise BenchError(f"no {key} in /proc/{self.pid}/status")
+
+    def rss_mb(self) -> float:
+        return self.status_kb("VmRSS") / 1024
+
+    def peak_mb(self) -> float:
+        return self.status_kb("VmHWM") / 1024
+
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux >= 4.0); False if the kernel refused."""
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- configuration 3 ------------------------------------------------------------
+
+
+def shipped_ruleset() -> Path:
+    """The most realistic ruleset in the tree: of rulesets/default.yaml and rulesets/examples/, the one with most rules."""
+    import yaml
+
+    candidates = [p for p in [ROOT / "rulesets" / "default.yaml", *sorted((ROOT / "rulesets" / "examples").glob("*.yaml"))]
+                  if p.exists()]
+    if not candidates:
+        return ROOT / "rulesets" / "allow-all.yaml"
+    return max(candidates, key=lambda p: len((yaml.safe_load(p.read_text()) or {}).get("rules") or []))
+
+
+BENCH_RULE = {"id": "bench-allow", "description": "Added by the benchmark: what no rule above decided.", "action": "allow"}
+
+
+def bench_ruleset(tmp: Path) -> Path:
+    """The shipped ruleset with one rule appended that allows what none of its rules decided.
+
+    Every message is then evaluated against all the shipped rules (the
+    realistic cost) and the benchmark's own tools are not refused by the default.
+    """
+    import yaml
+
+    doc = yaml.safe_load(shipped_ruleset().read_text())
+    doc["rules"] = list(doc.get("rules") or []) + [BENCH_RULE]
+    path = tmp / "ruleset.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def declared_options(script: Path) -> set[str]:
+    """Names of the options mitmproxy and the bundle's addons declare, by loading the bundle in-process."""
+    import runpy
+
+    from mitmproxy.test import taddons
+
+    addons = runpy.run_path(str(script))["addons"]
+    with taddons.context(*addons) as tctx:
+        return set(tctx.options.keys())
+
+
+@dataclass
+class Component:
+    name: str
+    status: str  # "on", "n/a", or what went wrong
+    detail: str
+
+
+@dataclass
+class BundleSetup:
+    """The options, bearer token and component report of configuration 3."""
+
+    options: dict[str, str]
+    token: str | None
+    components: list[Component]
+
+
+def bundle_setup(script: Path, tmp: Path, port: int, stack: contextlib.ExitStack) -> BundleSetup:
+    """Choose the bundle's options from BUNDLE_OPTIONS and start the dev issuer (closed with `stack`)."""
+    try:
+        declared = declared_options(script)
+        load_error = None
+    except Exception as e:  # reported; mitmdump itself will say what is wrong
+        declared, load_error = set(), f"the bundle did not load in-process ({type(e).__name__}: {e})"
+    values = {"tmp": str(tmp), "ruleset": str(bench_ruleset(tmp))}
+    options: dict[str, str] = {}
+    components: dict[str, Component] = {}
+    wanted: dict[str, dict[str, str]] = {}
+    for component, name, value in BUNDLE_OPTIONS:
+        wanted.setdefault(component, {})[name] = value.format(**values)
+    for component, chosen in wanted.items():
+        missing = [name for name in chosen if name not in declared]
+        if missing:
+            components[component] = Component(component, "n/a", load_error or f"the bundle declares no option {missing[0]}")
+        else:
+            options.update(chosen)
+            components[component] = Component(component, "on", ", ".join(f"{k}={v}" for k, v in chosen.items()))
+    (tmp / "recordings").mkdir(exist_ok=True)
+    token = None
+    if "oidc_issuer" not in declared:
+        components["identity"] = Component("identity", "n/a", load_error or "the bundle declares no option oidc_issuer")
+    elif importlib.util.find_spec("bastion_dev.issuer") is None:
+        components["identity"] = Component("identity", "n/a", "no dev issuer (bastion_dev.issuer)")
+    else:
+        from bastion_dev.issuer import DevIssuer
+
+        resource = f"http://127.0.0.1:{port}"
+        issuer = stack.enter_context(DevIssuer(audience=resource))
+        options.update({"oidc_issuer": issuer.url, "oidc_resource": resource})
+        token = issuer.mint("alice")
+        components["identity"] = Component("identity", "on", f"dev issuer {issuer.url}, RS256 token of alice")
+    if "policy" in components and components["policy"].status == "on":
+        components["policy"].detail = f"{shipped_ruleset().relative_to(ROOT)} + rule {BENCH_RULE['id']} (allow the rest)"
+    return BundleSetup(options, token, list(components.values()))
+
+
+def mitmdump_args(upstream_port: int, port: int, scripts: list[Path], options: dict[str, str],
+                  profile: Path | None = None) -> list[str]:
+    """The mitmdump command line; with `profile`, run under cProfile and write its stats there."""
+    args = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else []
+    args += [MITMDUMP, "--listen-host", "127.0.0.1", "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{port}"]
+    for script in scripts:
+        args += ["-s", str(script)]
+    for name, value in {**COMMON_MITMDUMP_OPTIONS, **options}.items():
+        args += ["--set", f"{name}={value}"]
+    return args
+
+
+# --- the measurements -------------------------------------------------------------
+
+
+Metrics = dict[str, float | None]
+
+
+class Measurement:
+    """All figures of one configuration. `pid` is the proxy's (None for direct)."""
+
+    def __init__(self, load: Load, pid: int | None, settings: Settings):
+        self.load = load
+        self.memory = Memory(pid) if pid else None
+        self.s = settings
+        self.metrics: Metrics = {}
+        self.errors: dict[str, str] = {}
+        self.earlier_peak = 0.0  # VmHWM before the stream step reset it
+
+    async def run(self) -> None:
+        s = self.s
+        if self.memory:
+            self.metrics["rss.idle"] = self.memory.rss_mb()
+        steps: list[tuple[str, Callable]] = [
+            ("ready", self.load.wait_ready),
+            ("warmup", lambda: self.load.sequential(Call("small"), s.warmup)),
+            ("small", lambda: self.latency("small", Call("small"), s.samples)),
+            ("large", lambda: self.latency("large", Call("large", {"bytes": s.large_bytes}), max(10, s.samples // 10))),
+            ("sse", lambda: self.latency("sse", Call("sse"), s.samples)),
+            ("ttfe", lambda: self.first_event(max(10, s.samples // 10))),
+            ("small.cN", lambda: self.throughput("small.cN", Call("small"))),
+            ("sse.cN", lambda: self.throughput("sse.cN", Call("sse"))),
+            ("stream", self.stream),
+        ]
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step(), s.step_timeout)
+            except TimeoutError:
+                self.errors[name] = f"no answer within {s.step_timeout:g} s"
+            except (BenchError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+                self.errors[name] = f"{type(e).__name__}: {e}"[:500]
+        if self.memory:
+            self.metrics["rss.peak"] = max(self.memory.peak_mb(), self.earlier_peak)
+
+    async def latency(self, key: str, call: Call, n: int) -> None:
+        times = [(reply.t_end - t0) * 1000 for t0, reply in await self.load.sequential(call, n)]
+        for p in (50, 95, 99):
+            self.metrics[f"{key}.p{p}"] = percentile(times, p)
+
+    async def first_event(self, n: int) -> None:
+        replies = await self.load.sequential(Call("sse", {"gap_ms": self.s.gap_ms}), n)
+        times = []
+        for t0, reply in replies:
+            if reply.t_first_event is None:
+                raise BenchError(f"no SSE event seen: {reply.describe()}")
+            times.append((reply.t_first_event - t0) * 1000)
+        for p in (50, 95, 99):
+            self.metrics[f"ttfe.p{p}"] = percentile(times, p)
+
+    async def throughput(self, key: str, call: Call) -> None:
+        cpu0 = self.memory.cpu_seconds() if self.memory else None
+        calls, seconds = await self.load.saturate(call, self.s.concurrency, self.s.duration)
+        self.metrics[f"{key}.calls_s"] = calls / seconds
+        if self.memory and calls:
+            self.metrics[f"{key}.cpu_us"] = (self.memory.cpu_seconds() - cpu0) / calls * 1e6
+
+    async def stream(self) -> None:
+        """One long event stream; the proxy's RSS is sampled while it passes."""
+        samples: list[float] = []
+        if self.memory:
+            self.earlier_peak = self.memory.peak_mb()
+            before = self.memory.rss_mb()
+            reset = self.memory.reset_peak()
+        conn = await self.load.connect()
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            while not done.is_set():
+                samples.append(self.memory.rss_mb())
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample()) if self.memory else None
+        try:
+            t0 = time.perf_counter()
+            reply = await conn.call_tool("stream", {"bytes": self.s.stream_bytes}, keep_body=False)
+            sent = int(reply.headers.get("x-bench-body-bytes", "0"))
+            if reply.status == 200 and reply.size < sent and b'"result":' not in reply.body:
+                raise BenchError(f"the stream ended early: {reply.size} of {sent} bytes, no result event")
+            check_result(reply, conn.next_id)
+        finally:
+            done.set()
+            conn.close()
+            if sampler:
+                await sampler
+        self.metrics["stream.mb_s"] = reply.size / (1 << 20) / (reply.t_end - t0)
+        self.metrics["stream.mb"] = reply.size / (1 << 20)
+        if self.memory:
+            peak = max(samples + [self.memory.rss_mb()] + ([self.memory.peak_mb()] if reset else []))
+            self.metrics["stream.rss_before"] = before
+            self.metrics["stream.rss_peak"] = peak
+            self.metrics["stream.rss_growth"] = peak - before
+            self.metrics["stream.rss_after"] = self.memory.rss_mb()
+
+
+# --- microbenchmarks ------------------------------------------------------------
+
+
+class Unavailable(Exception):
+    """A component that does not exist (yet): the microbenchmark reports n/a with this reason."""
+
+
+def time_per_op(fn: Callable[[], Any], seconds: float) -> float:
+    """Seconds per call of fn: the best of five rounds of about seconds/5 each."""
+    batch, spent = 1, 0.0
+    while spent < seconds / 25:  # calibrate a batch of about 1/25 of the budget
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        spent = time.perf_counter() - t0
+        batch *= 2
+    batch = max(1, int(batch / 2 * (seconds / 5) / max(spent, 1e-9)))
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / batch)
+    return best
+
+
+TOOLS_CALL = json.dumps({
+    "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+    "params": {"name": "lookup_customer", "arguments": {"customer_id": "c-1001", "fields": ["name", "plan"]},
+               "_meta": {"progressToken": 7}},
+}).encode()
+
+
+def micro_jsonrpc(seconds: float) -> tuple[float, str]:
+    from mcp_bastion.core.jsonrpc import parse_body
+
+    return time_per_op(lambda: parse_body(TOOLS_CALL), seconds) * 1e6, "µs/message"
+
+
+def micro_sse(seconds: float) -> tuple[float, str]:
+    from mcp_bastion.core.sse import SSEParser
+
+    event = b"data: " + json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                                     "params": {"level": "info", "data": "x" * 1000}}).encode() + b"\n\n"
+    stream = event * 1024
+
+    def parse() -> None:
+        for _ in SSEParser().feed(stream):
+            pass
+
+    return len(stream) / 1e6 / time_per_op(parse, seconds), "MB/s"
+
+
+def require(*modules: str) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise Unavailable(f"{module} does not exist yet")
+
+
+def micro_tokens(cached: bool) -> Callable[[float], tuple[float, str]]:
+    """An RS256 token of the dev issuer, keys fetched once over HTTP; uncached: a verifier without a token cache."""
+
+    def run(seconds: float) -> tuple[float, str]:
+        require("mcp_bastion.core.tokens", "bastion_dev.issuer")
+        from mcp_bastion.core.tokens import Verifier, VerifierConfig
+        from bastion_dev.issuer import DevIssuer
+
+        audience = "http://127.0.0.1:8080"
+        with DevIssuer(audience=audience) as issuer:
+            verifier = Verifier(VerifierConfig(issuers=(issuer.url,), audiences=(audience,),
+                                               cache_size=10_000 if cached else 0))
+            error = verifier.refresh(issuer.url)
+            if error:
+                raise Unavailable(f"the dev issuer's keys could not be fetched: {error}")
+            token = issuer.mint("alice")
+            verifier.verify(token)
+            return time_per_op(lambda: verifier.verify(token), seconds) * 1e6, "µs/token"
+
+    return run
+
+
+def micro_rules(seconds: float) -> tuple[float, str]:
+    """The benchmark's ruleset (shipped rules + allow the rest), one tools/call by alice."""
+    require("mcp_bastion.core.rules")
+    from mcp_bastion.core.jsonrpc import parse_body
+    from mcp_bastion.core.rules import Identity, Ruleset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ruleset = Ruleset.load(bench_ruleset(Path(tmp)))
+    message = parse_body(TOOLS_CALL).messages[0]
+    who = Identity(sub="alice", groups=("engineering",), iss="http://127.0.0.1:9100")
+    decision = ruleset.evaluate(who, message, "client_to_server", "127.0.0.1:8000")
+    per_op = time_per_op(lambda: ruleset.evaluate(who, message, "client_to_server", "127.0.0.1:8000"), seconds)
+    return per_op * 1e6, f"µs/message ({len(ruleset.rules)} rules, decided by {decision.rule})"
+
+
+def micro_masking(seconds: float) -> tuple[float, str]:
+    raise Unavailable("no masking module yet (a later wave)")
+
+
+MICRO: list[tuple[str, Callable[[float], tuple[float, str]]]] = [
+    ("JSON-RPC parse, tools/call request", micro_jsonrpc),
+    ("SSE parse, 1 KB events", micro_sse),
+    ("token verification, uncached", micro_tokens(cached=False)),
+    ("token verification, cached", micro_tokens(cached=True)),
+    ("rule evaluation per message", micro_rules),
+    ("masking, all detectors", micro_masking),
+]
+
+
+def run_micro(seconds: float) -> list[dict[str, Any]]:
+    out = []
+    for name, fn in MICRO:
+        try:
+            value, unit = fn(seconds)
+            out.append({"name": name, "value": value, "unit": unit, "note": ""})
+        except Unavailable as e:
+            out.append({"name": name, "value": None, "unit": "", "note": str(e)})
+    return out
+
+
+# --- one whole run -------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    settings: Settings
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    components: list[Component] = field(default_factory=list)
+    micro: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, config: str, key: str) -> float | None:
+        return self.configs.get(config, {}).get("metrics", {}).get(key)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "meta": self.meta,
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.settings).items()},
+            "configs": self.configs,
+            "components": [dataclasses.asdict(c) for c in self.components],
+            "micro": self.micro,
+            "rows": table_rows(self),
+            "targets": targets(self),
+        }
+
+
+def run(settings: Settings, configs: tuple[str, ...] = CONFIGS, micro: bool = True) -> Result:
+    result = Result(settings, meta=host_meta())
+    with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmpdir, contextlib.ExitStack() as stack:
+        tmp = Path(tmpdir)
+        up_port = free_port()
+        stack.enter_context(started([sys.executable, str(UPSTREAM), "--port", str(up_port)], up_port, tmp / "upstream.log"))
+        for name in configs:
+            result.configs[name] = run_config(name, up_port, tmp, settings, result)
+    if micro:
+        result.micro = run_micro(settings.micro_seconds)
+    return result
+
+
+def run_config(name: str, up_port: int, tmp: Path, settings: Settings, result: Result) -> dict[str, Any]:
+    out: dict[str, Any] = {"metrics": {}, "errors": {}}
+    try:
+        with contextlib.ExitStack() as stack:
+            token, pid = None, None
+            if name == "direct":
+                port = up_port
+            else:
+                port = free_port()
+                if name == "bare":
+                    shim = tmp / "stream_sse.py"
+                    shim.write_text(STREAM_SSE_SCRIPT)
+                    scripts, options = [shim], {}
+                else:
+                    setup = bundle_setup(settings.script, tmp, port, stack)
+                    result.components = setup.components
+                    scripts, options, token = [settings.script], setup.options, setup.token
+                profile = settings.profile.with_suffix(f".{name}.prof") if settings.profile else None
+                args = mitmdump_args(up_port, port, scripts, options, profile)
+                out["command"] = " ".join("mitmdump" if a == MITMDUMP else a for a in args)
+                proc = stack.enter_context(started(args, port, tmp / f"{name}.log"))
+                pid = proc.pid
+            m = Measurement(Load(port, token), pid, settings)
+            asyncio.run(m.run())
+            out["metrics"], out["errors"] = m.metrics, m.errors
+            if pid is not None and proc.proc.poll() is not None:
+                out["errors"]["proxy"] = f"mitmdump exited with {proc.proc.returncode}: {proc.tail()}"
+            elif name == "bundle":
+                verify_components(result.components, port, tmp)
+    except BenchError as e:
+        out["errors"]["start"] = str(e)[:2000]
+    return out
+
+
+def verify_components(components: list[Component], port: int, tmp: Path) -> None:
+    """After the run: identity must refuse an anonymous call; recording and audit must have written."""
+    for comp in components:
+        if comp.status != "on":
+            continue
+        if comp.name == "identity":
+            try:
+                reply = asyncio.run(_anonymous_call(port))
+            except (OSError, asyncio.IncompleteReadError) as e:
+                comp.status, comp.detail = "not checked", f"an anonymous call failed: {e!r}"
+                continue
+            if reply.status != 401:
+                comp.status, comp.detail = "not enforced", f"an anonymous call got {reply.describe()}"
+        elif comp.name in ("recording", "audit"):
+            path = tmp / ("recordings" if comp.name == "recording" else "audit.jsonl")
+            written = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (path.stat().st_size if path.exists() else 0)
+            if not written:
+                comp.status, comp.detail = "wrote nothing", f"{comp.detail}; {path.name} is empty"
+
+
+async def _anonymous_call(port: int) -> Reply:
+    conn = await MCPConnection(port).open()
+    try:
+        return await conn.call_tool("small", {})
+    finally:
+        conn.close()
+
+
+def host_meta() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        commit = ""
+    try:
+        from mitmproxy.version import VERSION as mitmproxy_version
+    except ImportError:  # pragma: no cover
+        mitmproxy_version = "?"
+    return {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "python": platform.python_version(),
+        "mitmproxy": mitmproxy_version,
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+        "platform": platform.platform(),
+    }
+
+
+# --- the report -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure of the table; `key` is `<step>.<figure>`, the step being the Measurement's that makes it."""
+
+    key: str
+    label: str
+    unit: str
+    digits: int = 2
+
+    @property
+    def step(self) -> str:
+        return self.key.rsplit(".", 1)[0]
+
+    @property
+    def proxy_only(self) -> bool:
+        return "rss" in self.key or self.key.endswith("cpu_us")
+
+
+ROWS: list[tuple[str, list[Row]]] = [
+    ("tools/call, small JSON, concurrency 1", [
+        Row("small.p50", "p50", "ms"), Row("small.p95", "p95", "ms"), Row("small.p99", "p99", "ms")]),
+    ("tools/call, large JSON, concurrency 1", [
+        Row("large.p50", "p50", "ms"), Row("large.p95", "p95", "ms"), Row("large.p99", "p99", "ms")]),
+    ("tools/call, SSE result, concurrency 1", [
+        Row("sse.p50", "p50", "ms"), Row("sse.p95", "p95", "ms"), Row("sse.p99", "p99", "ms")]),
+    ("SSE time to first event", [
+        Row("ttfe.p50", "p50", "ms"), Row("ttfe.p95", "p95", "ms"), Row("ttfe.p99", "p99", "ms")]),
+    ("throughput, concurrency N", [
+        Row("small.cN.calls_s", "small JSON", "calls/s", 0), Row("sse.cN.calls_s", "SSE result", "calls/s", 0),
+        Row("small.cN.cpu_us", "proxy CPU, small JSON", "µs/call", 0), Row("sse.cN.cpu_us", "proxy CPU, SSE", "µs/call", 0)]),
+    ("long event stream", [
+        Row("stream.mb", "size", "MiB", 0), Row("stream.mb_s", "throughput", "MiB/s", 0),
+        Row("stream.rss_before", "proxy RSS before", "MiB", 1), Row("stream.rss_peak", "proxy RSS peak during", "MiB", 1),
+        Row("stream.rss_growth", "proxy RSS growth", "MiB", 1), Row("stream.rss_after", "proxy RSS after", "MiB", 1)]),
+    ("proxy memory", [Row("rss.idle", "RSS after start", "MiB", 1), Row("rss.peak", "peak RSS (VmHWM)", "MiB", 1)]),
+]
+
+
+def fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "" if a is None or not b else f"{a / b:.2f}"
+
+
+def table_rows(result: Result) -> list[dict[str, Any]]:
+    """Every figure with its ratios: bundle/bare (3/2) and bundle/direct (3/1)."""
+    rows = []
+    for section, entries in ROWS:
+        for row in entries:
+            values = {c: result.metric(c, row.key) for c in CONFIGS}
+            rows.append({
+                "section": section, "key": row.key, "label": row.label, "unit": row.unit, "digits": row.digits,
+                **values,
+                "ratio_3_2": ratio(values["bundle"], values["bare"]),
+                "ratio_3_1": ratio(values["bundle"], values["direct"]),
+                "why_na": {c: why_missing(result, c, row) for c in CONFIGS if values[c] is None},
+            })
+    return rows
+
+
+def why_missing(result: Result, config: str, row: Row) -> str:
+    """Why a configuration has no figure for `row`."""
+    cfg = result.configs.get(config)
+    if cfg is None:
+        return "not run"
+    errors = cfg.get("errors", {})
+    for step in ("start", "proxy", "ready", row.step):
+        if step in errors:
+            return f"{step}: {errors[step]}"
+    if config == "direct" and row.proxy_only:
+        return "no proxy to measure"
+    return "not measured"
+
+
+def targets(result: Result) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured figure and met / missed / n/a."""
+    m = result.metric
+    masking = next((x["value"] for x in result.micro if x["name"] == "masking, all detectors"), None)
+
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    def quotient(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    items = [
+        ("calls/s, bundle vs bare (small JSON)", ">= 0.80", quotient(m("bundle", "small.cN.calls_s"), m("bare", "small.cN.calls_s")), lambda v: v >= 0.8, "x"),
+        ("p50 added at concurrency 1 (small JSON)", "< 1 ms", diff(m("bundle", "small.p50"), m("bare", "small.p50")), lambda v: v < 1.0, "ms"),
+        ("SSE time to first event vs bare (p50)", "< 2 ms", diff(m("bundle", "ttfe.p50"), m("bare", "ttfe.p50")), lambda v: v < 2.0, "ms"),
+        ("RSS growth across the stream (bundle)", "< 64 MiB", m("bundle", "stream.rss_growth"), lambda v: v < 64, "MiB"),
+        ("masking throughput, all detectors", ">= 50 MB/s", masking, lambda v: v >= 50, "MB/s"),
+    ]
+    return [{"target": name, "goal": goal, "measured": value, "unit": unit,
+             "status": "n/a" if value is None else ("met" if ok(value) else "missed")}
+            for name, goal, value, ok, unit in items]
+
+
+def print_report(result: Result, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    s = result.settings
+    table = Table(title=f"mcp-bastion benchmark (N = {s.concurrency} connections, stream {s.stream_bytes >> 20} MiB)")
+    table.add_column("metric")
+    table.add_column("unit")
+    for c in CONFIGS:
+        table.add_column(TITLES[c], justify="right")
+    table.add_column("3/2", justify="right")
+    table.add_column("3/1", justify="right")
+    section = None
+    for row in table_rows(result):
+        if row["section"] != section:
+            section = row["section"]
+            table.add_row(f"[bold]{section}[/bold]", end_section=False)
+        table.add_row("  " + row["label"], row["unit"], *(fmt(row[c], row["digits"]) for c in CONFIGS),
+                      row["ratio_3_2"], row["ratio_3_1"])
+    console.print(table)
+
+    tt = Table(title="targets (reported, not asserted)")
+    for col in ("target", "goal", "measured", "status"):
+        tt.add_column(col)
+    for t in targets(result):
+        style = {"met": "green", "missed": "red"}.get(t["status"], "dim")
+        tt.add_row(t["target"], t["goal"], fmt(t["measured"], 2) + (f" {t['unit']}" if t["measured"] is not None else ""),
+                   f"[{style}]{t['status']}[/{style}]")
+    console.print(tt)
+
+    if result.micro:
+        mt = Table(title="microbenchmarks")
+        for col in ("component", "figure", "unit", "note"):
+            mt.add_column(col)
+        for x in result.micro:
+            mt.add_row(x["name"], fmt(x["value"], 2), x["unit"], x["note"])
+        console.print(mt)
+
+    if result.components:
+        ct = Table(title="bundle components (configuration 3)")
+        for col in ("component", "status", "detail"):
+            ct.add_column(col)
+        for comp in result.components:
+            ct.add_row(comp.name, comp.status, comp.detail)
+        console.print(ct)
+
+    for name, cfg in result.configs.items():
+        for step, err in cfg.get("errors", {}).items():
+            console.print(f"[red]{name} / {step}: n/a because {err}[/red]")
+
+
+def markdown(result: Result) -> str:
+    """The same figures as GitHub tables, for the README: what ran, the figures, targets, what is n/a and why."""
+    m, s = result.meta, result.settings
+    lines = [
+        f"`{m.get('command', 'scripts/bench')}` on {m.get('started', '?')}, commit {m.get('commit') or '?'}, "
+        f"{m.get('cpus')} CPUs, Python {m.get('python')}, mitmproxy {m.get('mitmproxy')}; "
+        f"N = {s.concurrency} connections, stream {s.stream_bytes >> 20} MiB, large result {s.large_bytes >> 10} KiB.",
+        "",
+        "| metric | unit | " + " | ".join(TITLES[c] for c in CONFIGS) + " | 3/2 | 3/1 |",
+        "|" + "---|" * 2 + "---:|" * (len(CONFIGS) + 2),
+    ]
+    section = None
+    for row in table_rows(result):
+        if row["section"] != section:
+            section = row["section"]
+            lines.append(f"| **{section}** |" + " |" * (len(CONFIGS) + 3))
+        lines.append(f"| {row['label']} | {row['unit']} | " + " | ".join(fmt(row[c], row["digits"]) for c in CONFIGS)
+                     + f" | {row['ratio_3_2']} | {row['ratio_3_1']} |")
+    lines += ["", "| target | goal | measured | status |", "|---|---|---:|---|"]
+    for t in targets(result):
+        unit = f" {t['unit']}" if t["measured"] is not None else ""
+        lines.append(f"| {t['target']} | {t['goal']} | {fmt(t['measured'], 2)}{unit} | {t['status']} |")
+    if result.micro:
+        lines += ["", "| microbenchmark | figure | unit |", "|---|---:|---|"]
+        for x in result.micro:
+            lines.append(f"| {x['name']} | {fmt(x['value'], 2)} | {x['unit'] or x['note']} |")
+    errors = [(name, step, err) for name, cfg in result.configs.items() for step, err in cfg.get("errors", {}).items()]
+    if errors:
+        lines += ["", "Not measured:", ""]
+        lines += [f"- {TITLES[name]}, {step}: {' '.join(err.split())[:300]}" for name, step, err in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny run (few calls, 2 MiB stream): checks the harness, figures mean little")
+    parser.add_argument("--json", type=Path, help=f"where to write the results (default: {DEFAULT_JSON_DIR.relative_to(ROOT)}/<time>.json); the Markdown table goes next to it")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of direct,bare,bundle to run")
+    parser.add_argument("--samples", type=int, help="sequential calls per latency measurement")
+    parser.add_argument("--duration", type=float, help="seconds per throughput measurement")
+    parser.add_argument("--concurrency", type=int, help="connections in a throughput measurement")
+    parser.add_argument("--stream-mb", type=int, help="size of the long event stream in MiB")
+    parser.add_argument("--script", type=Path, help="mitmdump script of configuration 3 (default: addons/bastion.py)")
+    parser.add_argument("--profile", type=Path, metavar="PATH",
+                        help="run each mitmdump under cProfile and write PATH.<config>.prof (figures are then slower)")
+    parser.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")
+    args = parser.parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings()
+    for name, value in (("samples", args.samples), ("duration", args.duration), ("concurrency", args.concurrency),
+                        ("script", args.script and args.script.resolve()),
+                        ("profile", args.profile and args.profile.resolve())):
+        if value is not None:
+            setattr(settings, name, value)
+    if args.stream_mb is not None:
+        settings.stream_bytes = args.stream_mb << 20
+    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
+    result = run(settings, configs, micro=not args.no_micro)
+    result.meta["command"] = " ".join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
+    print_report(result)
+    path = args.json or DEFAULT_JSON_DIR / (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
+    print(f"results: {path} (table: {path.with_suffix('.md')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

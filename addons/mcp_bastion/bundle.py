@@ -2,30 +2,59 @@
 The one ordered list of mcp-bastion's addons.
 
 `addons/bastion.py` (what `mitmdump -s` and `mitmweb -s` load), the demo, the
-benchmark and every end-to-end test use `bundle()`; nothing else assembles addons.
+benchmark and every end-to-end test use `bundle()`; nothing else assembles
+addons. mitmproxy calls each hook on the addons in this order, so the list is
+the order a flow meets them:
+
+1. Gateway: claims MCP flows, checks Host/Origin, parses every body into messages, streams SSE.
+2. Auth: verifies the bearer token, removes it, puts the identity on the flow.
+3. Admission: refuses new requests while a required recording or audit write fails.
+4. Policy: a message stage (the ruleset); it decides, the Pipeline applies.
+5. Pipeline: runs the message stages over every message, both directions, every SSE event.
+6. Gate: nothing leaves unless every enforcement stage above marked the flow.
+7. UpstreamCheck, UpstreamToken: only for requests really forwarded: a JSON error for a
+   dead upstream; the upstream's own credential.
+8. Recorder, AuditLog: record what the client actually received.
+9. Mitmweb, ContentView: what a reviewer sees in mitmweb and the console.
 """
 
 from __future__ import annotations
 
+from mcp_bastion.addons.admission import Admission
 from mcp_bastion.addons.auditlog import AuditLog
-from mcp_bastion.addons.auth import Auth, UpstreamToken
+from mcp_bastion.addons.auth import Auth
 from mcp_bastion.addons.contentview import ContentView
 from mcp_bastion.addons.gate import Gate
-from mcp_bastion.addons.gateway import Gateway, UpstreamCheck
+from mcp_bastion.addons.gateway import Gateway
+from mcp_bastion.addons.mitmweb import Mitmweb
+from mcp_bastion.addons.pipeline import Pipeline
 from mcp_bastion.addons.policy import Policy
 from mcp_bastion.addons.recorder import Recorder
+from mcp_bastion.addons.upstream import UpstreamCheck
+from mcp_bastion.addons.upstream_token import UpstreamToken
+from mcp_bastion.core.vocab import StageName
 
 
 def bundle() -> list:
-    """A fresh instance of every addon, in the order mitmproxy runs their hooks."""
+    """A fresh instance of every addon, wired together, in the order mitmproxy runs their hooks."""
+    recorder, auditlog = Recorder(), AuditLog()
+    policy = Policy()
+    stages = Pipeline([policy])  # masking, approval and tool pinning join here, in that order
+    gate = Gate(
+        request=[StageName.PARSE, StageName.AUTH, StageName.ADMISSION, *stages.request_stages],
+        response=[StageName.RESP_PARSE, *stages.response_stages],
+    )
     return [
         Gateway(),
         Auth(),
-        Policy(),
-        Gate(),
+        Admission([recorder.health, auditlog.health]),
+        policy,
+        stages,
+        gate,
         UpstreamCheck(),
         UpstreamToken(),
-        Recorder(),
-        AuditLog(),
+        recorder,
+        auditlog,
+        Mitmweb(),
         ContentView(),
     ]

@@ -93,7 +93,7 @@ class Settings:
     profile: Path | None = None  # run the proxies under cProfile: stats in <profile>.<config>.prof
 
     @classmethod
-    def quick(cls) -> "Settings":
+    def quick(cls) -> Settings:
         """A tiny run: a few calls each, a 2 MiB stream (for smoke tests, not for figures)."""
         return cls(samples=20, duration=0.3, concurrency=4, large_bytes=64 << 10, stream_bytes=2 << 20,
                    gap_ms=5.0, micro_seconds=0.02, warmup=5, step_timeout=60.0)
@@ -161,12 +161,12 @@ class MCPConnection:
         self.writer: asyncio.StreamWriter | None = None
         self.next_id = 0
 
-    async def open(self) -> "MCPConnection":
+    async def open(self) -> MCPConnection:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
         self.writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self
 
-    async def initialize(self) -> "MCPConnection":
+    async def initialize(self) -> MCPConnection:
         reply = await self.rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
                                               "clientInfo": {"name": "mcp-bastion-bench", "version": "1"}})
         check_result(reply, self.next_id)
@@ -362,7 +362,7 @@ class Process:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self, timeout: float = 30.0) -> "Process":
+    def wait_ready(self, timeout: float = 30.0) -> Process:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -707,8 +707,8 @@ def micro_tokens(cached: bool) -> Callable[[float], tuple[float, str]]:
 
     def run(seconds: float) -> tuple[float, str]:
         require("mcp_bastion.core.tokens", "bastion_dev.issuer")
-        from mcp_bastion.core.tokens import Verifier, VerifierConfig
         from bastion_dev.issuer import DevIssuer
+        from mcp_bastion.core.tokens import Verifier, VerifierConfig
 
         audience = "http://127.0.0.1:8080"
         with DevIssuer(audience=audience) as issuer:
@@ -727,8 +727,9 @@ def micro_tokens(cached: bool) -> Callable[[float], tuple[float, str]]:
 def micro_rules(seconds: float) -> tuple[float, str]:
     """The benchmark's ruleset (shipped rules + allow the rest), one tools/call by alice."""
     require("mcp_bastion.core.rules")
+    from mcp_bastion.core.identity import Identity
     from mcp_bastion.core.jsonrpc import parse_body
-    from mcp_bastion.core.rules import Identity, Ruleset
+    from mcp_bastion.core.rules import Ruleset
 
     with tempfile.TemporaryDirectory() as tmp:
         ruleset = Ruleset.load(bench_ruleset(Path(tmp)))

@@ -13,26 +13,30 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mitmproxy import exceptions
-from mitmproxy.test import taddons, tflow
-
-from mcp_bastion.addons import auditlog as amod
-from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.addons.auditlog import AuditLog
 from mcp_bastion.core import audit
+from mcp_bastion.core.errors import Refusal
+from mcp_bastion.core.vocab import Meta
+from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.recording import audit_writer
+from mcp_bastion.glue.recording.audit_writer import DEFAULT_KEY_ENV
+from mcp_bastion.glue.recording.facts import flow_facts
+from mcp_bastion.glue.writes import RETRY_AFTER_FAILURE
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow
 
 KEY = b"k" * 32
 
 
 def facts(metadata, **kw):
-    base = dict(flow_id="f1", started=1_700_000_000.25, http_method="POST", metadata=metadata,
-                session="s1", status=200, latency_ms=12.5)
+    base = {"flow_id": "f1", "started": 1_700_000_000.25, "http_method": "POST", "metadata": metadata,
+            "session": "s1", "status": 200, "latency_ms": 12.5}
     base.update(kw)
     return audit.FlowFacts(**base)
 
 
 def mcp(request=(), response=(), events=()):
-    return {"bastion.mcp": {"request": list(request), "response": list(response), "events": list(events)}}
+    return {Meta.MCP: {"request": list(request), "response": list(response), "events": list(events)}}
 
 
 # --- building records ---------------------------------------------------------------
@@ -41,9 +45,9 @@ def mcp(request=(), response=(), events=()):
 def test_record_carries_who_what_and_how_it_ended():
     meta = mcp([{"kind": "request", "id": 3, "method": "tools/call", "tool": "deploy"}],
                [{"kind": "response", "id": 3}])
-    meta["bastion.identity"] = {"sub": "alice", "groups": ["ops"], "client_id": "cli"}
-    meta["bastion.upstream"] = "127.0.0.1:9000"
-    meta["bastion.decisions"] = [{"stage": "policy", "direction": "client_to_server", "id": 3,
+    meta[Meta.IDENTITY] = {"sub": "alice", "groups": ["ops"], "client_id": "cli"}
+    meta[Meta.UPSTREAM] = "127.0.0.1:9000"
+    meta[Meta.DECISIONS] = [{"stage": "policy", "direction": "client_to_server", "id": 3,
                                   "method": "tools/call", "target": "deploy", "action": "allow", "rule": "ops-deploy"}]
     (rec,) = audit.build_records(facts(meta))
     assert rec["time"] == "2023-11-14T22:13:20.250Z"
@@ -60,7 +64,7 @@ def test_batch_gives_one_record_per_message_with_its_own_decision():
                 {"kind": "request", "id": 2, "method": "tools/call", "tool": "rm"},
                 {"kind": "notification", "method": "notifications/cancelled"}],
                [{"kind": "response", "id": 1}, {"kind": "error", "id": 2}])
-    meta["bastion.decisions"] = [
+    meta[Meta.DECISIONS] = [
         {"stage": "policy", "id": 1, "method": "tools/call", "action": "allow", "rule": "r-read"},
         {"stage": "policy", "id": 2, "method": "tools/call", "action": "deny", "rule": "r-rm", "reason": "no"},
         {"stage": "policy", "method": "notifications/cancelled", "action": "allow", "rule": "r-note"},
@@ -73,7 +77,7 @@ def test_batch_gives_one_record_per_message_with_its_own_decision():
 
 def test_the_deciding_rule_names_the_record_not_the_auth_step():
     meta = mcp([{"kind": "request", "id": 4, "method": "tools/call", "tool": "deploy"}])
-    meta["bastion.decisions"] = [
+    meta[Meta.DECISIONS] = [
         {"stage": "auth", "direction": "client_to_server", "action": "allow", "reason": "token of alice"},
         {"stage": "policy", "direction": "client_to_server", "id": 4, "method": "tools/call", "action": "allow",
          "rule": "eng-deploy"},
@@ -86,7 +90,7 @@ def test_the_deciding_rule_names_the_record_not_the_auth_step():
 def test_a_batch_member_refused_with_its_batch_is_recorded_as_refused():
     meta = mcp([{"kind": "request", "id": 1, "method": "tools/call", "tool": "search"},
                 {"kind": "request", "id": 2, "method": "tools/call", "tool": "deploy"}])
-    meta["bastion.decisions"] = [
+    meta[Meta.DECISIONS] = [
         {"stage": "policy", "id": 1, "method": "tools/call", "action": "allow", "rule": "logs"},
         {"stage": "policy", "id": 2, "method": "tools/call", "action": "deny", "rule": "no-deploy"},
         {"stage": "policy", "id": 1, "method": "tools/call", "action": "deny", "rule": "no-deploy",
@@ -98,8 +102,8 @@ def test_a_batch_member_refused_with_its_batch_is_recorded_as_refused():
 
 def test_get_and_delete_give_one_record_each():
     for verb in ("GET", "DELETE"):
-        meta = {"bastion.mcp": {"request": [{"kind": "http", "method": verb}]}}
-        meta["bastion.decisions"] = [
+        meta = {Meta.MCP: {"request": [{"kind": "http", "method": verb}]}}
+        meta[Meta.DECISIONS] = [
             {"stage": "auth", "direction": "client_to_server", "action": "allow"},
             {"stage": "policy", "direction": "client_to_server", "method": f"http:{verb}", "action": "allow",
              "rule": "lifecycle"},
@@ -110,7 +114,7 @@ def test_get_and_delete_give_one_record_each():
 
 def test_flow_level_refusal_applies_to_every_message():
     meta = mcp([{"kind": "request", "id": 1, "method": "tools/list"}, {"kind": "request", "id": 2, "method": "ping"}])
-    meta["bastion.decisions"] = [{"stage": "parse", "direction": "client_to_server", "action": "deny",
+    meta[Meta.DECISIONS] = [{"stage": "parse", "direction": "client_to_server", "action": "deny",
                                   "reason": "origin 'http://evil' is not allowed", "code": -32005, "status": 403}]
     recs = audit.build_records(facts(meta, status=403))
     assert [r["action"] for r in recs] == ["deny", "deny"]
@@ -118,7 +122,7 @@ def test_flow_level_refusal_applies_to_every_message():
 
 
 def test_refused_before_parsing_still_gives_a_record():
-    meta = {"bastion.mcp": {}, "bastion.decisions": [{"stage": "parse", "action": "deny", "reason": "bad json"}]}
+    meta = {Meta.MCP: {}, Meta.DECISIONS: [{"stage": "parse", "action": "deny", "reason": "bad json"}]}
     (rec,) = audit.build_records(facts(meta, status=400))
     assert (rec["kind"], rec["method"], rec["action"], rec["reason"]) == ("http", "POST", "deny", "bad json")
 
@@ -126,11 +130,11 @@ def test_refused_before_parsing_still_gives_a_record():
 def test_answer_side_decision_folds_into_the_request_and_wins_by_severity():
     meta = mcp([{"kind": "request", "id": 7, "method": "resources/read", "uri": "file:///etc/x"}],
                [{"kind": "response", "id": 7}])
-    meta["bastion.decisions"] = [
+    meta[Meta.DECISIONS] = [
         {"stage": "policy", "id": 7, "method": "resources/read", "action": "allow", "rule": "read-ok"},
         {"stage": "mask", "direction": "server_to_client", "id": 7, "action": "mask", "rule": "pii"},
     ]
-    meta["bastion.mask"] = {"email": 2}
+    meta[Meta.MASK] = {"email": 2}
     (rec,) = audit.build_records(facts(meta))
     assert (rec["resource"], rec["action"], rec["rule"], rec["masking"]) == ("file:///etc/x", "mask", "pii", {"email": 2})
     assert [d["action"] for d in rec["decisions"]] == ["allow", "mask"]
@@ -141,13 +145,13 @@ def test_server_requests_and_stray_decisions_get_their_own_records():
                events=[{"kind": "request", "id": 1, "method": "sampling/createMessage"},
                        {"kind": "notification", "method": "notifications/progress"},
                        {"kind": "response", "id": 1}])
-    meta["bastion.decisions"] = [
+    meta[Meta.DECISIONS] = [
         {"stage": "policy", "id": 1, "method": "tools/call", "action": "allow", "rule": "r"},
         {"stage": "policy", "direction": "server_to_client", "id": 1, "method": "sampling/createMessage",
          "action": "deny", "rule": "no-sampling"},
         {"stage": "policy", "direction": "server_to_client", "id": 9, "method": "roots/list", "action": "deny"},
     ]
-    meta["bastion.approval"] = [{"id": "ap-1", "reviewers": ["bob"]}]
+    meta[Meta.APPROVAL] = [{"id": "ap-1", "reviewers": ["bob"]}]
     recs = audit.build_records(facts(meta))
     assert [(r["direction"], r["method"], r["action"]) for r in recs] == [
         ("client_to_server", "tools/call", "allow"),
@@ -171,9 +175,8 @@ def write_log(tmp_path, n=5, key=KEY):
     path = tmp_path / "audit.jsonl"
     chain = audit.Chain(key)
     with open(path, "wb") as f:
-        for i in range(n):
-            f.write(audit.line_of(chain.seal({"time": audit.iso_time(1_700_000_000 + i), "method": "tools/call",
-                                              "tool": f"t{i}", "subject": "alice", "action": "allow"})))
+        f.writelines(audit.line_of(chain.seal({"time": audit.iso_time(1_700_000_000 + i), "method": "tools/call",
+                                              "tool": f"t{i}", "subject": "alice", "action": "allow"})) for i in range(n))
     with audit.HeadFile(path) as head:
         head.write(audit.make_head(key, chain.seq, chain.prev))
     return path
@@ -249,8 +252,7 @@ def test_replaced_log_is_caught_by_the_head_hash(tmp_path):
     head = audit.head_path(path).read_bytes()
     chain = audit.Chain(KEY)  # a whole new, valid chain of the same length under the old head
     with open(path, "wb") as f:
-        for i in range(3):
-            f.write(audit.line_of(chain.seal({"method": "forged", "n": i})))
+        f.writelines(audit.line_of(chain.seal({"method": "forged", "n": i})) for i in range(3))
     audit.head_path(path).write_bytes(head)
     v = audit.verify_file(path, KEY)
     assert not v.ok and "replaced" in v.reason
@@ -280,8 +282,7 @@ def test_chain_resumes_across_restarts(tmp_path):
     assert seq == 2
     chain = audit.Chain(KEY, seq, last)
     with open(path, "ab") as f:
-        for i in range(3):
-            f.write(audit.line_of(chain.seal({"i": i})))
+        f.writelines(audit.line_of(chain.seal({"i": i})) for i in range(3))
     with audit.HeadFile(path) as head:
         head.write(audit.make_head(KEY, chain.seq, chain.prev))
     v = audit.verify_file(path, KEY)
@@ -311,7 +312,7 @@ def test_foreign_longer_head_file_is_cut_to_the_record(tmp_path):
 
 def torn(path):
     """The head file as a crash in the middle of rewriting it leaves it: the start of a newer head, the rest older."""
-    seq, last = audit.resume_point(path)
+    seq, _ = audit.resume_point(path)
     old = audit.head_path(path).read_bytes()
     with audit.HeadFile(path) as head:
         head.write(audit.make_head(KEY, seq + 1, "e" * 64))
@@ -440,10 +441,10 @@ def test_csv_and_json_writers():
 def mcp_flow(tool="echo", session="sess-1"):
     f = tflow.tflow(resp=True)
     f.request.headers["mcp-session-id"] = session
-    f.metadata[fs.MCP] = {"request": [{"kind": "request", "id": 1, "method": "tools/call", "tool": tool}],
+    f.metadata[Meta.MCP] = {"request": [{"kind": "request", "id": 1, "method": "tools/call", "tool": tool}],
                           "response": [{"kind": "response", "id": 1}]}
-    f.metadata[fs.IDENTITY] = {"sub": "alice", "groups": ["dev"]}
-    f.metadata[fs.STARTED] = time.monotonic()
+    f.metadata[Meta.IDENTITY] = {"sub": "alice", "groups": ["dev"]}
+    f.metadata[Meta.STARTED] = time.monotonic()
     fs.add_decision(f, stage="policy", id=1, method="tools/call", action="allow", rule="r1")
     return f
 
@@ -465,15 +466,14 @@ def keyfile(tmp_path):
 
 
 def test_addon_refuses_to_start_without_a_key(tmp_path, monkeypatch):
-    monkeypatch.delenv(amod.DEFAULT_KEY_ENV, raising=False)
+    monkeypatch.delenv(DEFAULT_KEY_ENV, raising=False)
     a = AuditLog()
-    with taddons.context(a) as tctx:
-        with pytest.raises(exceptions.OptionsError, match="no audit key"):
-            tctx.configure(a, audit_log=str(tmp_path / "audit.jsonl"))
+    with taddons.context(a) as tctx, pytest.raises(exceptions.OptionsError, match="no audit key"):
+        tctx.configure(a, audit_log=str(tmp_path / "audit.jsonl"))
 
 
 def test_addon_generates_a_missing_key_file(tmp_path, monkeypatch):
-    monkeypatch.delenv(amod.DEFAULT_KEY_ENV, raising=False)
+    monkeypatch.delenv(DEFAULT_KEY_ENV, raising=False)
     a = AuditLog()
     with taddons.context(a) as tctx:
         tctx.configure(a, audit_log=str(tmp_path / "audit.jsonl"), audit_key_file=str(tmp_path / "k"))
@@ -489,11 +489,11 @@ def test_addon_writes_verifiable_records_and_continues_the_chain(tmp_path, keyfi
         a = AuditLog()
         with taddons.context(a) as tctx:
             tctx.configure(a, audit_log=str(log), audit_key_file=str(keyfile))
-            assert a.request_stage == "audit"
+            assert a.health.required and not hasattr(a, "request_stage")
             for tool in ("read", "write"):
                 f = mcp_flow(tool)
                 run(a, f)
-                assert fs.passed(f, "audit")
+                assert a.health.failure is None and Meta.ERROR not in f.metadata
             a.done()
     v = audit.verify_file(log, b"q" * 40)
     assert v.ok and v.records == 4
@@ -514,9 +514,8 @@ def test_addon_refuses_to_start_on_a_truncated_log(tmp_path, keyfile):
         a.done()
     log.write_bytes(log.read_bytes().splitlines(keepends=True)[0])
     b = AuditLog()
-    with taddons.context(b) as tctx:
-        with pytest.raises(exceptions.OptionsError, match="records were removed"):
-            tctx.configure(b, audit_log=str(log), audit_key_file=str(keyfile))
+    with taddons.context(b) as tctx, pytest.raises(exceptions.OptionsError, match="records were removed"):
+        tctx.configure(b, audit_log=str(log), audit_key_file=str(keyfile))
 
 
 def two_runs_then(tmp_path, keyfile, damage):
@@ -572,31 +571,63 @@ def test_addon_write_failure_refuses_new_requests_until_writing_works(tmp_path, 
     a = AuditLog()
     with taddons.context(a) as tctx:
         tctx.configure(a, audit_log=str(tmp_path / "audit.jsonl"), audit_key_file=str(keyfile))
+        assert a.health.refusal() is None
 
         def full(*args):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(amod.os, "write", full)
+        monkeypatch.setattr(audit_writer.os, "write", full)
         f = mcp_flow()
         run(a, f)
         assert f.response.status_code == 200  # already recorded as sent: not withheld
-        assert "audit" in f.metadata[fs.ERROR]
+        assert "audit" in f.metadata[Meta.ERROR]
+        refusal = a.health.refusal()
+        assert isinstance(refusal, Refusal) and refusal.status == 503
+        assert refusal.headers["retry-after"] == str(int(RETRY_AFTER_FAILURE))
+        assert refusal.data == {"reason": "audit"} and "write its audit log" in refusal.message
         g = mcp_flow()
         g.response = None
-        a.requestheaders(g)
-        assert g.response.status_code == 503 and b'"audit"' in g.response.content
+        a.requestheaders(g)  # refusing is the Admission addon's job, before the Gate
+        assert g.response is None and a.active[g.id] is g
         monkeypatch.undo()
-        a.failed_at -= amod.RETRY_AFTER_FAILURE
+        a.health.failed_at -= RETRY_AFTER_FAILURE
+        assert a.health.refusal() is None
         h = mcp_flow("after")
         run(a, h)
-        assert fs.passed(h, "audit") and a.failure is None
+        assert a.health.failure is None
         a.done()
     assert "AUDIT LOG WRITE FAILED" in caplog.text
     v = audit.verify_file(tmp_path / "audit.jsonl", b"q" * 40)
     assert v.ok  # the failed write left nothing half-written
     recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_bytes().splitlines()]
-    # f's record is lost (its write failed); h, then g's refusal (written at shutdown)
-    assert [(r["tool"], r["action"], r.get("stage")) for r in recs] == [("after", "allow", "policy"), ("echo", "error", "audit")]
+    # f's record is lost (its write failed); h, then g, still in flight, written at shutdown
+    assert [(r["tool"], r["action"], r["status"]) for r in recs] == [("after", "allow", 200), ("echo", "allow", None)]
+    assert recs[1]["error"].startswith("incomplete")
+
+
+def test_addon_is_required_only_when_on_and_audit_required(tmp_path, keyfile):
+    a = AuditLog()
+    with taddons.context(a) as tctx:
+        assert not a.health.required
+        tctx.configure(a, audit_log=str(tmp_path / "audit.jsonl"), audit_key_file=str(keyfile))
+        assert a.health.required
+        tctx.configure(a, audit_required=False)
+        assert not a.health.required
+        a.health.failed("OSError: disk full")
+        assert a.health.failing() and a.health.refusal() is None
+        tctx.configure(a, audit_required=True)
+        assert a.health.refusal() is not None
+        tctx.configure(a, audit_log="")
+        assert not a.health.required and a.health.refusal() is None
+        a.done()
+
+
+def test_flow_facts_take_the_session_and_latency_of_the_flow():
+    f = mcp_flow(session="sess-9")
+    facts_ = flow_facts(f, latency_ms=7.5)
+    assert (facts_.flow_id, facts_.session, facts_.status, facts_.latency_ms, facts_.error) == (
+        f.id, "sess-9", 200, 7.5, None)
+    assert flow_facts(f, incomplete="cut").error == "cut"
 
 
 def test_addon_writes_in_flight_flows_on_shutdown_once(tmp_path, keyfile):
@@ -615,6 +646,6 @@ def test_addon_writes_in_flight_flows_on_shutdown_once(tmp_path, keyfile):
 
 def test_transport_failure_is_an_error_not_a_decision():
     meta = mcp([{"kind": "request", "id": 2, "method": "tools/call", "tool": "echo"}], events=[{"kind": "response", "id": 2}])
-    meta["bastion.decisions"] = [{"stage": "transport", "action": "error", "reason": "Client disconnected."}]
+    meta[Meta.DECISIONS] = [{"stage": "transport", "action": "error", "reason": "Client disconnected."}]
     (rec,) = audit.build_records(facts(meta, error="Client disconnected."))
     assert (rec["action"], rec["rpc"], rec["error"]) == ("forward", "result", "Client disconnected.")

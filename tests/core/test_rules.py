@@ -13,18 +13,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mcp_bastion.core import normalize
-from mcp_bastion.core.jsonrpc import Message, parse_body
-from mcp_bastion.core.rules import (
-    ANONYMOUS,
-    DEFAULT_RULE,
-    MALFORMED_RULE,
-    NO_RULESET_RULE,
-    Identity,
-    ReloadingRuleset,
-    Ruleset,
-    RulesetError,
-    http_request,
-)
+from mcp_bastion.core.identity import ANONYMOUS, Identity
+from mcp_bastion.core.jsonrpc import parse_body
+from mcp_bastion.core.message import Message, http_request
+from mcp_bastion.core.rules import ReloadingRuleset, Ruleset, RulesetError
+from mcp_bastion.core.vocab import DEFAULT_RULE, MALFORMED_RULE, NO_RULESET_RULE
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "rulesets" / "examples"

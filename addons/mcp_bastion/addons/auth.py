@@ -10,12 +10,12 @@ before anything reaches the upstream; the token never goes further.
 - It serves RFC 9728 protected-resource metadata at
   `/.well-known/oauth-protected-resource` (and the path-suffixed form).
 - No token passthrough: `Auth` removes the client's `Authorization` header
-  from every MCP request, refused or not. `UpstreamToken`, placed after the Gate,
+  from every MCP request, refused or not. `UpstreamToken` (addons/upstream_token.py), placed after the Gate,
   sets the upstream's own credential (from an environment variable or a file)
   on requests that are actually forwarded, lists its header name in
   `flow.metadata["bastion.secret_headers"]` for the recorders, and takes it
   off the flow again once the request has been sent.
-- The verified identity travels on the flow as `flow.metadata[fs.IDENTITY]`.
+- The verified identity travels on the flow as `flow.metadata[Meta.IDENTITY]`.
 
 With no `oidc_issuer`, identity checks are off (a warning says so at start):
 the identity is None, but the client's credentials are still stripped.
@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url
 from mitmproxy.utils import asyncio_utils
 
-from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import dumps
@@ -46,58 +43,18 @@ from mcp_bastion.core.tokens import (
     Verifier,
     VerifierConfig,
 )
-from mcp_bastion.glue.flowstate import CLIENT_HOST, SECRET_HEADERS
+from mcp_bastion.core.vocab import Action, Direction, Meta, StageName
+from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.replies import refuse
 
 logger = logging.getLogger("mcp_bastion")
 
 PRM_PATH = "/.well-known/oauth-protected-resource"
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _CHALLENGE_TEXT = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")  # RFC 6750 error_description charset
-
-
-class UpstreamCredential:
-    """The upstream's own credential: a header set on every forwarded request.
-
-    The secret comes from an environment variable (read at start) or a file
-    (read again whenever it changes, so it can be rotated in place).
-    """
-
-    def __init__(self, header: str, scheme: str, env: str = "", path: str = ""):
-        self.header = header.lower()
-        self.scheme = scheme
-        self.path = Path(path) if path else None
-        self._stamp: tuple[int, int] | None = None
-        self._secret = os.environ.get(env, "").strip() if env else None
-        if env and not self._secret:
-            raise ValueError(f"environment variable {env} is not set or empty")
-        if self.path is not None:
-            self._read_file()
-
-    def _read_file(self) -> None:
-        assert self.path is not None
-        st = self.path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
-            secret = self.path.read_text(encoding="utf-8").strip()
-            if not secret:
-                raise ValueError(f"upstream credential file {self.path} is empty")
-            self._secret, self._stamp = secret, stamp
-
-    def value(self) -> str | None:
-        """The header value to send, or None when no credential is configured."""
-        if self.path is not None:
-            self._read_file()
-        if self._secret is None:
-            return None
-        if "\r" in self._secret or "\n" in self._secret:
-            raise ValueError("the upstream credential contains a line break")
-        return f"{self.scheme} {self._secret}" if self.scheme else self._secret
 
 
 class Auth:
     """Verifies bearer tokens, serves protected-resource metadata, strips the client's credentials."""
-
-    request_stage = "auth"
 
     def __init__(self) -> None:
         self.verifier: Verifier | None = None
@@ -200,7 +157,7 @@ class Auth:
 
     # --- requests ------------------------------------------------------------
 
-    @fs.fail_closed("auth")
+    @fs.fail_closed(StageName.AUTH)
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not fs.is_mcp(flow):
             return
@@ -214,17 +171,17 @@ class Auth:
         if self.verifier is not None and (path == PRM_PATH or path.startswith(PRM_PATH + "/")):
             self._serve_metadata(flow, path[len(PRM_PATH):])
             return
-        flow.metadata[fs.IDENTITY] = None  # until a token is verified
+        flow.metadata[Meta.IDENTITY] = None  # until a token is verified
         if self.verifier is None:
             reason = "identity checks are off"
         else:
             identity = await self._authenticate(flow, authorization)
             if identity is None:
                 return
-            flow.metadata[fs.IDENTITY] = identity
+            flow.metadata[Meta.IDENTITY] = identity
             reason = f"token of {identity.get('sub') or identity.get('client_id') or '?'} from {identity['iss']}"
-        fs.mark_stage(flow, "auth")
-        fs.add_decision(flow, stage="auth", direction="client_to_server", action="allow", reason=reason)
+        fs.mark_stage(flow, StageName.AUTH)
+        fs.add_decision(flow, stage=StageName.AUTH, direction=Direction.C2S, action=Action.ALLOW, reason=reason)
 
     async def _authenticate(self, flow: http.HTTPFlow, authorization: list[str]) -> dict | None:
         """The verified identity as flow metadata, or None after refusing the flow."""
@@ -271,7 +228,7 @@ class Auth:
             code = errors.FORBIDDEN if status == 403 else errors.UNAUTHENTICATED
             refusal = Refusal(status, code, f"{'forbidden' if status == 403 else 'unauthenticated'}: {description}",
                               {"reason": reason}, {"www-authenticate": challenge})
-        fs.refuse(flow, refusal, stage="auth")
+        refuse(flow, refusal, stage=StageName.AUTH)
 
     def _challenge(self, flow: http.HTTPFlow, error: str | None, description: str, scope: str | None) -> str:
         params = [f'resource_metadata="{self._metadata_url(flow)}"']
@@ -287,7 +244,7 @@ class Auth:
     def _serve_metadata(self, flow: http.HTTPFlow, suffix: str) -> None:
         assert self.verifier is not None
         # Not MCP traffic: the gateway answers it itself and no other stage applies.
-        del flow.metadata[fs.MCP]
+        del flow.metadata[Meta.MCP]
         if flow.request.method != "GET":
             flow.response = http.Response.make(405, dumps({"error": "method not allowed"}),
                                                {"content-type": "application/json", "allow": "GET"})
@@ -309,7 +266,7 @@ class Auth:
         """scheme://host[:port] as the client addressed the gateway."""
         scheme = "https" if flow.client_conn.tls_established else "http"
         # In reverse mode the gateway has rewritten Host and kept the client's (already checked).
-        host = (flow.metadata.get(CLIENT_HOST) or flow.request.host_header
+        host = (flow.metadata.get(Meta.CLIENT_HOST) or flow.request.host_header
                 or url.hostport(scheme, flow.request.host, flow.request.port))
         return f"{scheme}://{host.lower()}"
 
@@ -344,67 +301,3 @@ def _with_root_slash(value: str) -> tuple[str, ...]:
         base = f"{parts.scheme}://{parts.netloc}"
         return (base, base + "/")
     return (value,)
-
-
-class UpstreamToken:
-    """Sets the upstream's own credential on MCP requests that are forwarded.
-
-    Placed after the Gate, so a refused request never carries it; removed from
-    the flow once the request is sent (`responseheaders`, or `error`), so
-    mitmweb and the console never show it. Any value the client sent in the
-    same header is replaced.
-    """
-
-    def __init__(self) -> None:
-        self.credential = UpstreamCredential("authorization", "Bearer")
-
-    def load(self, loader) -> None:
-        loader.add_option(
-            "upstream_token_env", str, "",
-            "Environment variable holding the upstream's own credential (sent instead of the client's token).",
-        )
-        loader.add_option(
-            "upstream_token_file", str, "",
-            "File holding the upstream's own credential; read again when it changes.",
-        )
-        loader.add_option(
-            "upstream_token_header", str, "authorization", "Request header that carries the upstream credential."
-        )
-        loader.add_option(
-            "upstream_token_scheme", str, "Bearer",
-            "Prefix of the upstream credential in its header (empty: the bare secret).",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        if not any(name.startswith("upstream_token_") for name in updated):
-            return
-        opts = ctx.options
-        if not _HEADER_NAME.fullmatch(opts.upstream_token_header):
-            raise exceptions.OptionsError(f"upstream_token_header {opts.upstream_token_header!r} is not a header name")
-        if opts.upstream_token_env and opts.upstream_token_file:
-            raise exceptions.OptionsError("set upstream_token_env or upstream_token_file, not both")
-        try:
-            credential = UpstreamCredential(
-                opts.upstream_token_header, opts.upstream_token_scheme.strip(),
-                opts.upstream_token_env, opts.upstream_token_file,
-            )
-            credential.value()
-        except (OSError, ValueError) as e:
-            raise exceptions.OptionsError(f"upstream credential: {e}") from None
-        self.credential = credential
-
-    @fs.fail_closed("upstream-token")
-    def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
-            return
-        value = self.credential.value()
-        if value is not None:
-            flow.request.headers[self.credential.header] = value
-            flow.metadata[SECRET_HEADERS] = [self.credential.header]
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        for name in flow.metadata.get(SECRET_HEADERS, ()):
-            if name in flow.request.headers:
-                del flow.request.headers[name]
-
-    error = responseheaders

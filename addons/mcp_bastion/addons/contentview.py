@@ -13,7 +13,7 @@ The view selects itself (`render_priority` 2, above mitmproxy's JSON view at
 1.5) for any JSON or event-stream body that contains JSON-RPC 2.0, so
 recordings opened without the bundle still look right:
 
-    mitmweb -s addons/mcp_bastion/contentview.py -r sessions/FILE.mitm
+    mitmweb -s addons/mcp_bastion/addons/contentview.py -r sessions/FILE.mitm
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from typing import Any
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Contentview, Metadata
 
-from mcp_bastion.core.jsonrpc import classify
+from mcp_bastion.core.message import classify
 from mcp_bastion.core.sse import SSEParser
+from mcp_bastion.core.vocab import Meta
 
-MCP_METADATA = "bastion.mcp"
+MCP_METADATA = Meta.MCP
 JSON_TYPES = ("application/json", "application/json-rpc")
 SSE_TYPE = "text/event-stream"
 

@@ -36,11 +36,14 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from mcp_bastion.addons.auditlog import DEFAULT_KEY_ENV, flow_facts
 from mcp_bastion.core import audit
 from mcp_bastion.core.jsonrpc import ParseError, parse_body
 from mcp_bastion.core.sse import SSEParser
-from mcp_bastion.addons.recorder import RECORD, REDACTED, session_of
+from mcp_bastion.core.vocab import Meta
+from mcp_bastion.glue.recording.audit_writer import DEFAULT_KEY_ENV
+from mcp_bastion.glue.recording.facts import flow_facts
+from mcp_bastion.glue.recording.scrub import REDACTED
+from mcp_bastion.glue.recording.sessions import session_of
 
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
 REPLAY_SESSION = "bastion.replay.session"  # on a flow queued for client replay: its recorded session id
@@ -71,7 +74,7 @@ def read_flows(paths: Sequence[str | os.PathLike]) -> list[http.HTTPFlow]:
 
 
 def _recorded_latency(flow: http.HTTPFlow) -> float | None:
-    note = flow.metadata.get(RECORD) or {}
+    note = flow.metadata.get(Meta.RECORD) or {}
     if note.get("latency_ms") is not None:
         return note["latency_ms"]
     if flow.response is not None and flow.response.timestamp_end and flow.request.timestamp_start:
@@ -83,7 +86,7 @@ def timeline_rows(flows: Iterable[http.HTTPFlow]) -> list[dict[str, Any]]:
     """One row per message, as the audit log would have it, in the order requests arrived."""
     rows = []
     for flow in sorted(flows, key=lambda f: f.request.timestamp_start or 0):
-        note = flow.metadata.get(RECORD) or {}
+        note = flow.metadata.get(Meta.RECORD) or {}
         facts = flow_facts(flow, incomplete=note.get("incomplete"), latency_ms=_recorded_latency(flow))
         facts.session = note.get("session") or facts.session
         for rec in audit.build_records(facts):
@@ -135,7 +138,7 @@ def render_timeline(flows: list[http.HTTPFlow], sources: Sequence[str], console:
     subjects = sorted({r.get("subject") or "anonymous" for r in rows})
     sessions = sorted({r.get("session") or "?" for r in rows})
     upstreams = sorted({r.get("upstream") or "?" for r in rows})
-    events = sum((f.metadata.get("bastion.mcp") or {}).get("sse_events", 0) for f in flows)
+    events = sum((f.metadata.get(Meta.MCP) or {}).get("sse_events", 0) for f in flows)
     head = Text()
     head.append("recording ", style="bold")
     head.append(", ".join(str(s) for s in sources))
@@ -255,7 +258,7 @@ def prepare_client_replay(flows: Iterable[http.HTTPFlow], to: str | None, header
         if flow.request.method == "GET" and not include_streams:
             skipped.append((flow, "GET event stream (use --include-streams)"))
             continue
-        if flow.metadata.get("bastion.refused") and not include_refused:
+        if flow.metadata.get(Meta.REFUSED) and not include_refused:
             skipped.append((flow, "refused by the gateway (use --include-refused)"))
             continue
         if flow.request.raw_content is None:
@@ -304,7 +307,7 @@ def client_replay(args: argparse.Namespace, console: Console) -> int:
         write_flows(chosen, queue)
         cmd = [MITMDUMP, "-n", "-q", "-s", __file__, "--client-replay", str(queue),
                "--set", f"save_stream_file={out}"]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             console.print(proc.stdout)
             console.print(f"[red]mitmdump exited with {proc.returncode}[/red]")
@@ -340,7 +343,7 @@ def _status(flow: http.HTTPFlow | None) -> str:
 
 
 def _flow_label(flow: http.HTTPFlow) -> str:
-    summaries = (flow.metadata.get("bastion.mcp") or {}).get("request") or []
+    summaries = (flow.metadata.get(Meta.MCP) or {}).get("request") or []
     if not summaries:
         return f"{flow.request.method} {flow.request.path}"
     return ", ".join(_message(dict(s, resource=s.get("uri"))) for s in summaries[:3]) + (

@@ -25,8 +25,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from mcp_bastion.core.jsonrpc import Message, ParseError, parse_body
-from mcp_bastion.core.rules import Decision, Identity, Ruleset, RulesetError, http_request
+from mcp_bastion.core.identity import Identity
+from mcp_bastion.core.jsonrpc import ParseError, parse_body
+from mcp_bastion.core.message import Message, http_request
+from mcp_bastion.core.rules import Decision, Ruleset, RulesetError
 from mcp_bastion.core.sse import SSEError, SSEParser
 
 IDENTITY_KEY = "bastion.identity"

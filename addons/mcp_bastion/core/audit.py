@@ -57,16 +57,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from .vocab import Meta
+
 GENESIS = "0" * 64
 MIN_KEY_BYTES = 16
 
 # flow.metadata keys (mirrors flowstate; repeated here because core imports nothing from the addons)
-MCP = "bastion.mcp"
-IDENTITY = "bastion.identity"
-UPSTREAM = "bastion.upstream"
-DECISIONS = "bastion.decisions"
-MASK = "bastion.mask"
-APPROVAL = "bastion.approval"
 
 _SEVERITY = {"error": 0, "deny": 1, "approve": 3, "mask": 4, "allow": 5}
 _OTHER = 2  # actions this module does not know (e.g. "hold") rank between deny and approve
@@ -125,8 +121,21 @@ def _is_flow_level(d: dict[str, Any]) -> bool:
     return "id" not in d and "method" not in d
 
 
-def _concerns(d: dict[str, Any], msg: dict[str, Any]) -> bool:
-    """Whether decision `d` (not flow-level) is about client message `msg` or its answer."""
+def _concerns(d: dict[str, Any], msg: dict[str, Any], ref: str, kept: dict[str, dict[str, Any]]) -> bool:
+    """Whether decision `d` (not flow-level) is about client message `msg` (kept at `ref`) or its answer.
+
+    A decision made through the message pipeline names its message (`ref`, e.g.
+    "request/0", "events/3"; `kept` maps refs to the flow's summaries): the
+    client's message itself, or an answer (result or error) carrying its id.
+    Decisions without a ref (recordings made before refs existed) are linked
+    by request id and method.
+    """
+    if "ref" in d:
+        if d["ref"] == ref:
+            return True
+        answer = kept.get(d["ref"])
+        return (answer is not None and answer.get("kind") in ("response", "error") and "id" in msg
+                and answer.get("id") == msg["id"])
     direction = d.get("direction", "client_to_server")
     if "id" in msg:
         if d.get("id") != msg["id"]:
@@ -156,11 +165,11 @@ def _verdict(decisions: list[dict[str, Any]]) -> dict[str, Any]:
 def build_records(facts: FlowFacts) -> list[dict[str, Any]]:
     """The audit records of one flow, in message order (without seq/prev/hash)."""
     meta = facts.metadata
-    state = meta.get(MCP) if isinstance(meta.get(MCP), dict) else {}
-    ident = meta.get(IDENTITY) if isinstance(meta.get(IDENTITY), dict) else {}
+    state = meta.get(Meta.MCP) if isinstance(meta.get(Meta.MCP), dict) else {}
+    ident = meta.get(Meta.IDENTITY) if isinstance(meta.get(Meta.IDENTITY), dict) else {}
     # A transport failure (client gone, upstream unreachable) is not an enforcement decision:
     # it shows in `error` (from the flow), not in `action`.
-    decisions = [d for d in meta.get(DECISIONS) or () if isinstance(d, dict) and d.get("stage") != "transport"]
+    decisions = [d for d in meta.get(Meta.DECISIONS) or () if isinstance(d, dict) and d.get("stage") != "transport"]
 
     base: dict[str, Any] = {
         "time": iso_time(facts.started),
@@ -168,17 +177,17 @@ def build_records(facts: FlowFacts) -> list[dict[str, Any]]:
         "session": facts.session,
         "subject": ident.get("sub"),
         "groups": _groups(ident.get("groups")),
-        "upstream": meta.get(UPSTREAM),
+        "upstream": meta.get(Meta.UPSTREAM),
     }
     if ident.get("client_id"):
         base["client_id"] = ident["client_id"]
     tail: dict[str, Any] = {"latency_ms": facts.latency_ms, "status": facts.status}
     if facts.error:
         tail["error"] = facts.error
-    if meta.get(MASK) is not None:
-        tail["masking"] = meta[MASK]
-    if meta.get(APPROVAL) is not None:
-        tail["approval"] = meta[APPROVAL]
+    if meta.get(Meta.MASK) is not None:
+        tail["masking"] = meta[Meta.MASK]
+    if meta.get(Meta.APPROVAL) is not None:
+        tail["approval"] = meta[Meta.APPROVAL]
 
     replies = [s for s in (state.get("response") or []) + (state.get("events") or []) if isinstance(s, dict)]
     answers = {s["id"]: ("result" if s["kind"] == "response" else "error")
@@ -191,8 +200,10 @@ def build_records(facts: FlowFacts) -> list[dict[str, Any]]:
     if not requests:
         requests = [{"kind": "http", "method": facts.http_method}]
     records = []
-    for msg in requests:
-        mine = [d for d in specific if _concerns(d, msg)]
+    kept = {f"response/{i}": x for i, x in enumerate(state.get("response") or []) if isinstance(x, dict)}
+    kept.update((f"events/{i}", x) for i, x in enumerate(state.get("events") or []) if isinstance(x, dict))
+    for i, msg in enumerate(requests):
+        mine = [d for d in specific if id(d) not in used and _concerns(d, msg, f"request/{i}", kept)]
         used.update(id(d) for d in mine)
         rec = dict(base, direction="client_to_server", kind=msg.get("kind"), method=msg.get("method"))
         if "id" in msg:
@@ -203,11 +214,13 @@ def build_records(facts: FlowFacts) -> list[dict[str, Any]]:
         rec.update(tail)
         records.append(rec)
 
-    for msg in replies:
+    for ref, msg in kept.items():
         if msg.get("kind") != "request":
             continue
-        mine = [d for d in specific if id(d) not in used and d.get("direction") == "server_to_client"
-                and d.get("id") == msg.get("id") and d.get("method") in (None, msg.get("method"))]
+        mine = [d for d in specific if id(d) not in used and (
+            d.get("ref") == ref if "ref" in d else
+            d.get("direction") == "server_to_client" and d.get("id") == msg.get("id")
+            and d.get("method") in (None, msg.get("method")))]
         used.update(id(d) for d in mine)
         rec = dict(base, direction="server_to_client", kind="request", method=msg.get("method"), id=msg.get("id"))
         rec.update(_target_fields(msg))

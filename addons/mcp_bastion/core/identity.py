@@ -47,7 +47,7 @@ class Identity:
         return out
 
     @classmethod
-    def from_claims(cls, claims: dict[str, Any] | None) -> "Identity":
+    def from_claims(cls, claims: dict[str, Any] | None) -> Identity:
         """From a flow's identity metadata (None or anything unreadable: anonymous, no groups)."""
         if not isinstance(claims, dict):
             return ANONYMOUS

@@ -1,5 +1,5 @@
 """
-JSON-RPC 2.0 / MCP message model and a strict body parser.
+A strict JSON-RPC 2.0 body parser (the message model is `core.message`).
 
 Pure: no mitmproxy import. Everything the gateway decides is decided on the
 values produced here, so the parser refuses what it cannot read unambiguously
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Kind = Literal["request", "notification", "response", "error", "invalid"]
-Direction = Literal["client_to_server", "server_to_client"]
+from .message import Carrier, Message, classify
+from .vocab import Direction, Kind
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 DEFAULT_MAX_DEPTH = 64
@@ -27,82 +27,6 @@ class ParseError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-@dataclass
-class Message:
-    """One JSON-RPC message, as it travels (request, notification, response or error)."""
-
-    kind: Kind
-    raw: Any
-    id: str | int | None = None
-    method: str | None = None
-    params: Any = None
-
-    @property
-    def has_id(self) -> bool:
-        return self.kind in ("request", "response", "error")
-
-    @property
-    def tool_name(self) -> str | None:
-        if self.method == "tools/call" and isinstance(self.params, dict):
-            name = self.params.get("name")
-            return name if isinstance(name, str) else None
-        return None
-
-    @property
-    def prompt_name(self) -> str | None:
-        if self.method == "prompts/get" and isinstance(self.params, dict):
-            name = self.params.get("name")
-            return name if isinstance(name, str) else None
-        return None
-
-    @property
-    def resource_uri(self) -> str | None:
-        if self.method in (
-            "resources/read",
-            "resources/subscribe",
-            "resources/unsubscribe",
-        ) and isinstance(self.params, dict):
-            uri = self.params.get("uri")
-            return uri if isinstance(uri, str) else None
-        return None
-
-    @property
-    def arguments(self) -> Any:
-        if self.method in ("tools/call", "prompts/get") and isinstance(self.params, dict):
-            return self.params.get("arguments")
-        return None
-
-    @property
-    def target(self) -> str | None:
-        """The tool, prompt or resource a message is about, for people reading logs."""
-        return self.tool_name or self.prompt_name or self.resource_uri
-
-    def summary(self) -> dict[str, Any]:
-        """A small, serialisable description (goes into flow.metadata and the audit log)."""
-        out: dict[str, Any] = {"kind": self.kind}
-        if self.id is not None:
-            out["id"] = self.id
-        if self.method is not None:
-            out["method"] = self.method
-        for key, value in (
-            ("tool", self.tool_name),
-            ("prompt", self.prompt_name),
-            ("uri", self.resource_uri),
-        ):
-            if value is not None:
-                out[key] = value
-        return out
-
-    def label(self) -> str:
-        """One line for flow.comment: `tools/call deploy #3`."""
-        parts = [self.method or self.kind]
-        if self.target:
-            parts.append(self.target)
-        if self.id is not None:
-            parts.append(f"#{self.id}")
-        return " ".join(parts)
 
 
 @dataclass
@@ -206,32 +130,6 @@ def _check_surrogates(value: Any) -> None:
             stack.extend(item)
 
 
-def classify(obj: Any) -> Message:
-    """Turn one decoded JSON value into a Message; shapes that are not JSON-RPC are `invalid`."""
-    if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
-        return Message(kind="invalid", raw=obj)
-    msg_id = obj.get("id")
-    if msg_id is not None and (isinstance(msg_id, bool) or not isinstance(msg_id, (str, int))):
-        return Message(kind="invalid", raw=obj)
-    method = obj.get("method")
-    if "method" in obj:
-        if not isinstance(method, str) or "result" in obj or "error" in obj:
-            return Message(kind="invalid", raw=obj, id=msg_id)
-        params = obj.get("params")
-        if params is not None and not isinstance(params, (dict, list)):
-            return Message(kind="invalid", raw=obj, id=msg_id, method=method)
-        if "id" in obj and msg_id is not None:
-            return Message(kind="request", raw=obj, id=msg_id, method=method, params=params)
-        if "id" in obj:  # "id": null on a request is not allowed by MCP
-            return Message(kind="invalid", raw=obj, method=method, params=params)
-        return Message(kind="notification", raw=obj, method=method, params=params)
-    if ("result" in obj) == ("error" in obj):
-        return Message(kind="invalid", raw=obj, id=msg_id)
-    if "error" in obj:
-        return Message(kind="error", raw=obj, id=msg_id, params=obj["error"])
-    return Message(kind="response", raw=obj, id=msg_id, params=obj["result"])
-
-
 def parse_body(
     data: bytes | str,
     *,
@@ -253,6 +151,26 @@ def parse_body(
             raise ParseError("invalid_request", "empty batch")
         return Body(messages=[classify(v) for v in value], batch=True, data=value)
     return Body(messages=[classify(value)], batch=False, data=value)
+
+
+def placed(body: Body, direction: Direction, carrier: Carrier | None = None,
+           asked: dict[Any, Message] | None = None, summaries: str | None = None, base: int = 0,
+           limit: int | None = None) -> list[Message]:
+    """The body's messages with their direction and carrier filled in; a response or error
+    is linked to the request of `asked` (request id -> request) that it answers.
+
+    `summaries` names the list of the flow's summaries they are kept in ("request",
+    "response", "events"), from position `base` (up to `limit` entries): each
+    message's `ref` says where, so its decisions link to it exactly.
+    """
+    where = carrier or (Carrier.BATCH if body.batch else Carrier.BODY)
+    out = []
+    for i, m in enumerate(body.messages):
+        request = asked.get(m.id) if asked and m.kind in (Kind.RESPONSE, Kind.ERROR) and m.id is not None else None
+        at = base + i
+        ref = f"{summaries}/{at}" if summaries and (limit is None or at < limit) else None
+        out.append(m.placed(direction=direction, carrier=where, request=request, ref=ref))
+    return out
 
 
 def dumps(value: Any) -> bytes:

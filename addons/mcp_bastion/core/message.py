@@ -113,8 +113,9 @@ class Message:
     params: Any = None
     direction: Direction | None = None
     carrier: Carrier = Carrier.BODY
-    request: "Message | None" = field(default=None, repr=False)  # what a response answers
+    request: Message | None = field(default=None, repr=False)  # what a response answers
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # Mcp-* request headers (2026-07-28)
+    ref: str | None = None  # where its summary is kept on the flow ("request/0", "events/3"): links decisions to it
 
     # --- what it is about ---
 
@@ -166,17 +167,17 @@ class Message:
 
     # --- new values ---
 
-    def replace(self, raw: Any) -> "Message":
+    def replace(self, raw: Any) -> Message:
         """A new message with `raw` as its content, keeping where it travels and what it answers."""
         fresh = classify(raw)
         return replace(fresh, direction=self.direction, carrier=self.carrier, request=self.request,
-                       headers=self.headers)
+                       headers=self.headers, ref=self.ref)
 
     def placed(self, *, direction: Direction | None = None, carrier: Carrier | None = None,
-               request: "Message | None" = None) -> "Message":
+               request: Message | None = None, ref: str | None = None) -> Message:
         """The same content, with where it travels filled in."""
         return replace(self, direction=direction or self.direction, carrier=carrier or self.carrier,
-                       request=request if request is not None else self.request)
+                       request=request if request is not None else self.request, ref=ref or self.ref)
 
     # --- for people ---
 
@@ -191,6 +192,11 @@ class Message:
         if t is not None:
             out[SUMMARY_KEYS[t.kind]] = t.name
         return out
+
+    def what(self) -> str:
+        """`tools/call deploy`: the method (or kind) and its target."""
+        t = self.target
+        return f"{self.method or self.kind} {t.name}" if t is not None else str(self.method or self.kind)
 
     def label(self) -> str:
         """One line: `tools/call deploy #3`."""
@@ -231,7 +237,7 @@ def http_request(verb: str) -> Message:
     """
     method = f"http:{verb.upper()}"
     return Message(kind=Kind.REQUEST, raw={"method": method}, method=method, direction=Direction.C2S,
-                   carrier=Carrier.HTTP)
+                   carrier=Carrier.HTTP, ref="request/0")
 
 
 def classify(obj: Any) -> Message:

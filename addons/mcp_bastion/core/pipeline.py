@@ -50,7 +50,8 @@ class Verdict:
         out: dict[str, Any] = {"stage": str(self.stage), "direction": str(m.direction) if m.direction else None,
                                "id": m.id, "method": m.method,
                                "target": m.target.name if m.target is not None else None,
-                               "action": str(self.action), "rule": self.rule, "reason": self.reason}
+                               "action": str(self.action), "rule": self.rule, "reason": self.reason,
+                               "ref": m.ref}
         out.update(self.extra)
         return {k: v for k, v in out.items() if v is not None}
 
@@ -81,7 +82,7 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    wait: Callable[[], Awaitable["Outcome"]]
+    wait: Callable[[], Awaitable[Outcome]]
     reason: str
     decisions: tuple[Verdict, ...] = ()
 
@@ -150,6 +151,8 @@ class Run:
 
 def _fold(result: Result, out: Outcome) -> bool:
     """Apply a stage's (non-Hold) outcome to `result`; True when the run for this message ends."""
+    if not isinstance(out, (Pass, Replace, Drop, Refuse)):
+        raise TypeError(f"a stage returned {type(out).__name__}, not an Outcome")
     result.decisions.extend(out.decisions)
     result.outcome = out
     if isinstance(out, Replace):
@@ -158,9 +161,7 @@ def _fold(result: Result, out: Outcome) -> bool:
     if isinstance(out, (Drop, Refuse)):
         result.message = None
         return True
-    if isinstance(out, Pass):
-        return False
-    raise TypeError(f"a stage returned {type(out).__name__}, not an Outcome")
+    return False
 
 
 async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -> Run:

@@ -18,6 +18,7 @@ of methods, tools and prompts are always compared NFKC + case-folded; resource
 URIs, argument values, keywords and patterns are case-folded only where the
 rule says `case_insensitive: true`.
 
+The keys `match` accepts, and what each compiles to, are the table `MATCHERS`.
 `Ruleset.load(path)` validates against the schema below and raises
 `RulesetError` whose problems name the file, line and rule. Globs and regular
 expressions are compiled once at load; `Ruleset.evaluate()` does no parsing.
@@ -39,60 +40,39 @@ from typing import Any
 import yaml
 
 from . import normalize
-from .jsonrpc import Message
+from .identity import ANONYMOUS, Identity
+from .message import (
+    LISTS,
+    TARGETS,
+    WITH_ARGUMENTS,
+    Message,
+    TargetKind,
+    classify,
+    target_of,
+)
+from .vocab import (
+    DEFAULT_RULE,
+    MALFORMED_RULE,
+    NO_RULESET_RULE,
+    Action,
+    Direction,
+    Kind,
+)
 
 logger = logging.getLogger("mcp_bastion")
 
-ACTIONS = ("allow", "deny", "approve", "mask")
-DIRECTIONS = ("client_to_server", "server_to_client")
-KINDS = ("request", "notification", "response")
+ACTIONS = tuple(a.value for a in (Action.ALLOW, Action.DENY, Action.APPROVE, Action.MASK))
+DIRECTIONS = tuple(d.value for d in Direction)
+KINDS = tuple(k.value for k in (Kind.REQUEST, Kind.NOTIFICATION, Kind.RESPONSE))  # an error is a response
 
-# Rule ids the gateway uses for decisions no rule of the file made.
-DEFAULT_RULE = "bastion:default"
-MALFORMED_RULE = "bastion:malformed"
-NO_RULESET_RULE = "bastion:no-ruleset"
-
-# MCP methods whose target is named in params (the name or URI a rule can match).
-_NAMED = {"tools/call": "name", "prompts/get": "name"}
-_URI_METHODS = ("resources/read", "resources/subscribe", "resources/unsubscribe")
-_WITH_ARGUMENTS = ("tools/call", "prompts/get")
+# What rules match on among the targets of `TARGETS` (not tasks, yet: a tasks/* request is never malformed).
+_RULE_TARGETS = frozenset({TargetKind.TOOL, TargetKind.PROMPT, TargetKind.RESOURCE})
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 # --- values -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who is asking, as established by the Auth stage (anonymous when identity is off)."""
-
-    sub: str | None = None
-    groups: tuple[str, ...] = ()
-    iss: str | None = None
-
-    @property
-    def authenticated(self) -> bool:
-        return self.sub is not None
-
-    @classmethod
-    def from_claims(cls, claims: dict[str, Any] | None) -> "Identity":
-        """From `flow.metadata["bastion.identity"]` (None: anonymous, no groups)."""
-        if not isinstance(claims, dict):
-            return ANONYMOUS
-        groups = claims.get("groups") or ()
-        if isinstance(groups, str):
-            groups = (groups,)
-        sub, iss = claims.get("sub"), claims.get("iss")
-        return cls(
-            sub=sub if isinstance(sub, str) and sub else None,
-            groups=tuple(g for g in groups if isinstance(g, str)),
-            iss=iss if isinstance(iss, str) else None,
-        )
-
-
-ANONYMOUS = Identity()
 
 
 @dataclass(frozen=True)
@@ -107,7 +87,7 @@ class Decision:
     @property
     def blocks(self) -> bool:
         """True when the message must not travel on (deny, or approve without an approval)."""
-        return self.action in ("deny", "approve")
+        return self.action in (Action.DENY, Action.APPROVE)
 
 
 @dataclass(frozen=True)
@@ -135,57 +115,45 @@ class RulesetError(ValueError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def http_request(verb: str) -> Message:
-    """The pseudo-message for a body-less HTTP request on the MCP endpoint.
-
-    GET (open the server's event stream), DELETE (end the session) and the like
-    carry no JSON-RPC message; rules see them as method `http:GET`, `http:DELETE`.
-    """
-    method = f"http:{verb.upper()}"
-    return Message(kind="request", raw={"method": method}, method=method)
-
-
 # --- what a rule sees of a message -----------------------------------------
 
 
 class View:
     """One message as rules see it: normalised once, lazily, per evaluation."""
 
-    __slots__ = ("identity", "direction", "upstream", "message", "kind", "method", "params",
-                 "tool", "prompt", "_uri", "arguments", "_cache")
+    __slots__ = ("_cache", "_needs", "_uri", "arguments", "direction", "identity", "kind", "message",
+                 "method", "prompt", "tool", "upstream")
 
     def __init__(self, identity: Identity, message: Message, direction: str, upstream: str | None):
         self.identity = identity
-        self.direction = direction
+        self.direction = str(direction)
         self.upstream = upstream.lower() if upstream else None
         self.message = message
-        self.kind = "response" if message.kind in ("response", "error") else message.kind
+        self.kind = Kind.RESPONSE.value if message.kind in (Kind.RESPONSE, Kind.ERROR) else str(message.kind)
         self.method = normalize.name(message.method) if isinstance(message.method, str) else None
         params = message.params if isinstance(message.params, dict) else None
-        self.params = params
         self.tool = self.prompt = self._uri = self.arguments = None
-        if params is not None:
-            if self.method in _NAMED:
-                target = params.get(_NAMED[self.method])
-                target = normalize.name(target) if isinstance(target, str) else None
-                if self.method == "tools/call":
-                    self.tool = target
-                else:
-                    self.prompt = target
-            elif self.method in _URI_METHODS and isinstance(params.get("uri"), str):
-                self._uri = params["uri"]
-            if self.method in _WITH_ARGUMENTS:
-                self.arguments = params.get("arguments")
+        # The target in `TARGETS` vocabulary, looked up by the normalised method (`TOOLS/CALL` is tools/call).
+        spec = TARGETS.get(self.method) if self.method is not None else None
+        self._needs = spec[1] if spec is not None and spec[0] in _RULE_TARGETS else None
+        target = target_of(self.method, params) if self._needs is not None else None
+        if target is not None:
+            if target.kind is TargetKind.TOOL:
+                self.tool = normalize.name(target.name)
+            elif target.kind is TargetKind.PROMPT:
+                self.prompt = normalize.name(target.name)
+            else:
+                self._uri = target.name
+        if params is not None and self.method in WITH_ARGUMENTS:
+            self.arguments = params.get("arguments")
         self._cache: dict[Any, Any] = {}
 
     def malformed(self) -> str | None:
         """Why a request naming a tool, prompt or resource does not name it readably, if it does not."""
-        if self.kind != "request" or self.method is None:
+        if self.kind != Kind.REQUEST or self._needs is None:
             return None
-        if self.method in _NAMED and self.tool is None and self.prompt is None:
-            return f"{self.method} needs params.name as a string"
-        if self.method in _URI_METHODS and self._uri is None:
-            return f"{self.method} needs params.uri as a string"
+        if self.tool is None and self.prompt is None and self._uri is None:
+            return f"{self.method} needs params.{self._needs} as a string"
         return None
 
     def uri(self, fold: bool) -> str | None:
@@ -260,9 +228,10 @@ class ValueCondition(Condition):
 
 
 class ResourceCondition(Condition):
-    key = "resources"
+    """The resource URI a message names matches one of a list of globs."""
 
-    def __init__(self, patterns: list[str], fold: bool):
+    def __init__(self, key: str, patterns: list[str], fold: bool):
+        self.key = key
         self.patterns = patterns
         self.fold = fold
         self.regex = _glob_regex(normalize.uri(p, fold) for p in patterns)
@@ -274,8 +243,8 @@ class ResourceCondition(Condition):
     def why_not(self, v: View) -> str:
         uri = v.uri(self.fold)
         if uri is None:
-            return "resources: the message names no resource"
-        return f"resources: {uri!r} matches none of {self.patterns}"
+            return f"{self.key}: the message names no resource"
+        return f"{self.key}: {uri!r} matches none of {self.patterns}"
 
 
 class KeywordCondition(Condition):
@@ -430,6 +399,160 @@ def _equal(value: Any, wanted: Any, fold: bool) -> bool:
     return num is not None and num == wanted
 
 
+class _AllOf(Condition):
+    """Several `arguments` entries: each must hold."""
+
+    key = "arguments"
+    content = True
+
+    def __init__(self, parts: list[ArgumentCondition]):
+        self.parts = parts
+
+    def test(self, v: View) -> bool:
+        return all(p.test(v) for p in self.parts)
+
+    def why_not(self, v: View) -> str:
+        return next(p.why_not(v) for p in self.parts if not p.test(v))
+
+
+# --- the match keys: one table ------------------------------------------------
+
+_BAD = object()
+
+# (compiler, node, rule, key, fold) -> the key's value, or _BAD once the compiler has said why not.
+Reader = Callable[["_Compiler", yaml.Node, str, str, bool], Any]
+# (key, value, fold) -> the condition.
+Builder = Callable[[str, Any, bool], Condition]
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One key of a rule's `match`: how its YAML value is read and the Condition it becomes.
+
+    `build` is None for a key that only changes how the others compare
+    (`case_insensitive`); `target` marks the keys naming what a message acts on.
+    """
+
+    read: Reader
+    build: Builder | None = None
+    target: TargetKind | None = None
+
+
+def _read_strings(c: _Compiler, node: yaml.Node, rule: str, key: str, fold: bool) -> Any:
+    values = c.strings(node, rule, key)
+    return _BAD if values is None else values
+
+
+def _read_flag(c: _Compiler, node: yaml.Node, rule: str, key: str, fold: bool) -> Any:
+    return c.scalar(node, rule, key, (bool,))
+
+
+def _read_choice(allowed: tuple[str, ...]) -> Reader:
+    return lambda c, node, rule, key, fold: c.choice(node, rule, key, allowed)
+
+
+def _read_kinds(c: _Compiler, node: yaml.Node, rule: str, key: str, fold: bool) -> Any:
+    values = _read_strings(c, node, rule, key, fold)
+    if values is _BAD:
+        return _BAD
+    bad = [x for x in values if x not in KINDS]
+    if bad:
+        c.error(node, rule, f"kinds: {bad[0]!r} is not one of {', '.join(KINDS)}")
+        return _BAD
+    return values
+
+
+def _read_upstreams(c: _Compiler, node: yaml.Node, rule: str, key: str, fold: bool) -> Any:
+    """Upstream names and host:port globs, as host:port globs."""
+    values = _read_strings(c, node, rule, key, fold)
+    if values is _BAD:
+        return _BAD
+    patterns = c.upstream_patterns(node, rule, values)
+    return _BAD if patterns is None else patterns
+
+
+def _read_keywords(c: _Compiler, node: yaml.Node, rule: str, key: str, fold: bool) -> Any:
+    values = _read_strings(c, node, rule, key, fold)
+    if values is _BAD:
+        return _BAD
+    if any(not normalize.spaced(w, fold).strip() for w in values):
+        c.error(node, rule, "keywords: an empty keyword would match everything")
+        return _BAD
+    return values
+
+
+def _read_patterns(c: _Compiler, node: yaml.Node, rule: str, key: str, fold: bool) -> Any:
+    values = _read_strings(c, node, rule, key, fold)
+    if values is _BAD:
+        return _BAD
+    for p in values:
+        try:
+            re.compile(p, re.IGNORECASE if fold else 0)
+        except re.error as e:
+            c.error(node, rule, f"patterns: {p!r} is not a valid regular expression: {e}")
+            return _BAD
+    return values
+
+
+def _read_arguments(c: _Compiler, node: yaml.Node, rule: str, key: str, fold: bool) -> Any:
+    return c.arguments(node, rule) or _BAD  # none left: each was in error
+
+
+def _glob(values: Callable[[View], Iterable[str | None]], prepare: Callable[[str], str] = lambda s: s) -> Builder:
+    """Some value `values` reads off the View matches one of the globs."""
+    return lambda key, patterns, fold: GlobCondition(key, patterns, values, prepare)
+
+
+def _is(value: Callable[[View], Any]) -> Builder:
+    """What `value` reads off the View is the one value given."""
+    return lambda key, wanted, fold: ValueCondition(key, (wanted,), value)
+
+
+def _one_of(value: Callable[[View], Any]) -> Builder:
+    """What `value` reads off the View is one of the values given."""
+    return lambda key, allowed, fold: ValueCondition(key, tuple(allowed), value)
+
+
+def _resources(key: str, patterns: list[str], fold: bool) -> Condition:
+    return ResourceCondition(key, patterns, fold)
+
+
+def _arguments(key: str, entries: list[tuple[str, Path, dict[str, Any]]], fold: bool) -> Condition:
+    conds = [ArgumentCondition(shown, path, ops, fold) for shown, path, ops in entries]
+    return conds[0] if len(conds) == 1 else _AllOf(conds)
+
+
+def _keywords(key: str, values: list[str], fold: bool) -> Condition:
+    words = [normalize.spaced(w, fold) for w in values]
+    return KeywordCondition(key, values, [re.compile("|".join(re.escape(w) for w in words))], fold)
+
+
+def _patterns(key: str, values: list[str], fold: bool) -> Condition:
+    return KeywordCondition(key, values, [re.compile(p, re.IGNORECASE if fold else 0) for p in values], fold)
+
+
+# Every key `match` accepts, in the order its conditions are tested: cheap identity
+# checks first, content scans last. A key not in this table is refused.
+MATCHERS: dict[str, Matcher] = {
+    "groups": Matcher(_read_strings, _glob(lambda v: v.identity.groups)),
+    "subjects": Matcher(_read_strings, _glob(lambda v: (v.identity.sub,))),
+    "issuers": Matcher(_read_strings, _glob(lambda v: (v.identity.iss,))),
+    "authenticated": Matcher(_read_flag, _is(lambda v: v.identity.authenticated)),
+    "upstreams": Matcher(_read_upstreams, _glob(lambda v: (v.upstream,))),
+    "direction": Matcher(_read_choice(DIRECTIONS), _is(lambda v: v.direction)),
+    "kinds": Matcher(_read_kinds, _one_of(lambda v: v.kind)),
+    "methods": Matcher(_read_strings, _glob(lambda v: (v.method,), normalize.name)),
+    "tools": Matcher(_read_strings, _glob(lambda v: (v.tool,), normalize.name), TargetKind.TOOL),
+    "prompts": Matcher(_read_strings, _glob(lambda v: (v.prompt,), normalize.name), TargetKind.PROMPT),
+    "resources": Matcher(_read_strings, _resources, TargetKind.RESOURCE),
+    "arguments": Matcher(_read_arguments, _arguments),
+    "keywords": Matcher(_read_keywords, _keywords),
+    "patterns": Matcher(_read_patterns, _patterns),
+    "case_insensitive": Matcher(_read_flag),  # no condition of its own: how resources and content compare
+}
+_FOLD = "case_insensitive"
+
+
 # --- rules and rulesets -------------------------------------------------------
 
 
@@ -467,24 +590,15 @@ class Step:
     detail: str
 
 
-_LISTS = {
-    "tools/list": ("tools", "name", "tool"),
-    "prompts/list": ("prompts", "name", "prompt"),
-    "resources/list": ("resources", "uri", "resource"),
-    "resources/templates/list": ("resourceTemplates", "uriTemplate", "template"),
-}
-_PROBE = {
-    "tool": ("tools/call", "name"),
-    "prompt": ("prompts/get", "name"),
-    "resource": ("resources/read", "uri"),
-    "template": ("resources/read", "uri"),
-}
+def _probe(kind: TargetKind) -> tuple[str, str]:
+    """The call a listed item stands for: the first method of `TARGETS` acting on its kind, and its param."""
+    return next((method, param) for method, (k, param) in TARGETS.items() if k is kind)
 
 
 class Ruleset:
     """A compiled ruleset: an ordered list of rules and a default."""
 
-    def __init__(self, rules: list[Rule], default: str = "deny", default_reason: str | None = None,
+    def __init__(self, rules: list[Rule], default: str = Action.DENY.value, default_reason: str | None = None,
                  source: str = "<ruleset>", warnings: list[Problem] | None = None,
                  default_rule: str = DEFAULT_RULE):
         self.rules = rules
@@ -492,11 +606,12 @@ class Ruleset:
         self.source = source
         self.warnings = warnings or []
         if default_reason is None:
-            default_reason = "no rule allows this message" if default == "deny" else "no rule matched; the default is allow"
+            default_reason = ("no rule allows this message" if default == Action.DENY
+                              else "no rule matched; the default is allow")
         self.default_decision = Decision(default, default_rule, default_reason)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Ruleset":
+    def load(cls, path: str | os.PathLike[str]) -> Ruleset:
         """Read, validate and compile a ruleset file; RulesetError names file, line and rule."""
         name = os.fspath(path)
         try:
@@ -512,35 +627,35 @@ class Ruleset:
         return cls.parse(text, name)
 
     @classmethod
-    def parse(cls, text: str, source: str = "<ruleset>") -> "Ruleset":
+    def parse(cls, text: str, source: str = "<ruleset>") -> Ruleset:
         return _Compiler(source).compile(text)
 
     @classmethod
-    def deny_all(cls, reason: str) -> "Ruleset":
+    def deny_all(cls, reason: str) -> Ruleset:
         """The ruleset in force when none is configured: every message is denied."""
-        return cls([], "deny", reason, source="(none)", default_rule=NO_RULESET_RULE)
+        return cls([], Action.DENY.value, reason, source="(none)", default_rule=NO_RULESET_RULE)
 
     # --- evaluation ---
 
     def evaluate(self, identity: Identity | None, message: Message,
-                 direction: str = "client_to_server", upstream: str | None = None) -> Decision:
+                 direction: str = Direction.C2S.value, upstream: str | None = None) -> Decision:
         """The decision for one message: the first matching rule's, or the default."""
         v = View(identity or ANONYMOUS, message, direction, upstream)
         why = v.malformed()
         if why:
-            return Decision("deny", MALFORMED_RULE, why)
+            return Decision(Action.DENY.value, MALFORMED_RULE, why)
         for rule in self.rules:
             if rule.matches(v):
                 return rule.decision
         return self.default_decision
 
     def explain(self, identity: Identity | None, message: Message,
-                direction: str = "client_to_server", upstream: str | None = None) -> tuple[list[Step], Decision]:
+                direction: str = Direction.C2S.value, upstream: str | None = None) -> tuple[list[Step], Decision]:
         """`evaluate()`, showing each rule tried until one matched and why the others did not."""
         v = View(identity or ANONYMOUS, message, direction, upstream)
         why = v.malformed()
         if why:
-            return [Step(MALFORMED_RULE, None, True, why)], Decision("deny", MALFORMED_RULE, why)
+            return [Step(MALFORMED_RULE, None, True, why)], Decision(Action.DENY.value, MALFORMED_RULE, why)
         steps = []
         for rule in self.rules:
             failed = rule.first_failure(v)
@@ -555,6 +670,7 @@ class Ruleset:
                 masking_profiles: Collection[str] | None = None) -> bool:
         """Whether a listed tool/prompt/resource/template is shown: could some call to it be let through?
 
+        `item` is a target kind (`tool`, `prompt`, `resource`) or `template` (a resource template).
         With `masking_profiles` (the profiles the gateway can apply), a `mask`
         rule whose profile is not among them counts as a denial, as it does at call time.
 
@@ -563,31 +679,30 @@ class Ruleset:
         such conditions shows the item; a denying one hides it only if its
         keywords/patterns already match the bare call (they then match every call).
         """
-        method, key = _PROBE[item]
-        params = {key: name}
-        msg = Message(kind="request", raw={"jsonrpc": "2.0", "id": 0, "method": method, "params": params},
-                      id=0, method=method, params=params)
-        v = View(identity or ANONYMOUS, msg, "client_to_server", upstream)
+        template = item == "template"
+        method, param = _probe(TargetKind.RESOURCE if template else TargetKind(item))
+        msg = classify({"jsonrpc": "2.0", "id": 0, "method": method, "params": {param: name}})
+        v = View(identity or ANONYMOUS, msg, Direction.C2S, upstream)
         if v.malformed():
             return False
         for rule in self.rules:
             unknown: list[Condition] = []
             applies = True
             for c in rule.conditions:
-                if c.content or (item == "template" and c.key == "resources"):
+                if c.content or (template and isinstance(c, ResourceCondition)):
                     unknown.append(c)
                 elif not c.test(v):
                     applies = False
                     break
             if not applies:
                 continue
-            refuses = rule.action == "deny" or (
-                rule.action == "mask" and masking_profiles is not None and rule.profile not in masking_profiles)
+            refuses = rule.action == Action.DENY or (
+                rule.action == Action.MASK and masking_profiles is not None and rule.profile not in masking_profiles)
             if not unknown or not refuses:
                 return not refuses
-            if item != "template" and all(isinstance(c, KeywordCondition) and c.test(v) for c in unknown):
+            if not template and all(isinstance(c, KeywordCondition) and c.test(v) for c in unknown):
                 return False
-        return self.default != "deny"
+        return self.default != Action.DENY
 
     def filter_list(self, identity: Identity | None, upstream: str | None, method: str | None,
                     result: Any, masking_profiles: Collection[str] | None = None) -> tuple[Any, list[str]]:
@@ -599,25 +714,26 @@ class Ruleset:
         if not isinstance(result, dict):
             return result, []
         if method is None:
-            specs = [s for s in _LISTS.values() if isinstance(result.get(s[0]), list)]
+            listings = [lst for lst in LISTS.values() if isinstance(result.get(lst.key), list)]
         else:
-            specs = [_LISTS[method]] if method in _LISTS else []
+            listings = [LISTS[method]] if method in LISTS else []
         hidden: list[str] = []
         out = result
-        for key, field_name, item in specs:
-            items = result.get(key)
+        for listing in listings:
+            items = result.get(listing.key)
             if not isinstance(items, list):
                 continue
+            item = "template" if listing.template else listing.kind
             kept = []
             for entry in items:
-                target = entry.get(field_name) if isinstance(entry, dict) else None
+                target = entry.get(listing.field) if isinstance(entry, dict) else None
                 if isinstance(target, str) and self.visible(identity, upstream, item, target, masking_profiles):
                     kept.append(entry)
                 else:
                     hidden.append(target if isinstance(target, str) else "<unnamed>")
             if len(kept) != len(items):
                 out = dict(out)
-                out[key] = kept
+                out[listing.key] = kept
         return out, hidden
 
 
@@ -625,13 +741,8 @@ class Ruleset:
 
 _TOP_KEYS = ("version", "description", "default", "default_reason", "upstreams", "rules")
 _RULE_KEYS = ("id", "description", "match", "action", "reason", "profile")
-_MATCH_KEYS = ("groups", "subjects", "issuers", "authenticated", "upstreams", "direction", "kinds",
-               "methods", "tools", "prompts", "resources", "arguments", "keywords", "patterns",
-               "case_insensitive")
 _ARG_KEYS = ("path", "equals", "glob", "regex", "lt", "le", "gt", "ge")
-_DEFAULT_REASONS = {"deny": "denied by policy", "approve": "needs a person's approval"}
-
-_BAD = object()
+_DEFAULT_REASONS = {Action.DENY: "denied by policy", Action.APPROVE: "needs a person's approval"}
 _TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "true or false", type(None): "null"}
 
 
@@ -723,9 +834,9 @@ class _Compiler:
             self.error(root, None, "missing 'version: 1'")
         elif self.scalar(top["version"][1], None, "version", (int,)) not in (1, _BAD):
             self.error(top["version"][1], None, "version must be 1")
-        default = "deny"
+        default = Action.DENY.value
         if "default" in top:
-            default = self.choice(top["default"][1], None, "default", ("deny", "allow"))
+            default = self.choice(top["default"][1], None, "default", (Action.DENY.value, Action.ALLOW.value))
         default_reason = None
         if "default_reason" in top:
             default_reason = self.scalar(top["default_reason"][1], None, "default_reason", (str,))
@@ -800,9 +911,9 @@ class _Compiler:
         profile = None
         if "profile" in keys:
             profile = self.scalar(keys["profile"][1], label, "profile", (str,))
-            if action not in ("mask", _BAD, None):
+            if action not in (Action.MASK, _BAD, None):
                 self.error(keys["profile"][0], label, "profile is only for action: mask")
-        elif action == "mask":
+        elif action == Action.MASK:
             self.error(node, label, "action mask needs a 'profile' (the masking profile to apply)")
         reason = None
         if "reason" in keys:
@@ -826,75 +937,23 @@ class _Compiler:
         )
 
     def match(self, node: yaml.Node, rule: str) -> tuple[Condition, ...]:
-        keys = self.mapping(node, rule, "match", _MATCH_KEYS)
+        keys = self.mapping(node, rule, "match", tuple(MATCHERS))
         if keys is None:
             return ()
         fold = False
-        if "case_insensitive" in keys:
-            fold = self.scalar(keys["case_insensitive"][1], rule, "case_insensitive", (bool,)) is True
+        if _FOLD in keys:
+            fold = MATCHERS[_FOLD].read(self, keys[_FOLD][1], rule, _FOLD, False) is True
         out: list[Condition] = []
-        for key in _MATCH_KEYS:  # a fixed order: cheap identity checks first, content scans last
-            if key not in keys or key == "case_insensitive":
+        for key, matcher in MATCHERS.items():  # the table's order: cheap identity checks first
+            if key not in keys or matcher.build is None:
                 continue
-            cond = self.condition(key, keys[key][1], rule, fold)
-            if cond is not None:
-                out.append(cond)
-        named = [k for k in ("tools", "prompts", "resources") if k in keys]
+            value = matcher.read(self, keys[key][1], rule, key, fold)
+            if value is not _BAD:
+                out.append(matcher.build(key, value, fold))
+        named = [k for k, matcher in MATCHERS.items() if matcher.target is not None and k in keys]
         if len(named) > 1:
             self.warn(node, rule, f"{' and '.join(named)} together never match (a message names one target)")
         return tuple(out)
-
-    def condition(self, key: str, node: yaml.Node, rule: str, fold: bool) -> Condition | None:
-        if key == "authenticated":
-            value = self.scalar(node, rule, key, (bool,))
-            return None if value is _BAD else ValueCondition(key, (value,), lambda v: v.identity.authenticated)
-        if key == "direction":
-            value = self.choice(node, rule, key, DIRECTIONS)
-            return None if value is _BAD else ValueCondition(key, (value,), lambda v: v.direction)
-        if key == "arguments":
-            return self.arguments(node, rule, fold)
-        values = self.strings(node, rule, key)
-        if values is None:
-            return None
-        if key == "kinds":
-            bad = [x for x in values if x not in KINDS]
-            if bad:
-                self.error(node, rule, f"kinds: {bad[0]!r} is not one of {', '.join(KINDS)}")
-                return None
-            return ValueCondition(key, tuple(values), lambda v: v.kind)
-        if key == "groups":
-            return GlobCondition(key, values, lambda v: v.identity.groups)
-        if key == "subjects":
-            return GlobCondition(key, values, lambda v: (v.identity.sub,))
-        if key == "issuers":
-            return GlobCondition(key, values, lambda v: (v.identity.iss,))
-        if key == "upstreams":
-            patterns = self.upstream_patterns(node, rule, values)
-            return None if patterns is None else GlobCondition(key, patterns, lambda v: (v.upstream,))
-        if key == "methods":
-            return GlobCondition(key, values, lambda v: (v.method,), normalize.name)
-        if key == "tools":
-            return GlobCondition(key, values, lambda v: (v.tool,), normalize.name)
-        if key == "prompts":
-            return GlobCondition(key, values, lambda v: (v.prompt,), normalize.name)
-        if key == "resources":
-            return ResourceCondition(values, fold)
-        if key == "keywords":
-            words = [normalize.spaced(w, fold) for w in values]
-            if any(not w.strip() for w in words):
-                self.error(node, rule, "keywords: an empty keyword would match everything")
-                return None
-            return KeywordCondition(key, values, [re.compile("|".join(re.escape(w) for w in words))], fold)
-        if key == "patterns":
-            regexes = []
-            for p in values:
-                try:
-                    regexes.append(re.compile(p, re.IGNORECASE if fold else 0))
-                except re.error as e:
-                    self.error(node, rule, f"patterns: {p!r} is not a valid regular expression: {e}")
-                    return None
-            return KeywordCondition(key, values, regexes, fold)
-        raise AssertionError(key)  # pragma: no cover - _MATCH_KEYS and this method agree
 
     def upstream_patterns(self, node: yaml.Node, rule: str, values: list[str]) -> list[str] | None:
         out: list[str] = []
@@ -909,11 +968,12 @@ class _Compiler:
                 return None
         return out
 
-    def arguments(self, node: yaml.Node, rule: str, fold: bool) -> Condition | None:
+    def arguments(self, node: yaml.Node, rule: str) -> list[tuple[str, Path, dict[str, Any]]]:
+        """The `arguments` entries as (shown path, path, operators); those in error are left out."""
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             self.error(node, rule, "arguments must be a non-empty list of {path: ..., <operator>: ...}")
-            return None
-        conds: list[ArgumentCondition] = []
+            return []
+        entries: list[tuple[str, Path, dict[str, Any]]] = []
         for entry in node.value:
             keys = self.mapping(entry, rule, "arguments entry", _ARG_KEYS)
             if keys is None:
@@ -934,10 +994,8 @@ class _Compiler:
                 continue
             if path is not None and len(ops) == len([op for op in _ARG_KEYS[1:] if op in keys]):
                 shown = ".".join("*" if s is None else s for s in path)
-                conds.append(ArgumentCondition(shown, path, ops, fold))
-        if not conds:
-            return None
-        return conds[0] if len(conds) == 1 else _AllOf(conds)
+                entries.append((shown, path, ops))
+        return entries
 
     def arg_path(self, node: yaml.Node, rule: str) -> Path | None:
         if isinstance(node, yaml.SequenceNode):
@@ -983,22 +1041,6 @@ class _Compiler:
                                                  f"never reached: rule '{rule.id}' (line {rule.line}) matches every message",
                                                  warning=True))
                 return
-
-
-class _AllOf(Condition):
-    """Several `arguments` entries: each must hold."""
-
-    key = "arguments"
-    content = True
-
-    def __init__(self, parts: list[ArgumentCondition]):
-        self.parts = parts
-
-    def test(self, v: View) -> bool:
-        return all(p.test(v) for p in self.parts)
-
-    def why_not(self, v: View) -> str:
-        return next(p.why_not(v) for p in self.parts if not p.test(v))
 
 
 # --- hot reload -------------------------------------------------------------

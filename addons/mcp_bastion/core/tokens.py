@@ -44,6 +44,7 @@ from typing import Any
 import jwt
 from jwt.api_jws import PyJWS
 
+from .identity import Identity
 from .jsonrpc import ParseError, loads_strict
 
 ASYMMETRIC_ALGORITHMS = (
@@ -112,7 +113,7 @@ def urllib_fetch(url: str, timeout: float = 5.0) -> FetchResult:
     """GET `url` with the standard library (blocking); bodies larger than 1 MiB are cut off."""
     req = urllib.request.Request(url, headers={"accept": "application/json", "user-agent": "mcp-bastion"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only, checked by caller
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             body = resp.read(MAX_DOCUMENT_BYTES + 1)
             return FetchResult(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
     except urllib.error.HTTPError as e:
@@ -154,32 +155,6 @@ class VerifierConfig:
             raise ValueError("the minimum JWKS refresh interval is 1 second")
         if self.max_stale < 0 or self.default_key_ttl < 0:
             raise ValueError("JWKS lifetimes cannot be negative")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a verified token speaks for. `as_metadata()` is what travels on a flow."""
-
-    iss: str
-    sub: str | None = None
-    email: str | None = None
-    name: str | None = None
-    groups: tuple[str, ...] = ()
-    client_id: str | None = None
-    scopes: tuple[str, ...] = ()
-
-    def as_metadata(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in ("sub", "email", "name"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        out["groups"] = list(self.groups)
-        out["iss"] = self.iss
-        if self.client_id is not None:
-            out["client_id"] = self.client_id
-        out["scopes"] = list(self.scopes)
-        return out
 
 
 @dataclass(frozen=True)

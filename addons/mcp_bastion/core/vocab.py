@@ -58,7 +58,7 @@ class StageName(StrEnum):
     TRANSPORT = "transport"  # not a stage: a connection failed (client gone, upstream reset)
 
     @property
-    def response(self) -> "StageName":
+    def response(self) -> StageName:
         """The response-side name of a message stage (`policy` -> `resp:policy`)."""
         return StageName(f"resp:{self.value}") if not self.value.startswith("resp:") else self
 

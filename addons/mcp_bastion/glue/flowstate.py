@@ -4,13 +4,18 @@ What travels on a flow, and how an enforcement step fails closed.
 Every addon of the bundle reads and writes a flow's state through this module:
 
 - `flow.metadata` holds only serialisable values (they are saved in recordings
-  and shown in mitmweb), under the keys below.
-- The parsed request body (a live object) is cached per flow in a weak map,
-  so each addon does not parse it again.
+  and shown in mitmweb), under the keys of `core.vocab.Meta`.
+- The parsed messages of the request and of a buffered response (live
+  `Message` values, after every stage) are kept per flow in weak maps, so no
+  addon parses a body again.
+- Decisions are appended with `record()` (one per stage and message) or
+  `add_decision()`, and `annotate()` turns them into the line a reviewer reads
+  in mitmweb's flow list (`flow.comment`) and a mark.
 - `fail_closed(stage)` wraps a hook: if it raises, the flow is answered with a
   JSON error instead of being forwarded (mitmproxy's own default is to log the
   exception and go on, which for an enforcement point is a bypass).
-- `refuse()` is the one way to answer a client instead of the upstream.
+
+Replies to the client or the upstream are built in `glue.replies`, not here.
 """
 
 from __future__ import annotations
@@ -20,39 +25,46 @@ import inspect
 import logging
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mitmproxy import http
 
-from mcp_bastion.core import errors
-from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.jsonrpc import Body, dumps
-from mcp_bastion.core.sse import SSEEvent
+from mcp_bastion.core.identity import Identity
+from mcp_bastion.core.jsonrpc import Body
+from mcp_bastion.core.message import Message, summary_label
+from mcp_bastion.core.pipeline import Context, Verdict
+from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 
 logger = logging.getLogger("mcp_bastion")
 
-# --- flow.metadata keys (values are plain JSON-like data) -------------------
-MCP = "bastion.mcp"  # {"transport", "session", "request": [summaries], "response": [...], "sse_events": n}
-IDENTITY = "bastion.identity"  # {"sub", "email", "name", "groups", "iss", "client_id", "scopes"} or None
-UPSTREAM = "bastion.upstream"  # "host:port" of the upstream MCP server
-DECISIONS = "bastion.decisions"  # [{"stage", "direction", "id", "method", "target", "action", "rule", "reason"}]
-STAGES = "bastion.stages"  # enforcement stages this flow passed: ["parse", "auth", "policy", "resp:parse", ...]
-ERROR = "bastion.error"  # set when an enforcement step failed and the gateway failed closed
-STARTED = "bastion.t0"  # time.monotonic() when the gateway first saw the request
-CLIENT_HOST = "bastion.client_host"  # the Host the client addressed, before reverse mode rewrites it
-SECRET_HEADERS = "bastion.secret_headers"  # lower-case names of request headers carrying credentials (scrubbed when recorded)
+MAX_RECORDED = 500  # decisions kept per flow; allows beyond it are only counted (long event streams)
 
 _bodies: weakref.WeakKeyDictionary[http.HTTPFlow, Body] = weakref.WeakKeyDictionary()
+# The upstream's own credential (header, value) set on a forwarded request: never in metadata, so
+# never recorded or shown; kept for the gateway's answers to the upstream on the client's behalf.
+_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, str]] = weakref.WeakKeyDictionary()
 _response_bodies: weakref.WeakKeyDictionary[http.HTTPFlow, Body] = weakref.WeakKeyDictionary()
+# The upstream's own credential (header, value) set on a forwarded request: never in metadata, so
+# never recorded or shown; kept for the gateway's answers to the upstream on the client's behalf.
+_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
 def is_mcp(flow: http.HTTPFlow) -> bool:
     """True once the gateway has accepted the flow as MCP traffic it must enforce."""
-    return MCP in flow.metadata
+    return Meta.MCP in flow.metadata
 
 
 def mcp_state(flow: http.HTTPFlow) -> dict[str, Any]:
-    return flow.metadata.setdefault(MCP, {})
+    return flow.metadata.setdefault(Meta.MCP, {})
+
+
+def refused(flow: http.HTTPFlow) -> bool:
+    """The gateway answered this flow itself (a refusal or an error)."""
+    return bool(flow.metadata.get(Meta.REFUSED))
+
+
+# --- parsed messages --------------------------------------------------------
 
 
 def set_request_body(flow: http.HTTPFlow, body: Body | None) -> None:
@@ -63,7 +75,7 @@ def set_request_body(flow: http.HTTPFlow, body: Body | None) -> None:
 
 
 def request_body(flow: http.HTTPFlow) -> Body | None:
-    """The parsed JSON-RPC request body (None for GET/DELETE or a body-less request)."""
+    """The request's parsed JSON-RPC messages, after every stage (None for GET/DELETE or a body-less request)."""
     return _bodies.get(flow)
 
 
@@ -75,186 +87,185 @@ def set_response_body(flow: http.HTTPFlow, body: Body | None) -> None:
 
 
 def response_body(flow: http.HTTPFlow) -> Body | None:
-    """The parsed JSON-RPC body of a buffered application/json response."""
+    """The parsed JSON-RPC messages of a buffered application/json response, after every stage."""
     return _response_bodies.get(flow)
 
 
-def mark_stage(flow: http.HTTPFlow, stage: str) -> None:
-    stages = flow.metadata.setdefault(STAGES, [])
+def set_upstream_credential(flow: http.HTTPFlow, header: str, value: str) -> None:
+    _credentials[flow] = (header.lower(), value)
+
+
+def upstream_credential(flow: http.HTTPFlow) -> tuple[str, str] | None:
+    return _credentials.get(flow)
+
+
+def asked(flow: http.HTTPFlow) -> dict[Any, Message]:
+    """Request id -> the client's request on this flow, so an answer knows what it answers."""
+    body = _bodies.get(flow)
+    if body is None:
+        return {}
+    return {m.id: m for m in body.messages if m.kind == Kind.REQUEST and m.id is not None}
+
+
+# --- who, and the stages passed ----------------------------------------------
+
+
+def identity(flow: http.HTTPFlow) -> Identity:
+    return Identity.from_claims(flow.metadata.get(Meta.IDENTITY))
+
+
+def context(flow: http.HTTPFlow, masking_profiles: frozenset[str] = frozenset()) -> Context:
+    """What the message stages know about this flow besides each message."""
+    return Context(
+        identity=identity(flow),
+        upstream=flow.metadata.get(Meta.UPSTREAM),
+        session=flow.request.headers.get("mcp-session-id"),
+        flow_id=flow.id,
+        http_method=flow.request.method,
+        masking_profiles=masking_profiles,
+    )
+
+
+def mark_stage(flow: http.HTTPFlow, stage: StageName | str) -> None:
+    stages = flow.metadata.setdefault(Meta.STAGES, [])
     if stage not in stages:
-        stages.append(stage)
+        stages.append(str(stage))
 
 
-def passed(flow: http.HTTPFlow, stage: str) -> bool:
-    return stage in flow.metadata.get(STAGES, ())
+def passed(flow: http.HTTPFlow, stage: StageName | str) -> bool:
+    return stage in flow.metadata.get(Meta.STAGES, ())
+
+
+# --- decisions and what people see ------------------------------------------
 
 
 def add_decision(flow: http.HTTPFlow, **decision: Any) -> None:
-    """Append one decision (allow/deny/mask/approve/error) and refresh the annotation."""
-    flow.metadata.setdefault(DECISIONS, []).append(
-        {k: v for k, v in decision.items() if v is not None}
+    """Append one decision (allow/deny/mask/approve/filter/drop/error) and refresh the annotation."""
+    flow.metadata.setdefault(Meta.DECISIONS, []).append(
+        {k: (str(v) if isinstance(v, (StageName, Action, Direction)) else v)
+         for k, v in decision.items() if v is not None}
     )
     annotate(flow)
 
 
-_MARKS = {
-    "error": ":warning:",
-    "deny": ":no_entry:",
-    "approve": ":hourglass:",
-    "mask": ":performing_arts:",
+def record(flow: http.HTTPFlow, m: Message, verdicts: Iterable[Verdict], **extra: Any) -> None:
+    """Append a stage's verdicts on message `m`; beyond MAX_RECORDED decisions, allows are only counted."""
+    for v in verdicts:
+        if v.action == Action.ALLOW and len(flow.metadata.get(Meta.DECISIONS, ())) >= MAX_RECORDED:
+            state = mcp_state(flow)
+            state["unrecorded_allows"] = state.get("unrecorded_allows", 0) + 1
+            continue
+        flow.metadata.setdefault(Meta.DECISIONS, []).append({**v.record(m), **extra})
+        if v.action == Action.APPROVE and m.direction != Direction.S2C:
+            # No approval stage yet: the call is answered APPROVAL_REQUIRED; this says which rule asked.
+            approval = flow.metadata.setdefault(Meta.APPROVAL, {"rule": v.rule, "status": "pending-workflow",
+                                                                "ids": []})
+            if m.id is not None and m.id not in approval["ids"]:
+                approval["ids"].append(m.id)
+        if v.action == Action.MASK and v.extra.get("profile"):
+            mask = flow.metadata.setdefault(Meta.MASK, {"profile": v.extra["profile"], "rule": v.rule, "profiles": []})
+            if v.extra["profile"] not in mask["profiles"]:
+                mask["profiles"].append(v.extra["profile"])
+    annotate(flow)
+
+
+# Marks are emoji short codes (mitmproxy's vocabulary) whose glyphs are plain text symbols,
+# so they read without an emoji font, in mitmweb and in the console alike.
+MARKS = {
+    Action.ERROR: ":warning:",  # ⚠
+    Action.DENY: ":heavy_multiplication_x:",  # ✖
+    Action.APPROVE: ":pause_button:",  # ⏸
+    Action.MASK: ":black_small_square:",  # ▪
 }
-_RANK = {action: rank for rank, action in enumerate(_MARKS)}  # most severe first
+_RANK = {action: rank for rank, action in enumerate(MARKS)}  # most severe first
 
 
-class _Scan:
-    """How far `annotate` has read a flow's decisions, and the most severe one so far.
+def _bears_on_call(d: dict[str, Any]) -> bool:
+    """Whether a decision is about the call the flow carries, rather than about a side message.
 
-    A long event stream adds hundreds of decisions, each followed by
-    `annotate`: reading only the new ones keeps that linear. Decisions are
-    only ever appended (`add_decision`); a list replaced, cut or with its last
-    entry replaced is read again from the start.
+    The client's own messages, and anything that stopped or failed the answer
+    (an error, a refused response), are; a server notification or request
+    dropped from the stream (progress, a denied elicitation) and list
+    filtering are not: the call itself still got its answer.
     """
-
-    __slots__ = ("decisions", "count", "last", "rank", "index")
-
-    def __init__(self, decisions: list[dict[str, Any]]):
-        self.decisions = decisions
-        self.count = 0  # decisions read
-        self.last: dict[str, Any] | None = None  # the last one read
-        self.rank: int | None = None  # of the most severe decision read
-        self.index = 0  # of the first decision with that rank
+    if d.get("direction") != Direction.S2C:
+        return True
+    return d.get("action") == Action.ERROR
 
 
-_scans: weakref.WeakKeyDictionary[http.HTTPFlow, _Scan] = weakref.WeakKeyDictionary()
+def headline(decisions: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, int]:
+    """The decision a flow's label names, and how many side decisions (on server messages) were not allow.
 
-
-def _headline(flow: http.HTTPFlow, decisions: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
-    """The decision the comment names, and the worst severity: the first of the most severe
-    decisions (error, deny, approve, mask), else the last decision."""
-    scan = _scans.get(flow)
-    if (scan is None or scan.decisions is not decisions or scan.count > len(decisions)
-            or (scan.count and decisions[scan.count - 1] is not scan.last)):
-        scan = _scans[flow] = _Scan(decisions)
-    for i in range(scan.count, len(decisions)):
-        rank = _RANK.get(decisions[i].get("action"))
-        if rank is not None and (scan.rank is None or rank < scan.rank):
-            scan.rank, scan.index = rank, i
-    scan.count, scan.last = len(decisions), decisions[-1]
-    if scan.rank is None:
-        return decisions[-1], None
-    return decisions[scan.index], decisions[scan.index]["action"]
+    The label names the first of the most severe decisions on the call itself
+    (see `_bears_on_call`), else the last decision on the call.
+    """
+    best: dict[str, Any] | None = None
+    best_rank: int | None = None
+    last: dict[str, Any] | None = None
+    side = 0
+    for d in decisions:
+        if not _bears_on_call(d):
+            if d.get("action") not in (Action.ALLOW, None):
+                side += 1
+            continue
+        last = d
+        rank = _RANK.get(d.get("action"))
+        if rank is not None and (best_rank is None or rank < best_rank):
+            best, best_rank = d, rank
+    return (best or last), side
 
 
 def annotate(flow: http.HTTPFlow) -> None:
-    """Write a one-line summary for people in mitmweb: `flow.comment` and a mark."""
-    state = flow.metadata.get(MCP, {})
-    parts = []
-    for summ in state.get("request", [])[:3]:
-        parts.append(_label(summ))
-    if len(state.get("request", [])) > 3:
-        parts.append(f"(+{len(state['request']) - 3} more)")
-    ident = flow.metadata.get(IDENTITY)
-    who = ident.get("sub") if isinstance(ident, dict) else None
-    decisions = flow.metadata.get(DECISIONS, [])
-    worst = None
+    """The one line for people in mitmweb: `flow.comment` (who: what -> decision [rule]) and a mark."""
+    state = flow.metadata.get(Meta.MCP, {})
+    summaries = state.get("request", [])
+    parts = [summary_label(s) for s in summaries[:3]]
+    if len(summaries) > 3:
+        parts.append(f"(+{len(summaries) - 3} more)")
     line = ", ".join(parts) or flow.request.method
-    if decisions:
-        d, worst = _headline(flow, decisions)
+    d, side = headline(flow.metadata.get(Meta.DECISIONS, []))
+    if d is not None:
         line += f" -> {d.get('action')}"
         if d.get("rule"):
             line += f" [{d['rule']}]"
-        if d.get("reason") and d.get("action") != "allow":
+        if d.get("reason") and d.get("action") != Action.ALLOW:
             line += f": {d['reason']}"
+    if side:
+        line += f" ({side} server message{'s' if side != 1 else ''} filtered or dropped)"
+    who = identity(flow).who
     if who:
         line = f"{who}: {line}"
     flow.comment = line
-    flow.marked = _MARKS.get(worst or "", "")
+    flow.marked = MARKS.get(d.get("action") if d else None, "")
 
 
-def _label(summ: dict[str, Any]) -> str:
-    out = summ.get("method") or summ.get("kind", "?")
-    target = summ.get("tool") or summ.get("prompt") or summ.get("uri")
-    if target:
-        out += f" {target}"
-    return out
+# --- failing closed ---------------------------------------------------------
 
 
-def refuse(
-    flow: http.HTTPFlow,
-    refusal: Refusal,
-    *,
-    stage: str,
-    body: Body | None = None,
-    action: str = "deny",
-    rule: str | None = None,
-) -> None:
-    """Answer the client with `refusal` instead of forwarding (or instead of the upstream's answer)."""
-    if body is None:
-        body = request_body(flow)
-    headers = {"content-type": "application/json", "cache-control": "no-store"}
-    headers.update(refusal.headers)
-    flow.response = http.Response.make(
-        refusal.status, refusal.body_for_parsed(body), headers
-    )
-    flow.metadata["bastion.refused"] = True
-    add_decision(
-        flow,
-        stage=stage,
-        direction="client_to_server",
-        action=action,
-        rule=rule,
-        reason=refusal.message,
-        code=refusal.code,
-        status=refusal.status,
-    )
-
-
-def admit_unless_failing(flow: http.HTTPFlow, *, stage: str, failing: bool, hold: float, what: str, reason: str) -> None:
-    """For a stage that must write before a flow may go on (recording, audit): mark `stage`, or,
-    while its writes are `failing`, answer 503 with Retry-After `hold` seconds instead."""
-    if not failing:
-        mark_stage(flow, stage)
-        return
-    refuse(
-        flow,
-        Refusal(503, errors.GATEWAY_ERROR, f"mcp-bastion cannot {what} right now; the request was not forwarded",
-                {"reason": reason}, {"retry-after": str(int(hold))}),
-        stage=stage,
-        action="error",
-    )
-
-
-def internal_error(stage: str, exc: BaseException) -> Refusal:
-    """The refusal used when an enforcement step itself fails."""
-    return Refusal(
-        status=500 if not stage.startswith("resp") else 502,
-        code=errors.GATEWAY_ERROR,
-        message=f"mcp-bastion could not complete the {stage} check; the request was not forwarded"
-        if not stage.startswith("resp")
-        else f"mcp-bastion could not complete the {stage} check; the response was withheld",
-        data={"stage": stage, "error": type(exc).__name__},
-    )
-
-
-def fail_closed(stage: str) -> Callable:
+def fail_closed(stage: StageName | str) -> Callable:
     """Decorate an addon hook so that an exception denies the flow instead of letting it through.
 
     Works for sync and async hooks taking one flow argument. The error and the
-    stage are recorded in `flow.metadata` and logged with a traceback.
+    stage are recorded in `flow.metadata` and logged with a traceback. A
+    `StageFailed` names the stage that failed inside a pipeline run.
 
     Not for `responseheaders`: a refusal set there is overwritten by the
     upstream's body when mitmproxy reads it; that hook must instead make sure
     the body is buffered (not streamed) so that `response` can withhold it.
     """
+    from mcp_bastion.glue import replies  # replies records its decisions through this module
 
     def deco(fn: Callable) -> Callable:
         def handle(flow: http.HTTPFlow, exc: BaseException) -> None:
-            logger.error("mcp-bastion: %s failed on %s: %r", stage, flow.request.pretty_url, exc, exc_info=exc)
-            flow.metadata[ERROR] = f"{stage}: {type(exc).__name__}: {exc}"
+            where = str(getattr(exc, "stage", None) or stage)
+            if isinstance(exc, StageFailed) and exc.__cause__ is not None:
+                exc = exc.__cause__  # name what the stage raised, not the wrapper
+            logger.error("mcp-bastion: %s failed on %s: %r", where, flow.request.pretty_url, exc, exc_info=exc)
+            flow.metadata[Meta.ERROR] = f"{where}: {type(exc).__name__}: {exc}"
             if isinstance(flow.response, http.Response) and callable(flow.response.stream):
                 return  # headers already sent; the stream wrapper fails closed on its own
             try:
-                refuse(flow, internal_error(stage, exc), stage=stage, action="error")
+                replies.refuse(flow, replies.internal_error(where, exc), stage=where, action=Action.ERROR)
             except Exception:  # pragma: no cover - last resort, never let a flow through
                 flow.kill()
 
@@ -281,53 +292,15 @@ def fail_closed(stage: str) -> Callable:
     return deco
 
 
+class StageFailed(Exception):
+    """A message stage raised: carries the stage's name so the refusal names it."""
+
+    def __init__(self, stage: StageName | str, exc: BaseException):
+        super().__init__(f"{type(exc).__name__}: {exc}")
+        self.stage = str(stage)
+        self.__cause__ = exc
+
+
 def elapsed_ms(flow: http.HTTPFlow) -> float | None:
-    t0 = flow.metadata.get(STARTED)
+    t0 = flow.metadata.get(Meta.STARTED)
     return None if t0 is None else round((time.monotonic() - t0) * 1000, 3)
-
-
-class StreamEvent:
-    """One SSE event on its way to the client, offered to each addon's `mcp_stream_event`.
-
-    An addon may `replace()` the event's data (the event is re-serialised) or
-    `drop()` it (the client never sees it). `body` is the parsed JSON-RPC
-    content, or None for events that carry no JSON-RPC message.
-    """
-
-    __slots__ = ("flow", "event", "body", "dropped", "reason", "_data", "extra")
-
-    def __init__(self, flow: http.HTTPFlow, event: SSEEvent, body: Body | None):
-        self.flow = flow
-        self.event = event
-        self.body = body
-        self.dropped = False
-        self.reason: str | None = None
-        self._data: str | None = None
-        self.extra: list[bytes] = []
-
-    def replace(self, data: str | Any) -> None:
-        """Replace the event's data: a string as-is, anything else as compact JSON."""
-        self._data = data if isinstance(data, str) else dumps(data).decode("utf-8")
-
-    def drop(self, reason: str) -> None:
-        self.dropped = True
-        self.reason = reason
-
-    def emit_after(self, raw_event: bytes) -> None:
-        """Send an extra, gateway-made SSE block right after this one (e.g. an error)."""
-        self.extra.append(raw_event)
-
-    @property
-    def modified(self) -> bool:
-        return self._data is not None
-
-    def output(self) -> bytes:
-        if self.dropped:
-            out = b""
-        elif self._data is None:
-            out = self.event.raw
-        else:
-            self.event.data = self._data
-            self.event.has_data = True
-            out = self.event.encode()
-        return out + b"".join(self.extra)

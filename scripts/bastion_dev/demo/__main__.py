@@ -25,8 +25,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .client import Row, run_session
 from bastion_dev.issuer import DevIssuer
+
+from .client import Row, run_session
 
 ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent

@@ -1,0 +1,168 @@
+"""
+The Pipeline addon: runs the message stages over every MCP message, in both
+directions, in JSON bodies, batches and each SSE event.
+
+The stages (Policy today; masking, approval and tool pinning next) are given
+by `bundle()` in order. For each message the pipeline hands every stage the
+current message, records each stage's decisions on the flow, and applies the
+outcome (see `core.pipeline`); a body is serialised once, after all stages.
+
+- Request (`request`, async: a stage may hold a message while other flows go
+  on): a refusal of any message answers the whole body (`replies.refuse_request`);
+  otherwise the request goes on with the stages' messages, and each stage is
+  marked for the Gate.
+- Buffered response (`response`, async): refused server requests are answered
+  to the upstream on the client's behalf, dropped messages removed, refused
+  answers replaced by an error; nothing left means 202 Accepted.
+- Event stream (`responseheaders`): the pipeline attaches itself to the
+  Gateway's `SSEStream`, which calls it for every event; nothing can wait
+  inside a stream, so a hold there is a refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from mcp_bastion.core import pipeline
+from mcp_bastion.core.jsonrpc import Body, dumps
+from mcp_bastion.core.message import Message, http_request
+from mcp_bastion.core.pipeline import Context, Refuse, Run, Stage
+from mcp_bastion.core.vocab import Direction, Kind, StageName
+from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue import replies
+from mcp_bastion.glue.stream import SSEStream
+
+logger = logging.getLogger("mcp_bastion")
+
+
+class _Guarded:
+    """A stage whose exceptions name it (so a failure says which stage failed)."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.name = stage.name
+
+    def check(self, m: Message, cx: Context) -> pipeline.Outcome:
+        try:
+            return self.stage.check(m, cx)
+        except Exception as exc:
+            raise fs.StageFailed(self.name if m.direction != Direction.S2C else self.name.response, exc) from exc
+
+
+class Pipeline:
+    """Every message through the message stages, in order."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a stage is listed twice: {names}")
+        self.stages = tuple(stages)
+        self._guarded = tuple(_Guarded(s) for s in stages)
+        self.answers = replies.UpstreamAnswers()
+
+    @property
+    def request_stages(self) -> list[StageName]:
+        return [s.name for s in self.stages]
+
+    @property
+    def response_stages(self) -> list[StageName]:
+        return [s.name.response for s in self.stages]
+
+    def masking_profiles(self) -> frozenset[str]:
+        """The masking profiles the loaded stages can apply (a `mask` rule needs one)."""
+        out: set[str] = set()
+        for s in self.stages:
+            out.update(getattr(s, "masking_profiles", ()) or ())
+        return frozenset(out)
+
+    def done(self) -> None:
+        self.answers.close()
+
+    # --- client to server --------------------------------------------------------
+
+    @fs.fail_closed(StageName.POLICY)
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
+            return
+        body = fs.request_body(flow)
+        messages = body.messages if body is not None else [http_request(flow.request.method)]
+        run = await pipeline.run(self._guarded, messages, fs.context(flow, self.masking_profiles()))
+        self._record(flow, run)
+        if flow.response or flow.error:  # the client went away (or was answered) while a stage held
+            return
+        if run.refused:
+            replies.refuse_request(flow, run, batch=body is not None and body.batch)
+            return
+        if body is not None and run.changed:
+            kept = run.messages
+            flow.request.content = dumps([m.raw for m in kept] if body.batch else kept[0].raw)
+            fs.set_request_body(flow, Body(kept, body.batch, None))
+        for name in self.request_stages:
+            fs.mark_stage(flow, name)
+
+    # --- server to client --------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
+            return
+        if isinstance(flow.response.stream, SSEStream):
+            flow.response.stream.stages = self.on_event
+            for name in self.response_stages:
+                fs.mark_stage(flow, name)
+
+    @fs.fail_closed(StageName.RESP_POLICY)
+    async def response(self, flow: http.HTTPFlow) -> None:
+        if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
+            return
+        resp = flow.response
+        if callable(resp.stream) or resp.stream:
+            return  # streamed: handled event by event
+        body = fs.response_body(flow)
+        if body is not None:
+            run = await pipeline.run(self._guarded, body.messages, fs.context(flow, self.masking_profiles()))
+            self._record(flow, run)
+            if run.changed:
+                values = self._deliver(flow, run)
+                if values:
+                    resp.content = dumps(values if body.batch else values[0])
+                    fs.set_response_body(flow, Body(run.messages, body.batch, None))
+                else:
+                    resp.status_code = 202
+                    resp.content = b""
+                    fs.set_response_body(flow, None)
+        for name in self.response_stages:
+            fs.mark_stage(flow, name)
+
+    def on_event(self, flow: http.HTTPFlow, messages: list[Message], batch: bool) -> list[Any]:
+        """The stages over one SSE event's messages; returns the JSON values the client gets."""
+        run = pipeline.run_now(self._guarded, messages, fs.context(flow, self.masking_profiles()))
+        self._record(flow, run)
+        if not run.changed:
+            return [m.raw for m in messages]
+        return self._deliver(flow, run)
+
+    def _deliver(self, flow: http.HTTPFlow, run: Run) -> list[Any]:
+        """What the client gets of the server's messages; refused server requests are answered upstream."""
+        to_client: list[Any] = []
+        to_upstream: list[dict] = []
+        for r in run.results:
+            if r.message is not None:
+                to_client.append(r.message.raw)
+            elif isinstance(r.outcome, Refuse):
+                if r.original.kind == Kind.REQUEST:
+                    to_upstream.append(replies.server_answer(r.original, r.outcome.refusal))
+                elif r.original.kind in (Kind.RESPONSE, Kind.ERROR):
+                    to_client.append(replies.client_error(r.original, r.outcome.refusal))
+        if to_upstream:
+            self.answers.send(flow, to_upstream, verify=not ctx.options.ssl_insecure)
+        return to_client
+
+    @staticmethod
+    def _record(flow: http.HTTPFlow, run: Run) -> None:
+        for r in run.results:
+            if r.decisions:
+                fs.record(flow, r.original, r.decisions)

@@ -1,0 +1,89 @@
+"""
+UpstreamCheck: a JSON error instead of mitmproxy's HTML page when the upstream cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import ctx, http
+
+from mcp_bastion.core import errors
+from mcp_bastion.core.errors import Refusal
+from mcp_bastion.core.vocab import Action, Meta, StageName
+from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.replies import refuse
+
+logger = logging.getLogger("mcp_bastion")
+
+PROBE_TIMEOUT = 10.0  # seconds UpstreamCheck waits for a TCP connection to the upstream
+
+
+def mode_name(flow: http.HTTPFlow) -> str:
+    return type(getattr(flow.client_conn, "proxy_mode", None)).__name__
+
+
+class UpstreamCheck:
+    """Answers a JSON error instead of mitmproxy's HTML page when the upstream cannot be reached.
+
+    mitmproxy reports a failed upstream connection with its own HTML 502 page,
+    and no hook can replace it: the connection is attempted after the last
+    request hook, and the error hook runs when the page is already decided.
+    So, before the first request of each client connection is forwarded,
+    this addon opens (and closes) a TCP connection to the upstream itself; if
+    that fails the client gets a JSON-RPC error with the request's id.
+    Later requests on the same client connection are not checked again until
+    a flow on it fails. Sits after the Gate, so only requests that will be
+    forwarded are checked. Forces `connection_strategy=lazy`: with the
+    default (eager) a dead upstream in reverse mode makes mitmproxy drop the
+    client's connection before it has read a request.
+    """
+
+    def __init__(self) -> None:
+        self._reachable: set[tuple[str, str, int]] = set()  # (client connection id, host, port)
+
+    def running(self) -> None:
+        self._lazy()
+
+    def configure(self, updated: set[str]) -> None:
+        if "connection_strategy" in updated:
+            self._lazy()
+
+    def _lazy(self) -> None:
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.connection_strategy = "lazy"
+
+    @fs.fail_closed(StageName.UPSTREAM)
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
+            return
+        if mode_name(flow) not in ("ReverseMode", "RegularMode") or flow.server_conn.via:
+            return  # not a direct connection to the upstream: nothing this check could predict
+        key = (flow.client_conn.id, flow.request.host, flow.request.port)
+        if key in self._reachable:
+            return
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(flow.request.host, flow.request.port), PROBE_TIMEOUT
+            )
+        except (TimeoutError, OSError) as e:
+            # The address and the OS error go to the log, not to the client.
+            logger.warning("mcp-bastion: upstream %s unreachable: %s", flow.metadata.get(Meta.UPSTREAM),
+                           str(e) or type(e).__name__)
+            refuse(
+                flow,
+                Refusal(502, errors.UPSTREAM_ERROR, "mcp-bastion could not reach the upstream MCP server",
+                        {"reason": "upstream_unreachable"}),
+                stage=StageName.UPSTREAM,
+                action=Action.ERROR,
+            )
+            return
+        writer.close()
+        self._reachable.add(key)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._reachable.discard((flow.client_conn.id, flow.request.host, flow.request.port))
+
+    def client_disconnected(self, client) -> None:
+        self._reachable = {k for k in self._reachable if k[0] != client.id}

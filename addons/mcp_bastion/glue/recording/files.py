@@ -1,0 +1,118 @@
+"""
+Session recordings on disk: one append-only mitmproxy flow file per (subject, session).
+
+Files are named `<UTC start>_<subject>_<session>.mitm`; at most `MAX_OPEN`
+are kept open (least recently used closed first), and `sweep` removes the
+recordings older than the retention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from mcp_bastion.glue.recording.sessions import safe_name
+from mcp_bastion.glue.recording.tnet import Blob
+
+MAX_OPEN = 64  # session files kept open at once (least recently used are closed)
+FILE_SUFFIX = ".mitm"
+_FILE_NAME = re.compile(r"^\d{8}T\d{6}Z_.+\.mitm$")
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class SessionFile:
+    """One append-only flow file. A failed write is rolled back, so the file stays readable."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.last_used = time.monotonic()
+
+    def append(self, parts: list[bytes | Blob]) -> None:
+        start = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            if not any(isinstance(p, Blob) for p in parts):
+                _write_all(self.fd, b"".join(parts))  # type: ignore[arg-type]
+            else:
+                for p in parts:
+                    if isinstance(p, Blob):
+                        for chunk in p.spool.chunks():
+                            _write_all(self.fd, chunk)
+                    else:
+                        _write_all(self.fd, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, start)
+            raise
+        self.last_used = time.monotonic()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class SessionFiles:
+    """The open session files, one per (subject, session), least recently used closed first."""
+
+    def __init__(self, directory: Path, max_open: int = MAX_OPEN):
+        self.directory = directory
+        self.max_open = max_open
+        self.open: OrderedDict[tuple[str, str], SessionFile] = OrderedDict()
+
+    def get(self, subject: str, session: str, started: float) -> SessionFile:
+        key = (subject, session)
+        f = self.open.get(key)
+        if f is not None:
+            self.open.move_to_end(key)
+            return f
+        suffix = f"_{safe_name(subject)}_{safe_name(session)}{FILE_SUFFIX}"
+        earlier = sorted(self.directory.glob(f"*{suffix}"))
+        if earlier:
+            path = earlier[-1]  # a session resumed after its file was closed
+        else:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+            path = self.directory / f"{stamp}{suffix}"
+        f = SessionFile(path)
+        self.open[key] = f
+        while len(self.open) > self.max_open:
+            _, oldest = self.open.popitem(last=False)
+            oldest.close()
+        return f
+
+    def close_idle(self, idle: float, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        stale = [k for k, f in self.open.items() if now - f.last_used >= idle]
+        for k in stale:
+            self.open.pop(k).close()
+        return len(stale)
+
+    def close_all(self) -> None:
+        while self.open:
+            _, f = self.open.popitem()
+            with contextlib.suppress(OSError):
+                f.close()
+
+    def sweep(self, max_age: float, now: float | None = None) -> list[Path]:
+        """Remove recordings not modified for `max_age` seconds (never an open one)."""
+        now = time.time() if now is None else now
+        busy = {f.path for f in self.open.values()}
+        removed = []
+        for path in self.directory.iterdir():
+            if not _FILE_NAME.match(path.name) or path in busy:
+                continue
+            try:
+                if now - path.stat().st_mtime > max_age:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+        return removed

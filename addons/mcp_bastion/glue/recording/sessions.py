@@ -1,0 +1,45 @@
+"""Who a flow belongs to, and which MCP session: the names of recordings and the `session` of audit records."""
+
+from __future__ import annotations
+
+import re
+
+from mitmproxy import http
+
+from mcp_bastion.core.vocab import Meta
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9.@-]+")
+
+
+def subject_of(flow: http.HTTPFlow) -> str | None:
+    ident = flow.metadata.get(Meta.IDENTITY)
+    sub = ident.get("sub") if isinstance(ident, dict) else None
+    return sub if isinstance(sub, str) and sub else None
+
+
+def session_of(flow: http.HTTPFlow) -> str | None:
+    """The MCP session a flow belongs to, if the transport has one.
+
+    `Mcp-Session-Id` from the request, or from the response (the initialize
+    POST learns it there); for the older HTTP+SSE transport the `session_id`
+    query parameter of the message URL, or the one announced in the stream's
+    `endpoint` event (`Meta.LEGACY_SESSION`, set by the Gateway).
+    """
+    sid = flow.request.headers.get("mcp-session-id")
+    if not sid and flow.response is not None:
+        sid = flow.response.headers.get("mcp-session-id")
+    if not sid:
+        sid = flow.request.query.get("session_id")
+    if not sid:
+        sid = flow.metadata.get(Meta.LEGACY_SESSION)
+    return sid or None
+
+
+def session_key(flow: http.HTTPFlow) -> str:
+    """The session id, or `conn-<client connection id>` for a stateless server."""
+    return session_of(flow) or f"conn-{flow.client_conn.id}"
+
+
+def safe_name(text: str, limit: int = 64) -> str:
+    """`text` as a piece of a file name: no path separators, no leading dots, at most `limit` characters."""
+    return _UNSAFE.sub("-", text).strip("-.")[:limit] or "x"

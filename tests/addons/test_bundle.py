@@ -1,0 +1,115 @@
+"""The one bundle: which addon handles which hook, in which order, and what runs before the Gate."""
+
+from __future__ import annotations
+
+import runpy
+
+import pytest
+from bundled import bundled, call, error_of, forwarded
+
+from mcp_bastion.addons.admission import Admission
+from mcp_bastion.addons.auditlog import AuditLog
+from mcp_bastion.addons.gate import Gate
+from mcp_bastion.addons.pipeline import Pipeline
+from mcp_bastion.addons.policy import Policy
+from mcp_bastion.addons.recorder import Recorder
+from mcp_bastion.bundle import bundle
+from mcp_bastion.core.vocab import Meta, StageName
+
+from harness import BUNDLE
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+ORDER = ["Gateway", "Auth", "Admission", "Policy", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken",
+         "Recorder", "AuditLog", "Mitmweb", "ContentView"]
+
+# mitmproxy calls each hook on the addons in bundle order: this table is the pipeline as it runs.
+HOOKS = {
+    "requestheaders": ["Gateway", "Auth", "Recorder", "AuditLog"],
+    "request": ["Gateway", "Admission", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken"],
+    "responseheaders": ["Gateway", "Pipeline", "UpstreamToken", "Recorder"],
+    "response": ["Gateway", "Pipeline", "Gate", "Recorder", "AuditLog"],
+    "error": ["Gateway", "UpstreamCheck", "UpstreamToken", "Recorder", "AuditLog"],
+}
+
+
+def names(addons) -> list[str]:
+    return [type(a).__name__ for a in addons]
+
+
+def test_bundle_order():
+    assert names(bundle()) == ORDER
+
+
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_which_addon_handles_which_hook_in_which_order(hook):
+    assert [type(a).__name__ for a in bundle() if hasattr(a, hook)] == HOOKS[hook]
+
+
+def test_the_entry_script_loads_exactly_the_bundle():
+    loaded = runpy.run_path(BUNDLE)["addons"]
+    assert names(loaded) == ORDER
+
+
+def test_each_call_builds_fresh_addons():
+    a, b = bundle(), bundle()
+    assert all(x is not y for x, y in zip(a, b, strict=True))
+
+
+def test_the_gate_requires_every_stage_placed_before_it():
+    addons = bundle()
+    gate = next(a for a in addons if isinstance(a, Gate))
+    pipeline = next(a for a in addons if isinstance(a, Pipeline))
+    assert gate.request_stages == (StageName.PARSE, StageName.AUTH, StageName.ADMISSION, *pipeline.request_stages)
+    assert gate.response_stages == (StageName.RESP_PARSE, *pipeline.response_stages)
+    assert [s.name for s in pipeline.stages] == [StageName.POLICY]
+    assert any(isinstance(s, Policy) for s in pipeline.stages)
+
+
+def test_nothing_after_the_gate_handles_a_request_hook_that_could_refuse():
+    """Recorder and AuditLog used to refuse in requestheaders, before the Gate ran: now Admission does, in place."""
+    addons = bundle()
+    gate = names(addons).index("Gate")
+    after = addons[gate + 1:]
+    refusing_after = [type(a).__name__ for a in after if hasattr(a, "request")
+                      and type(a).__name__ not in ("UpstreamCheck", "UpstreamToken")]
+    assert refusing_after == []
+    assert names(addons).index("Admission") < gate
+
+
+async def test_a_failing_recorder_is_refused_by_admission_before_the_gate(tmp_path):
+    with bundled(record_dir=str(tmp_path)) as b:
+        recorder = b.addon(Recorder)
+        recorder.health.failed("disk full")
+        f = b.flow("POST", call("tools/call", name="add"))
+        await b.request(f)
+        assert not forwarded(f) and f.response.status_code == 503
+        assert error_of(f)["data"] == {"reason": "record"}
+        assert f.response.headers["retry-after"]
+        refusal = [d for d in f.metadata[Meta.DECISIONS] if d.get("status") == 503]
+        assert [d["stage"] for d in refusal] == [StageName.ADMISSION]
+        assert StageName.POLICY not in f.metadata[Meta.STAGES]  # refused before any message stage ran
+
+
+async def test_a_failing_audit_log_is_refused_by_admission(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASTION_AUDIT_KEY", "k" * 32)
+    with bundled(audit_log=str(tmp_path / "audit.jsonl")) as b:
+        b.addon(AuditLog).health.failed("disk full")
+        f = b.flow("POST", call("tools/call", name="add"))
+        await b.request(f)
+        assert f.response.status_code == 503 and error_of(f)["data"] == {"reason": "audit"}
+
+
+async def test_admission_lets_traffic_through_when_writers_are_healthy(tmp_path):
+    with bundled(record_dir=str(tmp_path)) as b:
+        f = b.flow("POST", call("tools/call", name="add"))
+        await b.request(f)
+        assert forwarded(f)
+        assert StageName.ADMISSION in f.metadata[Meta.STAGES]
+        assert b.addon(Admission).writers == (b.addon(Recorder).health, b.addon(AuditLog).health)

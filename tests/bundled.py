@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mitmproxy import http
-from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.layers.http import (
     HttpErrorHook,
     HttpRequestHeadersHook,
@@ -28,6 +27,7 @@ from mitmproxy.proxy.layers.http import (
     HttpResponseHeadersHook,
     HttpResponseHook,
 )
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from mcp_bastion.bundle import bundle

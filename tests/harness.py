@@ -79,7 +79,7 @@ class Proc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 30.0) -> "Proc":
+    def wait_ready(self, timeout: float = 30.0) -> Proc:
         if self.port is not None:
             try:
                 wait_port(self.port, timeout, self.proc)

@@ -435,17 +435,20 @@ class Memory:
 
 
 def shipped_ruleset() -> Path:
-    """The most realistic ruleset in the tree: of rulesets/default.yaml and rulesets/examples/, the one with most rules."""
+    """The most realistic ruleset in the tree: of rulesets/default.yaml and
+    rulesets/examples/, the one with most rules."""
     import yaml
 
-    candidates = [p for p in [ROOT / "rulesets" / "default.yaml", *sorted((ROOT / "rulesets" / "examples").glob("*.yaml"))]
+    candidates = [p for p in [ROOT / "rulesets" / "default.yaml",
+                              *sorted((ROOT / "rulesets" / "examples").glob("*.yaml"))]
                   if p.exists()]
     if not candidates:
         return ROOT / "rulesets" / "allow-all.yaml"
     return max(candidates, key=lambda p: len((yaml.safe_load(p.read_text()) or {}).get("rules") or []))
 
 
-BENCH_RULE = {"id": "bench-allow", "description": "Added by the benchmark: what no rule above decided.", "action": "allow"}
+BENCH_RULE = {"id": "bench-allow", "description": "Added by the benchmark: what no rule above decided.",
+              "action": "allow"}
 
 
 def bench_ruleset(tmp: Path) -> Path:
@@ -506,7 +509,8 @@ def bundle_setup(script: Path, tmp: Path, port: int, stack: contextlib.ExitStack
     for component, chosen in wanted.items():
         missing = [name for name in chosen if name not in declared]
         if missing:
-            components[component] = Component(component, "n/a", load_error or f"the bundle declares no option {missing[0]}")
+            components[component] = Component(component, "n/a",
+                                              load_error or f"the bundle declares no option {missing[0]}")
         else:
             options.update(chosen)
             components[component] = Component(component, "on", ", ".join(f"{k}={v}" for k, v in chosen.items()))
@@ -525,7 +529,8 @@ def bundle_setup(script: Path, tmp: Path, port: int, stack: contextlib.ExitStack
         token = issuer.mint("alice")
         components["identity"] = Component("identity", "on", f"dev issuer {issuer.url}, RS256 token of alice")
     if "policy" in components and components["policy"].status == "on":
-        components["policy"].detail = f"{shipped_ruleset().relative_to(ROOT)} + rule {BENCH_RULE['id']} (allow the rest)"
+        components["policy"].detail = (f"{shipped_ruleset().relative_to(ROOT)} + rule {BENCH_RULE['id']} "
+                                       "(allow the rest)")
     return BundleSetup(options, token, list(components.values()))
 
 
@@ -797,7 +802,8 @@ def run(settings: Settings, configs: tuple[str, ...] = CONFIGS, micro: bool = Tr
     with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmpdir, contextlib.ExitStack() as stack:
         tmp = Path(tmpdir)
         up_port = free_port()
-        stack.enter_context(started([sys.executable, str(UPSTREAM), "--port", str(up_port)], up_port, tmp / "upstream.log"))
+        stack.enter_context(started([sys.executable, str(UPSTREAM), "--port", str(up_port)], up_port,
+                                    tmp / "upstream.log"))
         for name in configs:
             result.configs[name] = run_config(name, up_port, tmp, settings, result)
     if micro:
@@ -854,7 +860,8 @@ def verify_components(components: list[Component], port: int, tmp: Path) -> None
                 comp.status, comp.detail = "not enforced", f"an anonymous call got {reply.describe()}"
         elif comp.name in ("recording", "audit"):
             path = tmp / ("recordings" if comp.name == "recording" else "audit.jsonl")
-            written = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (path.stat().st_size if path.exists() else 0)
+            written = (sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir()
+                       else (path.stat().st_size if path.exists() else 0))
             if not written:
                 comp.status, comp.detail = "wrote nothing", f"{comp.detail}; {path.name} is empty"
 
@@ -869,7 +876,8 @@ async def _anonymous_call(port: int) -> Reply:
 
 def host_meta() -> dict[str, Any]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
     except OSError:
         commit = ""
     try:
@@ -919,10 +927,12 @@ ROWS: list[tuple[str, list[Row]]] = [
         Row("ttfe.p50", "p50", "ms"), Row("ttfe.p95", "p95", "ms"), Row("ttfe.p99", "p99", "ms")]),
     ("throughput, concurrency N", [
         Row("small.cN.calls_s", "small JSON", "calls/s", 0), Row("sse.cN.calls_s", "SSE result", "calls/s", 0),
-        Row("small.cN.cpu_us", "proxy CPU, small JSON", "µs/call", 0), Row("sse.cN.cpu_us", "proxy CPU, SSE", "µs/call", 0)]),
+        Row("small.cN.cpu_us", "proxy CPU, small JSON", "µs/call", 0),
+        Row("sse.cN.cpu_us", "proxy CPU, SSE", "µs/call", 0)]),
     ("long event stream", [
         Row("stream.mb", "size", "MiB", 0), Row("stream.mb_s", "throughput", "MiB/s", 0),
-        Row("stream.rss_before", "proxy RSS before", "MiB", 1), Row("stream.rss_peak", "proxy RSS peak during", "MiB", 1),
+        Row("stream.rss_before", "proxy RSS before", "MiB", 1),
+        Row("stream.rss_peak", "proxy RSS peak during", "MiB", 1),
         Row("stream.rss_growth", "proxy RSS growth", "MiB", 1), Row("stream.rss_after", "proxy RSS after", "MiB", 1)]),
     ("proxy memory", [Row("rss.idle", "RSS after start", "MiB", 1), Row("rss.peak", "peak RSS (VmHWM)", "MiB", 1)]),
 ]
@@ -978,10 +988,14 @@ def targets(result: Result) -> list[dict[str, Any]]:
         return None if a is None or not b else a / b
 
     items = [
-        ("calls/s, bundle vs bare (small JSON)", ">= 0.80", quotient(m("bundle", "small.cN.calls_s"), m("bare", "small.cN.calls_s")), lambda v: v >= 0.8, "x"),
-        ("p50 added at concurrency 1 (small JSON)", "< 1 ms", diff(m("bundle", "small.p50"), m("bare", "small.p50")), lambda v: v < 1.0, "ms"),
-        ("SSE time to first event vs bare (p50)", "< 2 ms", diff(m("bundle", "ttfe.p50"), m("bare", "ttfe.p50")), lambda v: v < 2.0, "ms"),
-        ("RSS growth across the stream (bundle)", "< 64 MiB", m("bundle", "stream.rss_growth"), lambda v: v < 64, "MiB"),
+        ("calls/s, bundle vs bare (small JSON)", ">= 0.80",
+         quotient(m("bundle", "small.cN.calls_s"), m("bare", "small.cN.calls_s")), lambda v: v >= 0.8, "x"),
+        ("p50 added at concurrency 1 (small JSON)", "< 1 ms",
+         diff(m("bundle", "small.p50"), m("bare", "small.p50")), lambda v: v < 1.0, "ms"),
+        ("SSE time to first event vs bare (p50)", "< 2 ms",
+         diff(m("bundle", "ttfe.p50"), m("bare", "ttfe.p50")), lambda v: v < 2.0, "ms"),
+        ("RSS growth across the stream (bundle)", "< 64 MiB",
+         m("bundle", "stream.rss_growth"), lambda v: v < 64, "MiB"),
         ("masking throughput, all detectors", ">= 50 MB/s", masking, lambda v: v >= 50, "MB/s"),
     ]
     return [{"target": name, "goal": goal, "measured": value, "unit": unit,
@@ -1016,7 +1030,8 @@ def print_report(result: Result, console=None) -> None:
         tt.add_column(col)
     for t in targets(result):
         style = {"met": "green", "missed": "red"}.get(t["status"], "dim")
-        tt.add_row(t["target"], t["goal"], fmt(t["measured"], 2) + (f" {t['unit']}" if t["measured"] is not None else ""),
+        tt.add_row(t["target"], t["goal"],
+                   fmt(t["measured"], 2) + (f" {t['unit']}" if t["measured"] is not None else ""),
                    f"[{style}]{t['status']}[/{style}]")
     console.print(tt)
 
@@ -1076,8 +1091,11 @@ def markdown(result: Result) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny run (few calls, 2 MiB stream): checks the harness, figures mean little")
-    parser.add_argument("--json", type=Path, help=f"where to write the results (default: {DEFAULT_JSON_DIR.relative_to(ROOT)}/<time>.json); the Markdown table goes next to it")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny run (few calls, 2 MiB stream): checks the harness, figures mean little")
+    parser.add_argument("--json", type=Path,
+                        help=f"where to write the results (default: {DEFAULT_JSON_DIR.relative_to(ROOT)}/<time>.json); "
+                             "the Markdown table goes next to it")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which of direct,bare,bundle to run")
     parser.add_argument("--samples", type=int, help="sequential calls per latency measurement")
     parser.add_argument("--duration", type=float, help="seconds per throughput measurement")

@@ -31,9 +31,13 @@ from typing import Any
 
 TOOLS = [
     {"name": "small", "description": "A small JSON result.", "inputSchema": {"type": "object"}},
-    {"name": "large", "description": "A large JSON result.", "inputSchema": {"type": "object", "properties": {"bytes": {"type": "integer"}}}},
-    {"name": "sse", "description": "A result sent as an event stream.", "inputSchema": {"type": "object", "properties": {"gap_ms": {"type": "number"}}}},
-    {"name": "stream", "description": "A long event stream.", "inputSchema": {"type": "object", "properties": {"bytes": {"type": "integer"}, "event_bytes": {"type": "integer"}}}},
+    {"name": "large", "description": "A large JSON result.",
+     "inputSchema": {"type": "object", "properties": {"bytes": {"type": "integer"}}}},
+    {"name": "sse", "description": "A result sent as an event stream.",
+     "inputSchema": {"type": "object", "properties": {"gap_ms": {"type": "number"}}}},
+    {"name": "stream", "description": "A long event stream.",
+     "inputSchema": {"type": "object",
+                     "properties": {"bytes": {"type": "integer"}, "event_bytes": {"type": "integer"}}}},
 ]
 
 # Plain log-like text without personal data: what most traffic looks like.
@@ -57,7 +61,8 @@ def text_result(msg_id: Any, text: str) -> bytes:
 @functools.lru_cache(maxsize=8)
 def large_result(size: int) -> bytes:
     """The encoded `result` member of a large answer (built once: the upstream must not be the bottleneck)."""
-    return json.dumps({"content": [{"type": "text", "text": filler(size)}], "isError": False}, separators=(",", ":")).encode()
+    return json.dumps({"content": [{"type": "text", "text": filler(size)}], "isError": False},
+                      separators=(",", ":")).encode()
 
 
 def sse_block(data: bytes) -> bytes:
@@ -183,20 +188,23 @@ class MCPUpstream(asyncio.Protocol):
         elif method == "tools/call":
             self.call(msg_id, params.get("name"), params.get("arguments") or {}, params.get("_meta") or {})
         else:
-            write(json_response(json.dumps({"jsonrpc": "2.0", "id": msg_id, "error": {"code": -32601, "message": f"no method {method}"}}).encode()))
+            write(json_response(json.dumps({"jsonrpc": "2.0", "id": msg_id,
+                                            "error": {"code": -32601, "message": f"no method {method}"}}).encode()))
 
     def call(self, msg_id: Any, name: str, args: dict, meta: dict) -> None:
         if name == "small":
             self.transport.write(json_response(text_result(msg_id, "ok: 42 rows, all green")))
         elif name == "large":
-            body = b'{"jsonrpc":"2.0","id":%b,"result":%b}' % (json.dumps(msg_id).encode(), large_result(int(args.get("bytes", 1 << 20))))
+            body = b'{"jsonrpc":"2.0","id":%b,"result":%b}' % (json.dumps(msg_id).encode(),
+                                                                large_result(int(args.get("bytes", 1 << 20))))
             self.transport.write(json_response(body))
         elif name == "sse":
             self.spawn(self.sse(msg_id, float(args.get("gap_ms", 0)), meta.get("progressToken", msg_id)))
         elif name == "stream":
             self.spawn(self.stream(msg_id, int(args.get("bytes", 100 << 20)), int(args.get("event_bytes", 16 * 1024))))
         else:
-            self.transport.write(json_response(json.dumps({"jsonrpc": "2.0", "id": msg_id, "error": {"code": -32602, "message": f"no tool {name}"}}).encode()))
+            error = {"code": -32602, "message": f"no tool {name}"}
+            self.transport.write(json_response(json.dumps({"jsonrpc": "2.0", "id": msg_id, "error": error}).encode()))
 
     def spawn(self, coro) -> None:
         self.busy = True
@@ -212,7 +220,8 @@ class MCPUpstream(asyncio.Protocol):
 
     async def sse(self, msg_id: Any, gap_ms: float, token: Any) -> None:
         progress = json.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
-                               "params": {"progressToken": token, "progress": 1, "total": 2}}, separators=(",", ":")).encode()
+                               "params": {"progressToken": token, "progress": 1, "total": 2}},
+                              separators=(",", ":")).encode()
         self.transport.write(head("200 OK", SSE_HEAD) + chunk(sse_block(progress)))
         if gap_ms > 0:
             await asyncio.sleep(gap_ms / 1000)

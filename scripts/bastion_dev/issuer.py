@@ -58,7 +58,8 @@ USERS = {
     u.sub: u
     for u in (
         DemoUser("alice", "alice-dev-secret", "Alice Martin", ("engineering",), SCOPES, "alice@acme.example"),
-        DemoUser("carol", "carol-dev-secret", "Carol Diaz", ("contractors",), ("mcp:tools",), "carol@contractor.example"),
+        DemoUser("carol", "carol-dev-secret", "Carol Diaz", ("contractors",), ("mcp:tools",),
+                 "carol@contractor.example"),
         DemoUser("ci-bot", "ci-bot-dev-secret", "CI bot", ("ci",), ("mcp:tools",)),
     )
 }
@@ -257,7 +258,9 @@ def _thumbprint(jwk: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bastion_dev.issuer", description="A small OpenID issuer for the demo: discovery, JWKS and a client_credentials token endpoint.")
+    ap = argparse.ArgumentParser(prog="python -m bastion_dev.issuer",
+                                 description="A small OpenID issuer for the demo: discovery, JWKS and a "
+                                             "client_credentials token endpoint.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9100)
     ap.add_argument("--audience", help="audience of tokens requested without a resource parameter")

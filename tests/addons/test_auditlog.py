@@ -13,6 +13,9 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow
+
 from mcp_bastion.addons.auditlog import AuditLog
 from mcp_bastion.core import audit
 from mcp_bastion.core.errors import Refusal
@@ -22,8 +25,6 @@ from mcp_bastion.glue.recording import audit_writer
 from mcp_bastion.glue.recording.audit_writer import DEFAULT_KEY_ENV
 from mcp_bastion.glue.recording.facts import flow_facts
 from mcp_bastion.glue.writes import RETRY_AFTER_FAILURE
-from mitmproxy import exceptions
-from mitmproxy.test import taddons, tflow
 
 KEY = b"k" * 32
 
@@ -136,7 +137,8 @@ def test_answer_side_decision_folds_into_the_request_and_wins_by_severity():
     ]
     meta[Meta.MASK] = {"email": 2}
     (rec,) = audit.build_records(facts(meta))
-    assert (rec["resource"], rec["action"], rec["rule"], rec["masking"]) == ("file:///etc/x", "mask", "pii", {"email": 2})
+    assert (rec["resource"], rec["action"], rec["rule"], rec["masking"]) == (
+        "file:///etc/x", "mask", "pii", {"email": 2})
     assert [d["action"] for d in rec["decisions"]] == ["allow", "mask"]
 
 
@@ -176,7 +178,8 @@ def write_log(tmp_path, n=5, key=KEY):
     chain = audit.Chain(key)
     with open(path, "wb") as f:
         f.writelines(audit.line_of(chain.seal({"time": audit.iso_time(1_700_000_000 + i), "method": "tools/call",
-                                              "tool": f"t{i}", "subject": "alice", "action": "allow"})) for i in range(n))
+                                              "tool": f"t{i}", "subject": "alice", "action": "allow"}))
+                     for i in range(n))
     with audit.HeadFile(path) as head:
         head.write(audit.make_head(key, chain.seq, chain.prev))
     return path
@@ -403,10 +406,12 @@ def test_parse_when_and_duration():
 
 def sample_records():
     return [
-        {"seq": 1, "time": "2025-01-01T10:00:00.000Z", "subject": "alice", "tool": "read", "action": "allow", "session": "a"},
-        {"seq": 2, "time": "2025-01-01T11:00:00.000Z", "subject": "bob", "tool": "rm", "action": "deny", "session": "b",
-         "groups": ["ops", "dev"], "masking": {"email": 1}},
-        {"seq": 3, "time": "2025-01-02T10:00:00.000Z", "subject": "alice", "tool": "rm", "action": "deny", "session": "a"},
+        {"seq": 1, "time": "2025-01-01T10:00:00.000Z", "subject": "alice", "tool": "read", "action": "allow",
+         "session": "a"},
+        {"seq": 2, "time": "2025-01-01T11:00:00.000Z", "subject": "bob", "tool": "rm", "action": "deny",
+         "session": "b", "groups": ["ops", "dev"], "masking": {"email": 1}},
+        {"seq": 3, "time": "2025-01-02T10:00:00.000Z", "subject": "alice", "tool": "rm", "action": "deny",
+         "session": "a"},
     ]
 
 
@@ -485,7 +490,7 @@ def test_addon_generates_a_missing_key_file(tmp_path, monkeypatch):
 
 def test_addon_writes_verifiable_records_and_continues_the_chain(tmp_path, keyfile):
     log = tmp_path / "audit.jsonl"
-    for round_ in range(2):  # two gateway runs on one log
+    for _round in range(2):  # two gateway runs on one log
         a = AuditLog()
         with taddons.context(a) as tctx:
             tctx.configure(a, audit_log=str(log), audit_key_file=str(keyfile))
@@ -645,7 +650,8 @@ def test_addon_writes_in_flight_flows_on_shutdown_once(tmp_path, keyfile):
 
 
 def test_transport_failure_is_an_error_not_a_decision():
-    meta = mcp([{"kind": "request", "id": 2, "method": "tools/call", "tool": "echo"}], events=[{"kind": "response", "id": 2}])
+    meta = mcp([{"kind": "request", "id": 2, "method": "tools/call", "tool": "echo"}],
+               events=[{"kind": "response", "id": 2}])
     meta[Meta.DECISIONS] = [{"stage": "transport", "action": "error", "reason": "Client disconnected."}]
     (rec,) = audit.build_records(facts(meta, error="Client disconnected."))
     assert (rec["action"], rec["rpc"], rec["error"]) == ("forward", "result", "Client disconnected.")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import runpy
 
 import pytest
-from bundled import bundled, call, error_of, forwarded
 
 from mcp_bastion.addons.admission import Admission
 from mcp_bastion.addons.auditlog import AuditLog
@@ -16,6 +15,7 @@ from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.bundle import bundle
 from mcp_bastion.core.vocab import Meta, StageName
 
+from bundled import bundled, call, error_of, forwarded
 from harness import BUNDLE
 
 pytestmark = pytest.mark.anyio

@@ -20,7 +20,8 @@ def flow(mcp: bool = True, ctype: str = "application/json", body: bytes = b"", r
     msg.headers["content-type"] = ctype
     msg.content = body
     if mcp:
-        f.metadata["bastion.mcp"] = {"request": [{"kind": "request", "id": 3, "method": "tools/call", "tool": "deploy"}]}
+        f.metadata["bastion.mcp"] = {
+            "request": [{"kind": "request", "id": 3, "method": "tools/call", "tool": "deploy"}]}
     return f
 
 

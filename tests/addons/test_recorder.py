@@ -10,6 +10,10 @@ import tracemalloc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mitmproxy import connection, exceptions, http, io
+from mitmproxy.io import tnetstring
+from mitmproxy.test import taddons, tflow
+
 from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.vocab import Meta
@@ -21,9 +25,6 @@ from mcp_bastion.glue.recording.scrub import REDACTED
 from mcp_bastion.glue.recording.sessions import session_of
 from mcp_bastion.glue.recording.spool import Spool
 from mcp_bastion.glue.writes import RETRY_AFTER_FAILURE
-from mitmproxy import connection, exceptions, http, io
-from mitmproxy.io import tnetstring
-from mitmproxy.test import taddons, tflow
 
 CLIENT_TOKEN = "client-secret-token-123"
 UPSTREAM_TOKEN = "upstream-credential-456"

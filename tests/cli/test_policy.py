@@ -71,7 +71,8 @@ def test_explain_shows_the_deciding_rule_and_why_earlier_rules_missed(capsys):
     assert "message:   tools/call read_file #3" in out
     assert "session-lifecycle          no     methods: 'tools/call' matches none of" in out
     assert "engineers-no-secret-files  MATCH  every condition holds" in out
-    assert out.rstrip().endswith("decision:  deny by rule 'engineers-no-secret-files': secrets are not readable through MCP; use the vault")
+    assert out.rstrip().endswith("decision:  deny by rule 'engineers-no-secret-files': "
+                                 "secrets are not readable through MCP; use the vault")
 
 
 def test_explain_batches_files_stdin_and_pseudo_methods(tmp_path, capsys, monkeypatch):
@@ -80,7 +81,8 @@ def test_explain_batches_files_stdin_and_pseudo_methods(tmp_path, capsys, monkey
         {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "LOOKUP_CUSTOMER", "arguments": {}}},
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
     ]))
-    code, out, _ = run(capsys, "explain", ENGINEERS, "--identity", '{"sub": "alice", "groups": ["engineering"]}', f"@{batch}")
+    code, out, _ = run(capsys, "explain", ENGINEERS, "--identity", '{"sub": "alice", "groups": ["engineering"]}',
+                       f"@{batch}")
     assert out.count("decision:") == 2
     assert "decision:  allow by rule 'engineers-read-tools'" in out
     assert "decision:  allow by rule 'session-lifecycle'" in out
@@ -135,7 +137,8 @@ def session(tmp_path):
         recorded_flow(call(2, "deploy", env="prod"), alice, [decision(2, "tools/call", "allow", "allow-all")],
                       sse_events=[{"jsonrpc": "2.0", "id": 5, "method": "sampling/createMessage", "params": {}},
                                   {"jsonrpc": "2.0", "id": 2, "result": {}}]),
-        recorded_flow([call(3, "lookup_customer", query="c"), {"jsonrpc": "2.0", "method": "notifications/initialized"}],
+        recorded_flow([call(3, "lookup_customer", query="c"),
+                       {"jsonrpc": "2.0", "method": "notifications/initialized"}],
                       carol, [decision(3, "tools/call", "deny", "bastion:default", reason="no rule"),
                               decision(None, "notifications/initialized", "allow", "session-lifecycle")]),
     ]
@@ -169,4 +172,5 @@ def test_what_if_against_a_baseline_ruleset(session, capsys):
     allow_all = str(ROOT / "rulesets" / "allow-all.yaml")
     code, out, _ = run(capsys, "what-if", allow_all, str(session), "--baseline", ENGINEERS)
     assert code == 1 and "3 would change" in out
-    assert f"{session} flow 3 carol -> tools/call lookup_customer #3: deny by rule 'bastion:default': no rule allows this message  =>  allow by rule 'allow-all'" in out
+    assert (f"{session} flow 3 carol -> tools/call lookup_customer #3: "
+            "deny by rule 'bastion:default': no rule allows this message  =>  allow by rule 'allow-all'") in out

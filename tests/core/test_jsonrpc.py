@@ -17,7 +17,8 @@ def reason(data, **kw):
 
 
 def test_request_classification_and_targets():
-    body = parse_body(b'{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"deploy","arguments":{"env":"prod"}}}')
+    body = parse_body(b'{"jsonrpc":"2.0","id":3,"method":"tools/call",'
+                      b'"params":{"name":"deploy","arguments":{"env":"prod"}}}')
     (m,) = body.messages
     assert (m.kind, m.id, m.tool_name, m.arguments) == ("request", 3, "deploy", {"env": "prod"})
     assert m.summary() == {"kind": "request", "id": 3, "method": "tools/call", "tool": "deploy"}
@@ -73,7 +74,8 @@ def test_decode_content_bounded():
 
 def test_refusal_bodies_carry_request_ids():
     r = Refusal(200, DENIED, "no")
-    body = parse_body(b'[{"jsonrpc":"2.0","id":1,"method":"a"},{"jsonrpc":"2.0","method":"n"},{"jsonrpc":"2.0","id":"x","method":"b"}]')
+    body = parse_body(b'[{"jsonrpc":"2.0","id":1,"method":"a"},{"jsonrpc":"2.0","method":"n"},'
+                      b'{"jsonrpc":"2.0","id":"x","method":"b"}]')
     import json
     out = json.loads(r.body_for_parsed(body))
     assert [o["id"] for o in out] == [1, "x"] and all(o["error"]["code"] == DENIED for o in out)

@@ -1,7 +1,8 @@
 """Host and Origin allow-lists (DNS-rebinding protection), pure logic."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mcp_bastion.core.origin import (
     DEFAULT_HOSTS,
@@ -121,7 +122,8 @@ def test_origin_patterns_that_could_never_match_are_refused(pattern):
         validate_patterns([pattern], origins=True)
 
 
-hostnames = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?){0,3}", fullmatch=True)
+hostnames = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?){0,3}",
+                          fullmatch=True)
 ports = st.integers(1, 65535)
 
 

@@ -10,7 +10,8 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcp_bastion.core import normalize
 from mcp_bastion.core.identity import ANONYMOUS, Identity
@@ -59,20 +60,32 @@ BAD = [
     ("version: 1\nrules: []\nrulez: []\n", 3, None, "unknown key 'rulez' (did you mean 'rules'?)"),
     ("version: 1\nrules:\n  - action: allow\n", 3, "#1", "missing 'id'"),
     ("version: 1\nrules:\n  - id: a\n    action: permit\n", 4, "a", "action must be one of allow, deny, approve, mask"),
-    ("version: 1\nrules:\n  - id: a\n    action: allow\n  - id: a\n    action: deny\n", 5, "a", "duplicate id (first used at line 3)"),
+    ("version: 1\nrules:\n  - id: a\n    action: allow\n  - id: a\n    action: deny\n",
+     5, "a", "duplicate id (first used at line 3)"),
     ("version: 1\nrules:\n  - id: a\n    action: mask\n", 3, "a", "needs a 'profile'"),
     ("version: 1\nrules:\n  - id: a\n    action: deny\n    profile: pii\n", 5, "a", "profile is only for action: mask"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      tool: x\n    action: deny\n", 5, "a", "unknown key 'tool' (did you mean 'tools'?)"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      tools: []\n    action: deny\n", 5, "a", "empty list matches nothing"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      patterns: ['(']\n    action: deny\n", 5, "a", "not a valid regular expression"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      upstreams: [github]\n    action: deny\n", 5, "a", "neither a name from 'upstreams'"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      direction: inbound\n    action: deny\n", 5, "a", "direction must be one of"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      kinds: [reply]\n    action: deny\n", 5, "a", "kinds: 'reply' is not one of"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      arguments:\n        - {path: x}\n    action: deny\n", 6, "a", "needs one of equals"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      arguments:\n        - {path: x, gt: lots}\n    action: deny\n", 6, "a", "gt must be a number"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      arguments:\n        - {path: 'a..b', equals: 1}\n    action: deny\n", 6, "a", "empty segment"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      tool: x\n    action: deny\n",
+     5, "a", "unknown key 'tool' (did you mean 'tools'?)"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      tools: []\n    action: deny\n",
+     5, "a", "empty list matches nothing"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      patterns: ['(']\n    action: deny\n",
+     5, "a", "not a valid regular expression"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      upstreams: [github]\n    action: deny\n",
+     5, "a", "neither a name from 'upstreams'"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      direction: inbound\n    action: deny\n",
+     5, "a", "direction must be one of"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      kinds: [reply]\n    action: deny\n",
+     5, "a", "kinds: 'reply' is not one of"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      arguments:\n        - {path: x}\n    action: deny\n",
+     6, "a", "needs one of equals"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      arguments:\n        - {path: x, gt: lots}\n    action: deny\n",
+     6, "a", "gt must be a number"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      arguments:\n"
+     "        - {path: 'a..b', equals: 1}\n    action: deny\n",
+     6, "a", "empty segment"),
     ("version: 1\nrules:\n  - id: a\n    match:\n      keywords: ['  ']\n    action: deny\n", 5, "a", "empty keyword"),
-    ("version: 1\nrules:\n  - id: a\n    match:\n      authenticated: yes please\n    action: deny\n", 5, "a", "authenticated must be true or false"),
+    ("version: 1\nrules:\n  - id: a\n    match:\n      authenticated: yes please\n    action: deny\n",
+     5, "a", "authenticated must be true or false"),
     ("version: 1\nrules:\n  - id: a\n    action: deny\n    action: allow\n", 5, "a", "duplicate key 'action'"),
     ("version: 1\nrules:\n  - id: 'bastion:x'\n    action: deny\n", 3, "bastion:x", "id must start with"),
     ("version: 1\nupstreams: {gh: github.com}\nrules: []\n", 2, None, "must be host:port"),
@@ -194,42 +207,78 @@ def test_mask_and_approve_carry_profile_and_reason():
 
 TABLE = [
     # file, identity, message, direction, upstream, expected action, expected rule
-    ("read-only-engineers", ALICE, msg("initialize", {}), "client_to_server", ACME, "allow", "session-lifecycle"),
-    ("read-only-engineers", ANONYMOUS, msg("initialize", {}), "client_to_server", ACME, "deny", DEFAULT_RULE),
-    ("read-only-engineers", ALICE, http_request("GET"), "client_to_server", ACME, "allow", "session-lifecycle"),
-    ("read-only-engineers", ALICE, call("read_file", path="/srv/app/README.md"), "client_to_server", ACME, "allow", "engineers-read-tools"),
-    ("read-only-engineers", ALICE, call("read_file", path="/srv/app/.env"), "client_to_server", ACME, "deny", "engineers-no-secret-files"),
-    ("read-only-engineers", ALICE, call("read_file", path="/srv/app/../../etc/ssl/private/deploy.pem"), "client_to_server", ACME, "deny", "engineers-no-secret-files"),
-    ("read-only-engineers", ALICE, call("read_file", path="/ETC/SSL/PRIVATE/x"), "client_to_server", ACME, "deny", "engineers-no-secret-files"),
-    ("read-only-engineers", ALICE, call("deploy", service="billing", env="staging"), "client_to_server", ACME, "deny", "engineers-no-writes"),
-    ("read-only-engineers", ALICE, call("search_logs", query="x; DROP   TABLE users"), "client_to_server", ACME, "deny", "prohibited-keywords"),
-    ("read-only-engineers", ALICE, msg("resources/read", {"uri": "acme://runbooks/oncall"}), "client_to_server", ACME, "allow", "engineers-runbooks"),
-    ("read-only-engineers", ALICE, msg("resources/read", {"uri": "acme://secrets/db"}), "client_to_server", ACME, "deny", DEFAULT_RULE),
-    ("read-only-engineers", CAROL, call("read_file", path="/srv/app/README.md"), "client_to_server", ACME, "deny", DEFAULT_RULE),
-    ("read-only-engineers", ALICE, msg("sampling/createMessage", {"messages": []}), "server_to_client", ACME, "deny", DEFAULT_RULE),
-    ("read-only-engineers", ALICE, msg("notifications/tools/list_changed", id=None), "server_to_client", ACME, "allow", "server-plumbing"),
-    ("read-only-engineers", ALICE, msg("notifications/tools/list_changed", id=None), "client_to_server", ACME, "deny", DEFAULT_RULE),
-    ("ci-service-accounts", CI, call("deploy", service="billing-api", env="staging"), "client_to_server", ACME, "allow", "ci-deploy-nonprod"),
-    ("ci-service-accounts", CI, call("deploy", service="billing-api", env="prod"), "client_to_server", ACME, "deny", "ci-no-prod"),
-    ("ci-service-accounts", CI, call("deploy", service="billing-api", env="staging"), "client_to_server", "127.0.0.1:9999", "deny", "ci-no-prod"),
-    ("ci-service-accounts", CI, call("deploy", service="Billing API!", env="staging"), "client_to_server", ACME, "deny", "ci-no-prod"),
-    ("ci-service-accounts", CI, call("search_logs", query="card"), "client_to_server", "LOCALHOST:9000", "allow", "ci-read-logs"),
-    ("ci-service-accounts", CI, msg("elicitation/create", {}), "server_to_client", ACME, "deny", "ci-no-server-requests"),
-    ("ci-service-accounts", ALICE, call("search_logs", query="card"), "client_to_server", ACME, "deny", DEFAULT_RULE),
-    ("oncall-approval", OSCAR, call("deploy", service="billing", env="staging"), "client_to_server", ACME, "allow", "oncall-deploy-nonprod"),
-    ("oncall-approval", OSCAR, call("deploy", service="billing", env="Production"), "client_to_server", ACME, "approve", "oncall-destructive"),
-    ("oncall-approval", OSCAR, call("drop_table", table="invoices"), "client_to_server", ACME, "approve", "oncall-destructive"),
-    ("oncall-approval", OSCAR, call("read_file", path="/srv/app/.env"), "client_to_server", ACME, "allow", "oncall-everything-else"),
-    ("oncall-approval", OSCAR, msg("sampling/createMessage", {"messages": []}), "server_to_client", ACME, "allow", "oncall-server-requests"),
-    ("oncall-approval", ALICE, call("drop_table", table="invoices"), "client_to_server", ACME, "deny", "others-nothing-destructive"),
-    ("contractors-masked-pii", CAROL, call("lookup_customer", query="c-1001"), "client_to_server", ACME, "mask", "contractors-customer-data"),
-    ("contractors-masked-pii", CAROL, http_request("GET"), "client_to_server", ACME, "mask", "contractors-stream"),
-    ("contractors-masked-pii", CAROL, http_request("DELETE"), "client_to_server", ACME, "allow", "session-lifecycle"),
-    ("contractors-masked-pii", CAROL, call("read_file", path="/srv/app/README.md"), "client_to_server", ACME, "mask", "contractors-docs"),
-    ("contractors-masked-pii", CAROL, call("read_file", path="/srv/app/.env"), "client_to_server", ACME, "deny", DEFAULT_RULE),
-    ("contractors-masked-pii", CAROL, call("read_file", path="/srv/app/../../etc/ssl/private/x.md"), "client_to_server", ACME, "deny", DEFAULT_RULE),
-    ("contractors-masked-pii", CAROL, call("drop_table", table="x"), "client_to_server", ACME, "deny", "contractors-no-destructive"),
-    ("contractors-masked-pii", CAROL, msg("notifications/message", {"level": "info", "data": "x"}, id=None), "server_to_client", ACME, "mask", "contractors-log-messages"),
+    ("read-only-engineers", ALICE, msg("initialize", {}),
+     "client_to_server", ACME, "allow", "session-lifecycle"),
+    ("read-only-engineers", ANONYMOUS, msg("initialize", {}),
+     "client_to_server", ACME, "deny", DEFAULT_RULE),
+    ("read-only-engineers", ALICE, http_request("GET"),
+     "client_to_server", ACME, "allow", "session-lifecycle"),
+    ("read-only-engineers", ALICE, call("read_file", path="/srv/app/README.md"),
+     "client_to_server", ACME, "allow", "engineers-read-tools"),
+    ("read-only-engineers", ALICE, call("read_file", path="/srv/app/.env"),
+     "client_to_server", ACME, "deny", "engineers-no-secret-files"),
+    ("read-only-engineers", ALICE, call("read_file", path="/srv/app/../../etc/ssl/private/deploy.pem"),
+     "client_to_server", ACME, "deny", "engineers-no-secret-files"),
+    ("read-only-engineers", ALICE, call("read_file", path="/ETC/SSL/PRIVATE/x"),
+     "client_to_server", ACME, "deny", "engineers-no-secret-files"),
+    ("read-only-engineers", ALICE, call("deploy", service="billing", env="staging"),
+     "client_to_server", ACME, "deny", "engineers-no-writes"),
+    ("read-only-engineers", ALICE, call("search_logs", query="x; DROP   TABLE users"),
+     "client_to_server", ACME, "deny", "prohibited-keywords"),
+    ("read-only-engineers", ALICE, msg("resources/read", {"uri": "acme://runbooks/oncall"}),
+     "client_to_server", ACME, "allow", "engineers-runbooks"),
+    ("read-only-engineers", ALICE, msg("resources/read", {"uri": "acme://secrets/db"}),
+     "client_to_server", ACME, "deny", DEFAULT_RULE),
+    ("read-only-engineers", CAROL, call("read_file", path="/srv/app/README.md"),
+     "client_to_server", ACME, "deny", DEFAULT_RULE),
+    ("read-only-engineers", ALICE, msg("sampling/createMessage", {"messages": []}),
+     "server_to_client", ACME, "deny", DEFAULT_RULE),
+    ("read-only-engineers", ALICE, msg("notifications/tools/list_changed", id=None),
+     "server_to_client", ACME, "allow", "server-plumbing"),
+    ("read-only-engineers", ALICE, msg("notifications/tools/list_changed", id=None),
+     "client_to_server", ACME, "deny", DEFAULT_RULE),
+    ("ci-service-accounts", CI, call("deploy", service="billing-api", env="staging"),
+     "client_to_server", ACME, "allow", "ci-deploy-nonprod"),
+    ("ci-service-accounts", CI, call("deploy", service="billing-api", env="prod"),
+     "client_to_server", ACME, "deny", "ci-no-prod"),
+    ("ci-service-accounts", CI, call("deploy", service="billing-api", env="staging"),
+     "client_to_server", "127.0.0.1:9999", "deny", "ci-no-prod"),
+    ("ci-service-accounts", CI, call("deploy", service="Billing API!", env="staging"),
+     "client_to_server", ACME, "deny", "ci-no-prod"),
+    ("ci-service-accounts", CI, call("search_logs", query="card"),
+     "client_to_server", "LOCALHOST:9000", "allow", "ci-read-logs"),
+    ("ci-service-accounts", CI, msg("elicitation/create", {}),
+     "server_to_client", ACME, "deny", "ci-no-server-requests"),
+    ("ci-service-accounts", ALICE, call("search_logs", query="card"),
+     "client_to_server", ACME, "deny", DEFAULT_RULE),
+    ("oncall-approval", OSCAR, call("deploy", service="billing", env="staging"),
+     "client_to_server", ACME, "allow", "oncall-deploy-nonprod"),
+    ("oncall-approval", OSCAR, call("deploy", service="billing", env="Production"),
+     "client_to_server", ACME, "approve", "oncall-destructive"),
+    ("oncall-approval", OSCAR, call("drop_table", table="invoices"),
+     "client_to_server", ACME, "approve", "oncall-destructive"),
+    ("oncall-approval", OSCAR, call("read_file", path="/srv/app/.env"),
+     "client_to_server", ACME, "allow", "oncall-everything-else"),
+    ("oncall-approval", OSCAR, msg("sampling/createMessage", {"messages": []}),
+     "server_to_client", ACME, "allow", "oncall-server-requests"),
+    ("oncall-approval", ALICE, call("drop_table", table="invoices"),
+     "client_to_server", ACME, "deny", "others-nothing-destructive"),
+    ("contractors-masked-pii", CAROL, call("lookup_customer", query="c-1001"),
+     "client_to_server", ACME, "mask", "contractors-customer-data"),
+    ("contractors-masked-pii", CAROL, http_request("GET"),
+     "client_to_server", ACME, "mask", "contractors-stream"),
+    ("contractors-masked-pii", CAROL, http_request("DELETE"),
+     "client_to_server", ACME, "allow", "session-lifecycle"),
+    ("contractors-masked-pii", CAROL, call("read_file", path="/srv/app/README.md"),
+     "client_to_server", ACME, "mask", "contractors-docs"),
+    ("contractors-masked-pii", CAROL, call("read_file", path="/srv/app/.env"),
+     "client_to_server", ACME, "deny", DEFAULT_RULE),
+    ("contractors-masked-pii", CAROL, call("read_file", path="/srv/app/../../etc/ssl/private/x.md"),
+     "client_to_server", ACME, "deny", DEFAULT_RULE),
+    ("contractors-masked-pii", CAROL, call("drop_table", table="x"),
+     "client_to_server", ACME, "deny", "contractors-no-destructive"),
+    ("contractors-masked-pii", CAROL, msg("notifications/message", {"level": "info", "data": "x"}, id=None),
+     "server_to_client", ACME, "mask", "contractors-log-messages"),
 ]
 
 
@@ -244,7 +293,8 @@ def test_default_ruleset_allows_only_plumbing():
     r = Ruleset.load(ROOT / "rulesets" / "default.yaml")
     assert r.evaluate(ALICE, msg("initialize", {})).action == "allow"
     assert r.evaluate(ALICE, msg("tools/list", {})).action == "allow"
-    assert r.evaluate(ALICE, Message(kind="response", raw={"jsonrpc": "2.0", "id": 3, "result": {}}, id=3)).action == "allow"
+    response = Message(kind="response", raw={"jsonrpc": "2.0", "id": 3, "result": {}}, id=3)
+    assert r.evaluate(ALICE, response).action == "allow"
     assert r.evaluate(ALICE, call("read_file", path="x")).rule == DEFAULT_RULE
     assert r.evaluate(ALICE, msg("roots/list", {}), "server_to_client").rule == DEFAULT_RULE
     assert r.evaluate(None, msg("initialize", {})).action == "deny"
@@ -276,7 +326,8 @@ def one_rule(match: str, action: str = "deny") -> Ruleset:
     ("{arguments: [{path: force, equals: true}]}", call("t", force=1), False),
     ("{arguments: [{path: n, equals: 3}]}", call("t", n="3"), True),
     ("{arguments: [{path: a.b.0, equals: x}]}", call("t", a={"b": ["x"]}), True),
-    ("{arguments: [{path: 'files.*.path', glob: '/etc/*'}]}", call("t", files=[{"path": "/tmp/a"}, {"path": "/etc/shadow"}]), True),
+    ("{arguments: [{path: 'files.*.path', glob: '/etc/*'}]}",
+     call("t", files=[{"path": "/tmp/a"}, {"path": "/etc/shadow"}]), True),
     ("{arguments: [{path: [a.b], equals: 1}]}", call("t", **{"a.b": 1}), True),
     ("{arguments: [{path: q, regex: '^select\\b'}]}", call("t", q="select 1"), True),
     ("{arguments: [{path: q, regex: '^select\\b'}], case_insensitive: true}", call("t", q="SELECT 1"), True),
@@ -295,7 +346,8 @@ def one_rule(match: str, action: str = "deny") -> Ruleset:
     ("{resources: ['file:///etc/*']}", msg("resources/read", {"uri": "file:///srv/../etc/passwd"}), True),
     ("{resources: ['file:///etc/*']}", msg("resources/read", {"uri": "file:///%65tc/passwd"}), True),
     ("{resources: ['file:///etc/*']}", msg("resources/read", {"uri": "FILE:///ETC/passwd"}), False),
-    ("{resources: ['file:///etc/*'], case_insensitive: true}", msg("resources/read", {"uri": "FILE:///ETC/passwd"}), True),
+    ("{resources: ['file:///etc/*'], case_insensitive: true}",
+     msg("resources/read", {"uri": "FILE:///ETC/passwd"}), True),
     ("{prompts: [secret_*]}", msg("prompts/get", {"name": "SECRET_plan"}), True),
     ("{groups: ['eng*']}", call("t"), True),
     ("{subjects: [bob]}", call("t"), False),
@@ -376,14 +428,14 @@ def variants_of(name: str) -> st.SearchStrategy[str]:
         return ch
 
     return st.lists(st.integers(0, 4), min_size=len(name), max_size=len(name)).map(
-        lambda modes: "".join(spell(c, m) for c, m in zip(name, modes))
+        lambda modes: "".join(spell(c, m) for c, m in zip(name, modes, strict=True))
     ).flatmap(lambda s: st.sampled_from([s, f" {s}", f"{s}\t"]))
 
 
 def json_escaped(s: str, mask: list[bool]) -> str:
     """A JSON string literal of `s` with the characters selected by `mask` written as \\uXXXX."""
     out = []
-    for ch, esc in zip(s, mask + [False] * len(s)):
+    for ch, esc in zip(s, mask + [False] * len(s), strict=False):  # the padded mask may be longer than `s`
         if esc or ord(ch) > 0xFFFF:
             out.append("".join(f"\\u{u:04x}" for u in _utf16(ch)))
         else:
@@ -408,13 +460,13 @@ def _utf16(ch: str) -> list[int]:
 def test_denied_tool_stays_denied_under_escaping_case_normalisation_and_batching(
         spelling, escapes, method, before, after, as_batch):
     filler = '{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"read_file","arguments":{}}}'
-    target = ('{"jsonrpc":"2.0","id":100,"method":%s,"params":{"name":%s,"arguments":{"table":"x"}}}'
-              % (json.dumps(method), json_escaped(spelling, escapes)))
+    target = ('{"jsonrpc":"2.0","id":100,"method":' + json.dumps(method)
+              + ',"params":{"name":' + json_escaped(spelling, escapes) + ',"arguments":{"table":"x"}}}')
     members = [filler % i for i in range(before)] + [target] + [filler % (10 + i) for i in range(after)]
     text = "[" + ",".join(members) + "]" if as_batch or len(members) > 1 else target
     body = parse_body(text)
     decisions = [DENY_DROP.evaluate(ALICE, m) for m in body.messages]
-    (hit,) = [d for m, d in zip(body.messages, decisions) if m.id == 100]
+    (hit,) = [d for m, d in zip(body.messages, decisions, strict=True) if m.id == 100]
     assert (hit.action, hit.rule) == ("deny", "no-drop")
     assert [d.action for d in decisions].count("allow") == before + after
 

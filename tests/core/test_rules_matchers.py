@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mcp_bastion.core.identity import ANONYMOUS, Identity
 from mcp_bastion.core.message import Message, classify, http_request
 from mcp_bastion.core.rules import MATCHERS, Ruleset, RulesetError

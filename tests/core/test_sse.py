@@ -1,7 +1,8 @@
 """The incremental SSE parser against the WHATWG rules it claims to follow."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mcp_bastion.core.sse import SSEError, SSEParser, format_event
 

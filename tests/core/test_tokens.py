@@ -361,7 +361,8 @@ def test_jwks_entries_that_are_not_public_signing_keys_are_ignored(idp, clock):
     v = make(idp, clock)
     assert verify_blocking(v, idp.token()).sub == "alice"
     assert v.status()[ISS]["keys"] == 1
-    hs = raw_jws({"alg": "HS256", "kid": "h1"}, idp.claims(), lambda si: hmac.new(b"secret", si, hashlib.sha256).digest())
+    hs = raw_jws({"alg": "HS256", "kid": "h1"}, idp.claims(),
+                 lambda si: hmac.new(b"secret", si, hashlib.sha256).digest())
     assert refused(v, hs).reason == "alg_not_allowed"
 
 

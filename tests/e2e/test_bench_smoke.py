@@ -39,7 +39,8 @@ def test_check_result_reads_json_and_the_last_sse_event():
     (reply(b'{"jsonrpc":"2.0","id":4,"error":{"code":-32001,"message":"denied"}}'), "not the result"),
     (reply(b'{"jsonrpc":"2.0","id":3,"result":{}}'), "not the result"),
     (reply(b'{"error":"unauthorized"}', status=401), "HTTP 401"),
-    (reply(b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}\n\n", ctype="text/event-stream"), "not the result"),
+    (reply(b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}\n\n", ctype="text/event-stream"),
+     "not the result"),
     (reply(b"not json"), "unreadable"),
 ])
 def test_check_result_refuses_what_is_not_the_result(r, why):

@@ -54,7 +54,8 @@ async def scripted_session(server, seen: Session) -> None:
 
     async def on_sampling(ctx, params):
         seen.samplings.append(params.messages[0].content.text)
-        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="short"), model="test")
+        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="short"),
+                                         model="test")
 
     async def on_elicitation(ctx, params):
         seen.elicitations.append(params.message)
@@ -81,7 +82,8 @@ def _recording_client(seen: Session, **kw) -> httpx2.AsyncClient:
 async def streamable_session(url: str) -> Session:
     seen = Session()
     async with _recording_client(seen) as http_client:
-        await asyncio.wait_for(scripted_session(streamable_http_client(url, http_client=http_client), seen), SESSION_TIMEOUT)
+        await asyncio.wait_for(scripted_session(streamable_http_client(url, http_client=http_client), seen),
+                               SESSION_TIMEOUT)
     return seen
 
 

@@ -70,7 +70,8 @@ async def _session(url: str, calls, hold: float = 0.0):
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
 
-    transport = streamable_http_client(url, http_client=create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"}))
+    transport = streamable_http_client(
+        url, http_client=create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"}))
     results = []
     async with Client(transport, mode="legacy") as client:
         for name, args in calls:
@@ -153,7 +154,8 @@ def test_recording_reads_back_with_every_flow_and_sse_event(recorded):
     out = run(harness.MITMDUMP, "-nr", str(path), "--flow-detail", "3", "-s", CONTENTVIEW)
     assert out.returncode == 0, out.stderr
     flows = read_flows(path)
-    methods = [(f.request.method, [m.get("method") for m in f.metadata["bastion.mcp"].get("request", [])]) for f in flows]
+    methods = [(f.request.method, [m.get("method") for m in f.metadata["bastion.mcp"].get("request", [])])
+               for f in flows]
     for expected in (("POST", ["initialize"]), ("POST", ["notifications/initialized"]), ("POST", ["tools/call"]),
                      ("GET", ["GET"]), ("DELETE", ["DELETE"])):
         assert expected in methods, methods
@@ -234,7 +236,8 @@ def test_server_replay_answers_a_rerun_client(recorded, server):
     port = harness.free_port()
     calls_before = server.calls.read_text()
     with harness.running([str(ROOT / "scripts" / "replay"), "server", str(path), "--port", str(port)], port):
-        results = session(f"http://127.0.0.1:{port}/mcp", [("echo", {"text": "hello"}), ("count", {"n": 3, "delay": 0.05})])
+        results = session(f"http://127.0.0.1:{port}/mcp",
+                          [("echo", {"text": "hello"}), ("count", {"n": 3, "delay": 0.05})])
     assert results == [["hello"], ["counted 3"]]
     assert server.calls.read_text() == calls_before  # answered from the recording, not by the server
 
@@ -245,7 +248,8 @@ def wait_until_streaming(server, gw: Gateway, timeout: float = 30) -> None:
     while time.monotonic() < deadline:
         recorded = gw.recordings()
         if recorded and "count 200" in server.calls.read_text():
-            tools = [m.get("tool") for f in read_flows(recorded[0]) for m in f.metadata["bastion.mcp"].get("request", [])]
+            tools = [m.get("tool") for f in read_flows(recorded[0])
+                     for m in f.metadata["bastion.mcp"].get("request", [])]
             if "echo" in tools:
                 time.sleep(0.3)  # a few events of the count call have gone out
                 return
@@ -259,7 +263,8 @@ def test_kill_9_mid_session_leaves_a_readable_recording(server, tmp_path):
 
     def client():
         try:
-            outcome["results"] = session(gw.url, [("echo", {"text": "before-kill"}), ("count", {"n": 200, "delay": 0.05})])
+            outcome["results"] = session(gw.url, [("echo", {"text": "before-kill"}),
+                                                  ("count", {"n": 200, "delay": 0.05})])
         except BaseException as e:  # the gateway dies under it
             outcome["error"] = e
 
@@ -285,7 +290,8 @@ def test_sigterm_loses_nothing_in_flight(server, tmp_path):
 
     def client():
         try:
-            outcome["results"] = session(gw.url, [("echo", {"text": "before-term"}), ("count", {"n": 200, "delay": 0.05})])
+            outcome["results"] = session(gw.url, [("echo", {"text": "before-term"}),
+                                                  ("count", {"n": 200, "delay": 0.05})])
         except BaseException as e:
             outcome["error"] = e
 

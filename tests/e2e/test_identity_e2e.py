@@ -181,7 +181,8 @@ def _resign(token: str, key=K1[0], header: dict | None = None, **claims) -> str:
 def _hs256_with_public_key(token: str) -> str:
     _, payload = _segments(token)
     pem = K1[0].public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    signing_input = f"{_b64(json.dumps({'alg': 'HS256', 'typ': 'JWT', 'kid': 'k1'}).encode())}.{_b64(json.dumps(payload).encode())}"
+    signing_input = (f"{_b64(json.dumps({'alg': 'HS256', 'typ': 'JWT', 'kid': 'k1'}).encode())}."
+                     f"{_b64(json.dumps(payload).encode())}")
     return f"{signing_input}.{_b64(hmac.new(pem, signing_input.encode(), hashlib.sha256).digest())}"
 
 

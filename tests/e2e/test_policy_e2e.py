@@ -26,9 +26,10 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mitmproxy import io
 
-from harness import ROOT, free_port, mitmdump_args, running, sdk_server
-from mcp_bastion.core import errors
 from bastion_dev.issuer import DevIssuer
+from mcp_bastion.core import errors
+
+from harness import ROOT, free_port, mitmdump_args, running, sdk_server
 
 pytestmark = pytest.mark.e2e
 
@@ -161,7 +162,8 @@ async def session(gw: Gateway, user: str, calls: list[tuple[str, str, dict]]) ->
 
     async def on_sampling(ctx, params):
         seen.samplings.append(params.messages[0].content.text)
-        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="short"), model="t")
+        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="short"),
+                                         model="t")
 
     async def on_elicitation(ctx, params):
         seen.elicitations.append(params.message)
@@ -207,7 +209,8 @@ def test_engineer_sees_and_calls_what_the_rules_allow(groups_gateway):
     ]))
     assert seen.tools == ["add", "ask_name", "count", "summarize"]
     assert seen.calls["add"] == "ok: 5"
-    assert seen.calls["big"] == f"error {errors.DENIED}: tools/call add denied by rule 'no-big-sums': sums are capped at 1000"
+    assert seen.calls["big"] == (f"error {errors.DENIED}: tools/call add denied by rule 'no-big-sums': "
+                                 "sums are capped at 1000")
     assert seen.calls["summarize"] == "ok: summary: short" and seen.samplings == ["a long text"]
     assert seen.calls["ask"] == "ok: hello Ada" and seen.elicitations == ["What is your name?"]
     assert seen.calls["readme"] == "ok: mcp-bastion test server: the readme resource"
@@ -259,7 +262,8 @@ def raw_session(gw: Gateway, user: str | None) -> dict[str, str]:
     r = httpx.post(gw.endpoint, json=init, headers=headers, timeout=30)
     assert r.status_code == 200, r.text
     headers["mcp-session-id"] = r.headers["mcp-session-id"]
-    r = httpx.post(gw.endpoint, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers, timeout=30)
+    r = httpx.post(gw.endpoint, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers,
+                   timeout=30)
     assert r.status_code == 202, r.text
     return headers
 
@@ -278,19 +282,24 @@ def sse_results(r: httpx.Response) -> list[dict]:
 @pytest.mark.parametrize("name", ["add", "\\u0061dd", "\\uff41\\uff44\\uff44", "ADD", "a\\u200bdd"])
 def test_a_denied_call_stays_denied_however_its_name_is_spelled(groups_gateway, name):
     headers = raw_session(groups_gateway, "alice")
-    body = '{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"%s","arguments":{"a":5000,"b":1}}}' % name
+    body = ('{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"' + name
+            + '","arguments":{"a":5000,"b":1}}}')
     r = post(groups_gateway, headers, body)
     assert r.status_code == 200
     assert r.json() == {"jsonrpc": "2.0", "id": 7, "error": {
-        "code": errors.DENIED, "message": f"tools/call {json.loads(chr(34) + name + chr(34))} denied by rule 'no-big-sums': sums are capped at 1000",
+        "code": errors.DENIED,
+        "message": f"tools/call {json.loads(chr(34) + name + chr(34))} denied by rule 'no-big-sums': "
+                   "sums are capped at 1000",
         "data": {"rule": "no-big-sums", "reason": "sums are capped at 1000"}}}
 
 
 def test_a_batch_with_a_denied_member_is_answered_by_the_gateway_and_not_forwarded(groups_gateway):
     headers = raw_session(groups_gateway, "alice")
     batch = [
-        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}},
-        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "add", "arguments": {"a": "1e4", "b": 2}}},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+         "params": {"name": "add", "arguments": {"a": 1, "b": 2}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+         "params": {"name": "add", "arguments": {"a": "1e4", "b": 2}}},
     ]
     r = post(groups_gateway, headers, json.dumps(batch))
     assert r.status_code == 200
@@ -304,7 +313,8 @@ def test_a_batch_with_a_denied_member_is_answered_by_the_gateway_and_not_forward
 
 def test_get_stream_and_delete_follow_the_pseudo_method_rules(groups_gateway):
     headers = raw_session(groups_gateway, "alice")
-    with httpx.stream("GET", groups_gateway.endpoint, headers={**headers, "accept": "text/event-stream"}, timeout=30) as r:
+    with httpx.stream("GET", groups_gateway.endpoint, headers={**headers, "accept": "text/event-stream"},
+                      timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     r = httpx.delete(groups_gateway.endpoint, headers=headers, timeout=30)
     assert r.status_code == 200
@@ -319,7 +329,8 @@ def test_unauthenticated_callers_never_reach_the_policy(groups_gateway):
 def test_what_if_on_the_recorded_session(groups_gateway, tmp_path):
     run(session(groups_gateway, "alice", [("add", "add", {"a": 2, "b": 3})]))
     stricter = tmp_path / "stricter.yaml"
-    stricter.write_text(GROUPS.replace("tools: [add, count, summarize, ask_name]", "tools: [count, summarize, ask_name]"))
+    stricter.write_text(GROUPS.replace("tools: [add, count, summarize, ask_name]",
+                                       "tools: [count, summarize, ask_name]"))
     proc = subprocess.run([str(ROOT / "scripts" / "policy"), "what-if", str(stricter), str(groups_gateway.flows)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
@@ -379,7 +390,8 @@ def test_reload_mid_session_keeps_open_streams_and_refuses_invalid_edits(tmp_pat
         assert stream.opened.wait(20) and stream.status == 200
 
         def add() -> dict:
-            body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 1}}}
+            body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                    "params": {"name": "add", "arguments": {"a": 1, "b": 1}}}
             return sse_results(post(gw, headers, json.dumps(body)))[0]
 
         assert add()["result"]["content"][0]["text"] == "2"
@@ -435,12 +447,14 @@ def nested(depth: int) -> bytes:
 
 
 AMBIGUOUS = [
-    ("duplicate key", b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}', {}, 400, errors.REFUSED_INPUT, "duplicate_key"),
+    ("duplicate key", b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}', {}, 400,
+     errors.REFUSED_INPUT, "duplicate_key"),
     ("invalid utf-8", b'{"jsonrpc":"2.0","id":1,"method":"p\xffing"}', {}, 400, errors.PARSE_ERROR, "invalid_utf8"),
     ("unknown encoding", b"\x1b\x00", {"content-encoding": "br"}, 415, errors.REFUSED_INPUT, "bad_encoding"),
     ("broken gzip", b"\x1f\x8b not gzip", {"content-encoding": "gzip"}, 415, errors.REFUSED_INPUT, "bad_encoding"),
     ("too deep", nested(40), {}, 400, errors.REFUSED_INPUT, "too_deep"),
-    ("too large", b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"' + b"a" * 70000 + b'"}}', {}, 413, errors.REFUSED_INPUT, "too_large"),
+    ("too large", b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"' + b"a" * 70000 + b'"}}',
+     {}, 413, errors.REFUSED_INPUT, "too_large"),
     ("gzip bomb", gzip.compress(b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"' + b"a" * 500000 + b'"}}'),
      {"content-encoding": "gzip"}, 413, errors.REFUSED_INPUT, "too_large"),
     ("not json", b"ping", {"content-type": "text/plain"}, 415, errors.REFUSED_INPUT, "content_type"),

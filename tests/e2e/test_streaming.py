@@ -41,7 +41,7 @@ RESULT = {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "te
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "ScriptedUpstream"
+    server: ScriptedUpstream
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
@@ -115,7 +115,8 @@ def read_stream(resp: httpx.Response, first: bytes, srv: ScriptedUpstream) -> tu
 
 def post_call(client: httpx.Client, url: str):
     return client.stream("POST", url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                                            "params": {"name": "slow", "_meta": {"progressToken": "t"}}}, headers=ACCEPT)
+                                            "params": {"name": "slow", "_meta": {"progressToken": "t"}}},
+                         headers=ACCEPT)
 
 
 def test_first_event_reaches_the_client_before_the_second_is_sent():
@@ -139,7 +140,8 @@ def test_first_event_reaches_the_client_before_the_second_is_sent():
 
 
 def test_events_split_across_chunks_with_crlf_comments_ids_and_multiline_data():
-    """Event 2 is cut mid-way, between the CR and the LF of a line end: the client must get event 1 alone, then event 2 whole."""
+    """Event 2 is cut mid-way, between the CR and the LF of a line end: the client must get event 1 alone,
+    then event 2 whole."""
     first = b": keep-alive\r\nid: 41\r\nretry: 2500\r\n" + message(PROGRESS, "\r\n")
     second = b'id: 42\r\ndata: {"jsonrpc":"2.0","id":1,\r\ndata:  "result":\r\ndata: {"content":[]}}\r\n\r\n'
     cut = second.index(b"\r\ndata:  ") + 1  # right after a CR
@@ -183,7 +185,8 @@ def test_get_stream_resumes_with_last_event_id():
     def script(h: Handler) -> None:
         h.start_stream()
         resumed_after = h.headers.get("last-event-id")
-        h.chunk(message({"jsonrpc": "2.0", "method": "notifications/resumed", "params": {"after": resumed_after}}, id="8"))
+        h.chunk(message({"jsonrpc": "2.0", "method": "notifications/resumed", "params": {"after": resumed_after}},
+                        id="8"))
         h.end()
 
     with upstream(script) as srv, gateway(srv.url) as gw, httpx.Client(timeout=DEADLOCK_GUARD) as client:

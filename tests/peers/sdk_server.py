@@ -24,10 +24,9 @@ import argparse
 
 import mcp_types as types
 import uvicorn
-from pydantic import BaseModel
-
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import BaseModel
 
 README_TEXT = "mcp-bastion test server: the readme resource"
 

@@ -96,7 +96,8 @@ class AuditLog:
             self.health.required = False  # no log, nothing to hold traffic for
             raise exceptions.OptionsError(f"audit_log: {e}") from None
         self.health.succeeded()
-        logger.info("mcp-bastion: audit log %s (key from %s), continuing at seq %d", path, source, self.writer.chain.seq)
+        logger.info("mcp-bastion: audit log %s (key from %s), continuing at seq %d",
+                    path, source, self.writer.chain.seq)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Track the flow, so that `done` can write it if it is still in flight then."""

@@ -47,7 +47,8 @@ def describe(obj: Any, asked: dict[Any, dict] | None = None) -> str:
         parts.append(f"id {msg.id!r}" if isinstance(msg.id, str) else f"id {msg.id}")
     if msg.kind in ("response", "error") and asked and msg.id in asked:
         q = asked[msg.id]
-        parts.append(" ".join(str(x) for x in ("to", q.get("method"), q.get("tool") or q.get("prompt") or q.get("uri")) if x))
+        target = q.get("tool") or q.get("prompt") or q.get("uri")
+        parts.append(" ".join(str(x) for x in ("to", q.get("method"), target) if x))
     if msg.tool_name:
         parts.append(f"tool {msg.tool_name}")
     elif msg.prompt_name:

@@ -38,10 +38,12 @@ class Gate:
             return
         missing = [str(s) for s in self.request_stages if not fs.passed(flow, s)] if fs.is_mcp(flow) else ["claim"]
         if missing:
-            logger.error("mcp-bastion: refusing %s: enforcement stages not passed: %s", flow.request.pretty_url, missing)
+            logger.error("mcp-bastion: refusing %s: enforcement stages not passed: %s",
+                         flow.request.pretty_url, missing)
             refuse(
                 flow,
-                Refusal(500, errors.GATEWAY_ERROR, "mcp-bastion could not complete its checks; the request was not forwarded",
+                Refusal(500, errors.GATEWAY_ERROR,
+                        "mcp-bastion could not complete its checks; the request was not forwarded",
                         {"missing": missing}),
                 stage=StageName.GATE,
                 action=Action.ERROR,
@@ -52,7 +54,8 @@ class Gate:
             return
         missing = [str(s) for s in self.response_stages if not fs.passed(flow, s)]
         if missing:
-            logger.error("mcp-bastion: withholding response of %s: stages not passed: %s", flow.request.pretty_url, missing)
+            logger.error("mcp-bastion: withholding response of %s: stages not passed: %s",
+                         flow.request.pretty_url, missing)
             refuse(
                 flow,
                 Refusal(502, errors.GATEWAY_ERROR, "mcp-bastion could not check the upstream's answer; it was withheld",

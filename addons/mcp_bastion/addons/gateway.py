@@ -74,7 +74,8 @@ def _reverse_mode(flow: http.HTTPFlow) -> bool:
 
 
 def _upstream_error(why: str) -> Refusal:
-    return Refusal(502, errors.UPSTREAM_ERROR, f"mcp-bastion withheld the upstream's answer: {why}", {"reason": "upstream"})
+    return Refusal(502, errors.UPSTREAM_ERROR, f"mcp-bastion withheld the upstream's answer: {why}",
+                   {"reason": "upstream"})
 
 
 class Gateway:
@@ -217,12 +218,14 @@ class Gateway:
         req = flow.request
         origin = req.headers.get("origin")
         if not origin_allowed(origin, self.allowed_origins):
-            refuse(flow, Refusal(403, errors.FORBIDDEN, f"origin {origin!r} is not allowed", {"reason": "origin"}), stage=StageName.PARSE)
+            refuse(flow, Refusal(403, errors.FORBIDDEN, f"origin {origin!r} is not allowed", {"reason": "origin"}),
+                   stage=StageName.PARSE)
             return
         if "?" in req.path and "access_token" in req.query:  # req.query parses the URL: skip it when there is none
             refuse(
                 flow,
-                Refusal(400, errors.UNAUTHENTICATED, "tokens in the query string are refused; send an Authorization header",
+                Refusal(400, errors.UNAUTHENTICATED,
+                        "tokens in the query string are refused; send an Authorization header",
                         {"reason": "token_in_query"}, {"www-authenticate": 'Bearer error="invalid_request"'}),
                 stage=StageName.PARSE,
             )
@@ -261,13 +264,22 @@ class Gateway:
             self._parse_post(flow)
         elif req.method in ("GET", "DELETE", "HEAD", "OPTIONS"):
             if req.content:
-                refuse(flow, Refusal(400, errors.REFUSED_INPUT, f"request refused: {req.method} with a body", {"reason": "unexpected_body"}), stage=StageName.PARSE)
+                refuse(
+                    flow,
+                    Refusal(400, errors.REFUSED_INPUT, f"request refused: {req.method} with a body",
+                            {"reason": "unexpected_body"}),
+                    stage=StageName.PARSE,
+                )
                 return
             state["request"] = [{"kind": "http", "method": req.method}]
             state["transport"] = "sse-stream" if req.method == "GET" else "streamable-http"
             fs.annotate(flow)
         else:
-            refuse(flow, Refusal(405, errors.REFUSED_INPUT, f"method {req.method} is not part of MCP", {"reason": "method"}), stage=StageName.PARSE)
+            refuse(
+                flow,
+                Refusal(405, errors.REFUSED_INPUT, f"method {req.method} is not part of MCP", {"reason": "method"}),
+                stage=StageName.PARSE,
+            )
             return
         if not flow.response:
             fs.mark_stage(flow, StageName.PARSE)
@@ -282,7 +294,8 @@ class Gateway:
         if ctype != "application/json":
             refuse(
                 flow,
-                Refusal(415, errors.REFUSED_INPUT, f"request refused: content-type {ctype or 'missing'!s} (MCP requires application/json)",
+                Refusal(415, errors.REFUSED_INPUT,
+                        f"request refused: content-type {ctype or 'missing'!s} (MCP requires application/json)",
                         {"reason": "content_type"}),
                 stage=StageName.PARSE,
             )

@@ -11,11 +11,12 @@ finished flow readable by `mitmweb -r` and `mitmdump -nr`; on SIGTERM
 (`done`) the flows still in flight are written too, marked incomplete.
 
 Event streams: mitmproxy keeps no body for a streamed response, so the bytes
-the client received are collected through `mcp_stream_output`, the sink this addon attaches to the SSEStream in `responseheaders`
-into a `Spool` (memory up to 1 MiB, then an unlinked temp file in the record
-directory) and written from disk into the flow file, so a 100 MB stream never
-sits in memory. Beyond `record_stream_limit` the bytes are counted and hashed
-but not stored; `stream` in the flow's `Meta.RECORD` note says so.
+the client received are collected through `mcp_stream_output`, the sink this
+addon attaches to the SSEStream in `responseheaders` into a `Spool` (memory up
+to 1 MiB, then an unlinked temp file in the record directory) and written from
+disk into the flow file, so a 100 MB stream never sits in memory. Beyond
+`record_stream_limit` the bytes are counted and hashed but not stored;
+`stream` in the flow's `Meta.RECORD` note says so.
 
 When recording is required (`record_required`, the default) a write failure
 withholds the (buffered) response with a 502, and `health` (a `WriteHealth`)
@@ -151,7 +152,8 @@ class Recorder:
             return
         try:
             for path in self.files.sweep(self.retention):
-                logger.info("mcp-bastion: removed recording %s (older than %s)", path.name, ctx.options.record_retention)
+                logger.info("mcp-bastion: removed recording %s (older than %s)",
+                            path.name, ctx.options.record_retention)
         except OSError as e:
             logger.error("mcp-bastion: retention sweep of %s failed: %s", self.files.directory, e)
 

@@ -329,7 +329,8 @@ def client_replay(args: argparse.Namespace, console: Console) -> int:
     if args.save:
         console.print(f"replayed flows saved to {args.save}")
     missing = sum(1 for f in chosen if f.id not in replayed or replayed[f.id].response is None)
-    console.print(f"{len(chosen) - missing} of {len(chosen)} requests answered; {differing} answers differ from the recording")
+    console.print(f"{len(chosen) - missing} of {len(chosen)} requests answered; "
+                  f"{differing} answers differ from the recording")
     return 0 if missing == 0 else 2
 
 
@@ -489,7 +490,8 @@ def parser() -> argparse.ArgumentParser:
         sp = a.add_parser(name)
         sp.add_argument("log", help="the audit log (JSON Lines)")
         sp.add_argument("--key-file", help="file holding the HMAC key")
-        sp.add_argument("--key-env", default=DEFAULT_KEY_ENV, help="environment variable holding the key (default %(default)s)")
+        sp.add_argument("--key-env", default=DEFAULT_KEY_ENV,
+                        help="environment variable holding the key (default %(default)s)")
         sp.add_argument("--allow-missing-head", action="store_true",
                         help="accept a log without its .head file (records removed at the end go unnoticed)")
         if name == "export":

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("explain", help="which rule decides a message for an identity, and why")
     p.add_argument("ruleset", metavar="RULESET")
-    p.add_argument("message", metavar="MESSAGE", help="JSON-RPC message or batch: JSON text, @FILE, - for stdin, or http:GET")
+    p.add_argument("message", metavar="MESSAGE",
+                   help="JSON-RPC message or batch: JSON text, @FILE, - for stdin, or http:GET")
     p.add_argument("--sub", help="the caller's subject (omit all identity options for an anonymous caller)")
     p.add_argument("--group", action="append", default=[], help="a group of the caller (repeatable)")
     p.add_argument("--issuer", help="the token issuer (iss)")
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("what-if", help="list the decisions of recorded sessions that a ruleset would change")
     p.add_argument("ruleset", metavar="RULESET")
     p.add_argument("sessions", nargs="+", metavar="SESSION", help="mitmproxy flow file (the Recorder's *.mitm)")
-    p.add_argument("--baseline", metavar="OLD_RULESET", help="compare with this ruleset instead of the recorded decisions")
+    p.add_argument("--baseline", metavar="OLD_RULESET",
+                   help="compare with this ruleset instead of the recorded decisions")
 
     args = ap.parse_args(argv)
     out = sys.stdout
@@ -235,7 +237,8 @@ def _flow_messages(flow) -> Iterator[tuple[str, Message]]:
     elif ctype == "text/event-stream":
         parser = SSEParser()
         try:
-            chunks = [e.data for e in parser.feed(resp.get_content(strict=False) or b"") if e.has_data and e.event == "message"]
+            events = parser.feed(resp.get_content(strict=False) or b"")
+            chunks = [e.data for e in events if e.has_data and e.event == "message"]
         except SSEError:
             chunks = []
     for chunk in chunks:
@@ -279,7 +282,8 @@ def what_if(ruleset_path: str, sessions: list[str], baseline_path: str | None, o
             elif rec.before is not None:
                 b = rec.before
                 action = b.get("ruled") or b.get("action", "?")  # what the rule said, before the gateway's own checks
-                before = (action, b.get("profile"), _verdict(Decision(action, b.get("rule", "?"), b.get("reason", ""), b.get("profile"))))
+                decision = Decision(action, b.get("rule", "?"), b.get("reason", ""), b.get("profile"))
+                before = (action, b.get("profile"), _verdict(decision))
             else:
                 unknown += 1
                 continue

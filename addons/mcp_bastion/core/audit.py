@@ -443,7 +443,9 @@ def verify_lines(lines: Iterable[bytes], key: bytes, *, prev: str = GENESIS, seq
     seen: dict[int, str] = {}
     count = 0
     for lineno, raw in enumerate(lines, 1):
-        def bad(reason: str, rec_seq: Any = None) -> Verdict:
+        # bind this iteration's chain position now (bad() is only ever called within it)
+        def bad(reason: str, rec_seq: Any = None, *, count: int = count, seq: int = seq, prev: str = prev,
+                lineno: int = lineno) -> Verdict:
             return Verdict(False, count, seq, prev, lineno, rec_seq, reason, hashes_at=seen)
 
         if not raw.endswith(b"\n"):
@@ -538,7 +540,8 @@ def load_key(env_name: str | None, key_file: str | None, *, create: bool = False
                 os.close(fd)
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise AuditError(f"audit key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+            raise AuditError(f"audit key file {path} is accessible by group or others "
+                             f"(mode {stat.S_IMODE(mode):o}); chmod 600 it")
         key = path.read_bytes().strip()
         source = str(path)
     else:

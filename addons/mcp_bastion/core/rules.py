@@ -387,7 +387,8 @@ class ArgumentCondition(Condition):
         found = list(_resolve(v.arguments, self.path))
         if not found:
             return f"arguments: nothing at {self.shown_path}"
-        return f"arguments: {self.shown_path} = {found[0] if len(found) == 1 else found!r} does not satisfy {self.shown_ops}"
+        return (f"arguments: {self.shown_path} = {found[0] if len(found) == 1 else found!r} "
+                f"does not satisfy {self.shown_ops}")
 
 
 def _equal(value: Any, wanted: Any, fold: bool) -> bool:
@@ -765,7 +766,8 @@ class _Compiler:
 
     # --- generic shapes ---
 
-    def mapping(self, node: yaml.Node, rule: str | None, what: str, keys: tuple[str, ...]) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
+    def mapping(self, node: yaml.Node, rule: str | None, what: str,
+                keys: tuple[str, ...]) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
         if not isinstance(node, yaml.MappingNode):
             self.error(node, rule, f"{what} must be a mapping")
             return None
@@ -878,7 +880,8 @@ class _Compiler:
             if targets is not None:
                 for t in targets:
                     if ":" not in t:
-                        self.error(v, None, f"upstreams.{name}: {t!r} must be host:port (globs allowed, e.g. \"127.0.0.1:*\")")
+                        self.error(v, None,
+                                   f"upstreams.{name}: {t!r} must be host:port (globs allowed, e.g. \"127.0.0.1:*\")")
                 self.upstream_names[name] = [t.lower() for t in targets]
 
     def rule(self, node: yaml.Node, index: int, seen: dict[str, int]) -> Rule | None:
@@ -898,7 +901,8 @@ class _Compiler:
             rule_id = self.scalar(keys["id"][1], label, "id", (str,))
             if rule_id is not _BAD:
                 if not _ID_RE.match(rule_id):
-                    self.error(keys["id"][1], label, "id must start with a letter or digit and use only letters, digits, '.', '_' or '-'")
+                    self.error(keys["id"][1], label,
+                               "id must start with a letter or digit and use only letters, digits, '.', '_' or '-'")
                 elif rule_id in seen:
                     self.error(keys["id"][1], label, f"duplicate id (first used at line {seen[rule_id]})")
                 else:
@@ -964,7 +968,8 @@ class _Compiler:
                 out.append(value.lower())
             else:
                 known = ", ".join(self.upstream_names) or "none defined"
-                self.error(node, rule, f"upstreams: {value!r} is neither a name from 'upstreams' ({known}) nor host:port")
+                self.error(node, rule,
+                           f"upstreams: {value!r} is neither a name from 'upstreams' ({known}) nor host:port")
                 return None
         return out
 
@@ -1037,9 +1042,10 @@ class _Compiler:
         for i, rule in enumerate(rules):
             if not rule.conditions and i + 1 < len(rules):
                 for later in rules[i + 1:]:
-                    self.warnings.append(Problem(self.source, later.line, later.id,
-                                                 f"never reached: rule '{rule.id}' (line {rule.line}) matches every message",
-                                                 warning=True))
+                    self.warnings.append(Problem(
+                        self.source, later.line, later.id,
+                        f"never reached: rule '{rule.id}' (line {rule.line}) matches every message",
+                        warning=True))
                 return
 
 

@@ -60,7 +60,8 @@ class Stack(ExitStack):
     def start(self, what: str, args: list[str], port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
         out = open(log, "wb")
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT / "scripts"), **(env or {})}, start_new_session=True)
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "scripts"), **(env or {})},
+                                start_new_session=True)
         self.callback(self._stop, proc, out)
         wait_port(port, proc, what)
         return proc
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         console.rule("[bold]mcp-bastion demo")
         issuer = stack.enter_context(DevIssuer(audience=f"http://127.0.0.1:{gw_port}"))
         console.print(f"issuer    dev OpenID issuer      {issuer.url} (alice: engineering, carol: contractors)")
-        stack.start("demo MCP server", [str(BIN / "python"), "-m", "bastion_dev.demo.server", "--port", str(upstream_port)],
+        stack.start("demo MCP server",
+                    [str(BIN / "python"), "-m", "bastion_dev.demo.server", "--port", str(upstream_port)],
                     upstream_port, workdir / "server.log")
         console.print(f"upstream  acme-ops MCP server   http://127.0.0.1:{upstream_port}/mcp")
         tool = "mitmweb" if args.web else "mitmdump"
@@ -113,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{gw_port}"]
         web_token = secrets.token_urlsafe(12)
         if args.web:
-            cmd += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}", "--set", f"web_password={web_token}"]
+            cmd += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
+                    "--set", f"web_password={web_token}"]
         for key, value in gateway_options(workdir, issuer).items():
             cmd += ["--set", f"{key}={value}"]
         # The upstream's own credential: the gateway injects it, clients never see it.
-        stack.start("gateway", cmd, gw_port, workdir / "gateway.log", env={"ACME_OPS_TOKEN": "acme-ops-upstream-secret"})
+        stack.start("gateway", cmd, gw_port, workdir / "gateway.log",
+                    env={"ACME_OPS_TOKEN": "acme-ops-upstream-secret"})
         console.print(f"gateway   {tool} + addons/bastion.py http://127.0.0.1:{gw_port}/mcp")
         if args.web:
             console.print(f"mitmweb   http://127.0.0.1:{web_port}/?token={web_token}")

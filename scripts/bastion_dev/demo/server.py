@@ -66,7 +66,8 @@ FILES = {
 LOGS = [
     "2026-11-24T09:12:03Z INFO  billing-api request id=8f2 path=/invoices user=dana.whitfield@example.com",
     "2026-11-24T09:12:04Z WARN  billing-api retrying charge card=4111111111111111 attempt=2",
-    "2026-11-24T09:13:44Z ERROR auth-proxy upstream refused Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZW1vIn0.c2lnbmF0dXJl",
+    "2026-11-24T09:13:44Z ERROR auth-proxy upstream refused Authorization: Bearer "
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZW1vIn0.c2lnbmF0dXJl",
     "2026-11-24T09:15:10Z INFO  deployer rolled out billing-api v2.14.1 to staging",
 ]
 
@@ -119,7 +120,8 @@ def build_server() -> MCPServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="The demo upstream: acme-ops, an MCP server with realistic sensitive data.")
+    ap = argparse.ArgumentParser(
+        description="The demo upstream: acme-ops, an MCP server with realistic sensitive data.")
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--transport", choices=("streamable-http", "sse"), default="streamable-http")
     args = ap.parse_args(argv)

@@ -24,7 +24,7 @@ from typing import Any
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Contentview, Metadata
 
-from mcp_bastion.core.message import classify
+from mcp_bastion.core.message import classify, summary_target
 from mcp_bastion.core.sse import SSEParser
 from mcp_bastion.core.vocab import Meta
 
@@ -47,7 +47,7 @@ def describe(obj: Any, asked: dict[Any, dict] | None = None) -> str:
         parts.append(f"id {msg.id!r}" if isinstance(msg.id, str) else f"id {msg.id}")
     if msg.kind in ("response", "error") and asked and msg.id in asked:
         q = asked[msg.id]
-        target = q.get("tool") or q.get("prompt") or q.get("uri")
+        target = summary_target(q)
         parts.append(" ".join(str(x) for x in ("to", q.get("method"), target) if x))
     if msg.tool_name:
         parts.append(f"tool {msg.tool_name}")

@@ -46,8 +46,6 @@ from mcp_bastion.glue.recording.scrub import REDACTED
 from mcp_bastion.glue.recording.sessions import session_of
 
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
-REPLAY_SESSION = "bastion.replay.session"  # on a flow queued for client replay: its recorded session id
-REPLAY_OF = "bastion.replay.of"  # ... and the id of the recorded flow it re-sends
 
 _ACTION_STYLE = {
     "allow": "green", "forward": "dim", "deny": "bold red", "error": "bold red",
@@ -104,7 +102,7 @@ def _message(rec: dict[str, Any]) -> str:
     out = rec.get("method") or rec.get("kind") or "?"
     if rec.get("kind") == "http":
         out = _HTTP_LABEL.get(out, out)
-    target = rec.get("tool") or rec.get("prompt") or rec.get("resource") or rec.get("target")
+    target = next((rec[k] for k in ("tool", "prompt", "resource", "task", "target") if rec.get(k)), None)
     if target:
         out += f" {target}"
     if rec.get("id") is not None:
@@ -233,7 +231,7 @@ class SessionRemap:
             flow.request.headers["mcp-session-id"] = self.map[sid]
 
     def response(self, flow: http.HTTPFlow) -> None:
-        recorded = flow.metadata.get(REPLAY_SESSION)
+        recorded = flow.metadata.get(Meta.REPLAY_SESSION)
         new = flow.response.headers.get("mcp-session-id") if flow.response else None
         if flow.is_replay == "request" and recorded and new and new != recorded:
             self.map[recorded] = new
@@ -279,8 +277,8 @@ def prepare_client_replay(flows: Iterable[http.HTTPFlow], to: str | None, header
             req.host_header = target.netloc
             if target.path not in ("", "/"):
                 req.path = target.path + (f"?{urlsplit(req.path).query}" if urlsplit(req.path).query else "")
-        f.metadata[REPLAY_SESSION] = session_of(flow)
-        f.metadata[REPLAY_OF] = flow.id
+        f.metadata[Meta.REPLAY_SESSION] = session_of(flow)
+        f.metadata[Meta.REPLAY_OF] = flow.id
         chosen.append(f)
     return chosen, skipped
 
@@ -320,7 +318,7 @@ def client_replay(args: argparse.Namespace, console: Console) -> int:
     differing = 0
     for f in chosen:
         new = replayed.get(f.id)
-        original = by_id[f.metadata[REPLAY_OF]]
+        original = by_id[f.metadata[Meta.REPLAY_OF]]
         before, after = answers(original), answers(new) if new else {}
         outcome = _outcome(before, after) if new is not None and new.response is not None else "no response"
         differing += outcome not in ("same", "no answer")
@@ -347,6 +345,7 @@ def _flow_label(flow: http.HTTPFlow) -> str:
     summaries = (flow.metadata.get(Meta.MCP) or {}).get("request") or []
     if not summaries:
         return f"{flow.request.method} {flow.request.path}"
+    # A summary names a resource `uri`; an audit record (what _message reads) names it `resource`.
     return ", ".join(_message(dict(s, resource=s.get("uri"))) for s in summaries[:3]) + (
         f" (+{len(summaries) - 3})" if len(summaries) > 3 else "")
 

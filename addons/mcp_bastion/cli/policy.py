@@ -30,10 +30,8 @@ from mcp_bastion.core.jsonrpc import ParseError, parse_body
 from mcp_bastion.core.message import Message, http_request
 from mcp_bastion.core.rules import Decision, Ruleset, RulesetError
 from mcp_bastion.core.sse import SSEError, SSEParser
+from mcp_bastion.core.vocab import Meta
 
-IDENTITY_KEY = "bastion.identity"
-UPSTREAM_KEY = "bastion.upstream"
-DECISIONS_KEY = "bastion.decisions"
 _STAGE = {"client_to_server": "policy", "server_to_client": "resp:policy"}
 
 
@@ -253,11 +251,11 @@ def _flow_messages(flow) -> Iterator[tuple[str, Message]]:
 
 def _recorded(path: str) -> Iterator[Recorded]:
     for index, flow in enumerate(_read_flows(path), 1):
-        if "bastion.mcp" not in flow.metadata:
+        if Meta.MCP not in flow.metadata:
             continue
-        identity = Identity.from_claims(flow.metadata.get(IDENTITY_KEY))
-        upstream = flow.metadata.get(UPSTREAM_KEY) or f"{flow.request.host}:{flow.request.port}"
-        pending = [d for d in flow.metadata.get(DECISIONS_KEY, []) if d.get("action") != "filter"]
+        identity = Identity.from_claims(flow.metadata.get(Meta.IDENTITY))
+        upstream = flow.metadata.get(Meta.UPSTREAM) or f"{flow.request.host}:{flow.request.port}"
+        pending = [d for d in flow.metadata.get(Meta.DECISIONS, []) if d.get("action") != "filter"]
         for direction, m in _flow_messages(flow):
             before = None
             for i, d in enumerate(pending):

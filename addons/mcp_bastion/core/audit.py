@@ -57,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from .message import SUMMARY_KEYS
 from .vocab import Meta
 
 GENESIS = "0" * 64
@@ -103,12 +104,12 @@ def _rank(decision: dict[str, Any]) -> int:
     return _SEVERITY.get(decision.get("action", ""), _OTHER)
 
 
+# A message summary keeps its target under SUMMARY_KEYS[kind]; an audit record names it by kind.
+_RECORD_KEYS = {key: str(kind) for kind, key in SUMMARY_KEYS.items()}
+
+
 def _target_fields(summary: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for src, dst in (("tool", "tool"), ("uri", "resource"), ("prompt", "prompt")):
-        if summary.get(src) is not None:
-            out[dst] = summary[src]
-    return out
+    return {_RECORD_KEYS[key]: summary[key] for key in _RECORD_KEYS if summary.get(key) is not None}
 
 
 def _groups(value: Any) -> list[str]:
@@ -275,7 +276,7 @@ class Chain:
 
 
 _LINE_ORDER = ("seq", "time", "session", "subject", "groups", "client_id", "upstream", "direction", "kind",
-               "method", "id", "tool", "resource", "prompt", "target", "action", "rule", "stage", "reason")
+               "method", "id", "tool", "resource", "prompt", "task", "target", "action", "rule", "stage", "reason")
 
 
 def line_of(record: dict[str, Any]) -> bytes:
@@ -623,7 +624,7 @@ def read_records(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
 
 CSV_COLUMNS = (
     "seq", "time", "session", "subject", "groups", "client_id", "upstream", "direction", "kind", "method",
-    "id", "tool", "resource", "prompt", "target", "action", "rule", "stage", "reason", "masking", "approval",
+    "id", "tool", "resource", "prompt", "task", "target", "action", "rule", "stage", "reason", "masking", "approval",
     "latency_ms", "status", "rpc", "error", "flow", "hash",
 )
 

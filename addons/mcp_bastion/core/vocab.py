@@ -85,6 +85,8 @@ class Meta:
     APPROVAL = "bastion.approval"  # {"rule", "status", "ids"}: a call held for a person
     RECORD = "bastion.record"  # on a recorded flow: {"session", "subject", "latency_ms", "stream", ...}
     LEGACY_SESSION = "bastion.legacy_session"  # session id announced in an HTTP+SSE `endpoint` event
+    REPLAY_SESSION = "bastion.replay.session"  # on a flow queued for client replay: its recorded session id
+    REPLAY_OF = "bastion.replay.of"  # ... and the id of the recorded flow it re-sends
 
 
 # Rule ids the gateway itself uses in decisions.

@@ -43,6 +43,25 @@ def call(method: str = "tools/call", msg_id: object = 1, **params) -> dict:
     return {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}
 
 
+def rpc(method: str, params: Any = None, id: object = 1) -> dict:
+    """A JSON-RPC request (a notification with `id=None`)."""
+    m: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if id is not None:
+        m["id"] = id
+    if params is not None:
+        m["params"] = params
+    return m
+
+
+def tool_call(tool: str, id: object = 1, **args: Any) -> dict:
+    return rpc("tools/call", {"name": tool, "arguments": args}, id)
+
+
+def sse(*messages: Any) -> bytes:
+    """An event stream carrying each message in its own event."""
+    return b"".join(b"event: message\ndata: " + json.dumps(m).encode() + b"\n\n" for m in messages)
+
+
 def result(msg_id: object, value: Any) -> dict:
     return {"jsonrpc": "2.0", "id": msg_id, "result": value}
 

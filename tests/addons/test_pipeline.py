@@ -36,7 +36,15 @@ from bundled import (
     bundled_addons,
     error_of,
     forwarded,
+    rpc,
+    sse,
     stage_name,
+)
+from bundled import (
+    result as answer,
+)
+from bundled import (
+    tool_call as call,
 )
 
 RULES = """\
@@ -67,25 +75,8 @@ TOOLS = {"tools": [{"name": "read_file", "description": "reads"}, {"name": "drop
 VISIBLE = ["read_file", "lookup"]
 
 
-def rpc(method, params=None, id=1):
-    m = {"jsonrpc": "2.0", "method": method}
-    if id is not None:
-        m["id"] = id
-    if params is not None:
-        m["params"] = params
-    return m
 
 
-def call(tool, id=1, **args):
-    return rpc("tools/call", {"name": tool, "arguments": args}, id)
-
-
-def answer(id, result):
-    return {"jsonrpc": "2.0", "id": id, "result": result}
-
-
-def sse(*messages) -> bytes:
-    return b"".join(b"event: message\ndata: " + json.dumps(m).encode() + b"\n\n" for m in messages)
 
 
 def events(out: bytes) -> list:

@@ -29,7 +29,9 @@ from mcp_bastion.core.vocab import DEFAULT_RULE, MALFORMED_RULE, NO_RULESET_RULE
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.flowstate import MARKS
 
-from bundled import Bundled, bundle_with_stages, bundled, bundled_addons, error_of, forwarded, stage_name
+from bundled import Bundled, bundle_with_stages, bundled, bundled_addons, error_of, forwarded, rpc, sse, stage_name
+from bundled import result as answer
+from bundled import tool_call as call
 
 RULES = """\
 version: 1
@@ -70,21 +72,6 @@ UPSTREAM = "127.0.0.1:9"
 TOOLS = {"tools": [{"name": "read_file"}, {"name": "drop_table"}, {"name": "deploy"}, {"name": "lookup"}]}
 
 
-def rpc(method, params=None, id=1):
-    m = {"jsonrpc": "2.0", "method": method}
-    if id is not None:
-        m["id"] = id
-    if params is not None:
-        m["params"] = params
-    return m
-
-
-def call(tool, id=1, **args):
-    return rpc("tools/call", {"name": tool, "arguments": args}, id)
-
-
-def answer(id, result):
-    return {"jsonrpc": "2.0", "id": id, "result": result}
 
 
 def c2s(raw) -> Message:
@@ -684,8 +671,6 @@ def upstream():
     server.server_close()
 
 
-def sse(*messages) -> bytes:
-    return b"".join(b"event: message\ndata: " + json.dumps(m).encode() + b"\n\n" for m in messages)
 
 
 def events(out: bytes) -> list:

@@ -180,5 +180,11 @@ def test_bundle_loads_in_mitmweb_and_annotates_flows():
         flows = httpx.get(f"http://127.0.0.1:{web_port}/flows", headers={"authorization": f"Bearer {password}"})
         assert flows.status_code == 200
         comments = [f.get("comment", "") for f in json.loads(flows.text)]
-        assert any(c.startswith("tools/call add") for c in comments), comments
-        assert any(c.startswith("initialize") for c in comments), comments
+        # who (anonymous here), what, the decision and the rule: the row a reviewer reads
+        assert "tools/call add -> allow [allow-all]" in comments, comments
+        assert any(c.startswith("initialize -> allow [allow-all]") for c in comments), comments
+        # the bundle turns mitmweb's comment column on, keeping the default columns
+        options = httpx.get(f"http://127.0.0.1:{web_port}/options",
+                            headers={"authorization": f"Bearer {password}"}).json()
+        columns = options["web_columns"]["value"]
+        assert "comment" in columns and {"path", "method", "status"} <= set(columns), columns

@@ -165,21 +165,7 @@ def bundled_addons(addons: list, **options: Any) -> Iterator[Bundled]:
 
 def bundle_with_stages(*stages: Any) -> list:
     """`bundle()` whose Pipeline runs `stages` after the Policy, and whose Gate requires their marks too."""
-    from mcp_bastion.addons.gate import Gate
-    from mcp_bastion.addons.pipeline import Pipeline
-    from mcp_bastion.addons.policy import Policy
-
-    addons = bundle()
-    policy = next(a for a in addons if isinstance(a, Policy))
-    i = next(n for n, a in enumerate(addons) if isinstance(a, Pipeline))
-    pipe = Pipeline([policy, *stages])
-    addons[i] = pipe
-    g = next(n for n, a in enumerate(addons) if isinstance(a, Gate))
-    old = addons[g]
-    extra = [s.name for s in stages]
-    addons[g] = Gate(request=[*old.request_stages, *extra],
-                     response=[*old.response_stages, *(n.response for n in extra)])
-    return addons
+    return bundle(extra_stages=stages)
 
 
 def bundle_without(cls: type) -> list:

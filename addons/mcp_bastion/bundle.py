@@ -20,6 +20,8 @@ the order a flow meets them:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from mcp_bastion.addons.admission import Admission
 from mcp_bastion.addons.auditlog import AuditLog
 from mcp_bastion.addons.auth import Auth
@@ -32,14 +34,19 @@ from mcp_bastion.addons.policy import Policy
 from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.addons.upstream import UpstreamCheck
 from mcp_bastion.addons.upstream_token import UpstreamToken
+from mcp_bastion.core.pipeline import Stage
 from mcp_bastion.core.vocab import StageName
 
 
-def bundle() -> list:
-    """A fresh instance of every addon, wired together, in the order mitmproxy runs their hooks."""
+def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
+    """A fresh instance of every addon, wired together, in the order mitmproxy runs their hooks.
+
+    `extra_stages` are message stages run after the shipped ones (tests use it to
+    place a probe after the Policy); the Gate requires their marks too.
+    """
     recorder, auditlog = Recorder(), AuditLog()
     policy = Policy()
-    stages = Pipeline([policy])  # masking, approval and tool pinning join here, in that order
+    stages = Pipeline([policy, *extra_stages])  # masking, approval and tool pinning join here, in that order
     gate = Gate(
         request=[StageName.PARSE, StageName.AUTH, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],

@@ -24,12 +24,13 @@ from mcp_bastion.addons.pipeline import Pipeline
 from mcp_bastion.bundle import bundle
 from mcp_bastion.core import errors
 from mcp_bastion.core.message import Message
-from mcp_bastion.core.pipeline import Context, Pass, Replace, Verdict
+from mcp_bastion.core.pipeline import Context, Drop, Pass, Replace, Verdict
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.flowstate import MARKS
 
 from bundled import (
+    ALLOW_ALL,
     Bundled,
     bundle_with_stages,
     bundle_without,
@@ -474,3 +475,60 @@ def test_a_pipeline_unloaded_mid_flow_lets_no_answer_through(ruleset, streamed):
     else:
         assert f.response.status_code == 502
         assert error_of(f)["data"] == {"missing": ["resp:policy"]}
+
+
+# --- what a stage's drop means on the client's side ----------------------------------------------
+
+
+class DropAll:
+    """A stage that drops every client message (as an outbound filter might)."""
+
+    name = stage_name("dropper")
+
+    def check(self, m: Message, cx: Context):
+        if m.direction == Direction.S2C:
+            return Pass()
+        return Drop("not for this upstream", (Verdict(self.name, Action.DROP, "dropper", "not for this upstream"),))
+
+
+def test_a_dropped_client_request_is_answered_not_left_waiting(ruleset):
+    async def scenario(b: Bundled):
+        f = b.flow("POST", [call("read_file", id=1), rpc("notifications/initialized", id=None)])
+        await b.request(f, identity=ALICE)
+        return f
+
+    f = drive(bundle_with_stages(DropAll()), ruleset, scenario)
+    assert not forwarded(f)
+    (answer_,) = json.loads(f.response.content)
+    assert answer_["id"] == 1 and answer_["error"]["code"] == errors.DENIED
+    assert "not forwarded: not for this upstream" in answer_["error"]["message"]
+
+
+def test_client_notifications_all_dropped_are_accepted_without_forwarding():
+    async def scenario(b: Bundled):
+        f = b.flow("POST", [rpc("notifications/initialized", id=None), rpc("notifications/cancelled", id=None)])
+        await b.request(f, identity=ALICE)
+        return f
+
+    f = drive(bundle_with_stages(DropAll()), ALLOW_ALL, scenario)
+    assert not forwarded(f)
+    assert f.response.status_code == 202 and f.response.content == b""
+
+
+def test_a_stream_without_stages_is_recorded_as_the_client_got_it(ruleset, monkeypatch):
+    """The Gate does not replace an event stream already sent: the flow keeps the error event the client got."""
+    monkeypatch.setattr(Pipeline, "responseheaders", lambda self, flow: None)  # stages never attached
+
+    async def scenario(b: Bundled):
+        f = b.flow("POST", call("read_file", id=7))
+        await b.request(f, identity=ALICE)
+        out = await b.response(f, sse(answer(7, {"content": [{"type": "text", "text": "secret"}]})),
+                               ctype="text/event-stream")
+        return f, out
+
+    f, out = drive(bundle(), ruleset, scenario)
+    assert b"secret" not in out and b'"id":7' in out
+    assert f.response.headers["content-type"] == "text/event-stream"
+    assert f.response.content == out  # what mitmweb and the recording show is what was sent
+    gate = [d for d in f.metadata[Meta.DECISIONS] if d["stage"] == "gate"]
+    assert gate and gate[0]["action"] == Action.ERROR and "resp:policy" in gate[0]["reason"]

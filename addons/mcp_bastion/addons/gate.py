@@ -19,7 +19,7 @@ from mitmproxy import http
 
 from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.vocab import Action, Meta, StageName
+from mcp_bastion.core.vocab import Action, Direction, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.replies import refuse
 
@@ -53,7 +53,14 @@ class Gate:
         if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
             return
         missing = [str(s) for s in self.response_stages if not fs.passed(flow, s)]
-        if missing:
+        if missing and callable(flow.response.stream):
+            # An event stream is already sent; its SSEStream refused every event it could not put
+            # through the stages, so the record keeps what the client got and says why.
+            logger.error("mcp-bastion: event stream of %s ran without stages: %s", flow.request.pretty_url, missing)
+            flow.metadata.setdefault(Meta.ERROR, f"gate: event stream without stages {missing}")
+            fs.add_decision(flow, stage=StageName.GATE, direction=Direction.S2C, action=Action.ERROR,
+                            reason=f"stages not passed: {', '.join(missing)}")
+        elif missing:
             logger.error("mcp-bastion: withholding response of %s: stages not passed: %s",
                          flow.request.pretty_url, missing)
             refuse(

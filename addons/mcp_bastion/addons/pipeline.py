@@ -27,10 +27,11 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from mcp_bastion.core import pipeline
+from mcp_bastion.core import errors, pipeline
+from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import Body, dumps
 from mcp_bastion.core.message import Message, http_request
-from mcp_bastion.core.pipeline import Context, Refuse, Run, Stage
+from mcp_bastion.core.pipeline import Context, Drop, Refuse, Run, Stage
 from mcp_bastion.core.vocab import Direction, Kind, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
@@ -94,11 +95,15 @@ class Pipeline:
         self._record(flow, run)
         if flow.response or flow.error:  # the client went away (or was answered) while a stage held
             return
+        _requests_are_answered(run)
         if run.refused:
             replies.refuse_request(flow, run, batch=body is not None and body.batch)
             return
         if body is not None and run.changed:
             kept = run.messages
+            if not kept:  # only notifications or answers, every one dropped: nothing to forward
+                replies.accepted(flow)
+                return
             flow.request.content = dumps([m.raw for m in kept] if body.batch else kept[0].raw)
             fs.set_request_body(flow, Body(kept, body.batch, None))
         for name in self.request_stages:
@@ -166,3 +171,12 @@ class Pipeline:
         for r in run.results:
             if r.decisions:
                 fs.record(flow, r.original, r.decisions)
+
+
+def _requests_are_answered(run: Run) -> None:
+    """A client's request a stage dropped is refused instead: the client must get an answer for its id."""
+    for r in run.results:
+        if isinstance(r.outcome, Drop) and r.original.kind == Kind.REQUEST:
+            reason = r.outcome.reason
+            r.outcome = Refuse(Refusal(403, errors.DENIED, f"{r.original.what()} was not forwarded: {reason}",
+                                       {"reason": reason}), r.outcome.decisions)

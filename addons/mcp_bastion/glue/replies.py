@@ -72,6 +72,12 @@ def refuse(
                     reason=refusal.message, code=refusal.code, status=refusal.status)
 
 
+def accepted(flow: http.HTTPFlow) -> None:
+    """202 Accepted, no body: the gateway took messages that need no answer and forwarded none of them."""
+    flow.response = http.Response.make(202, b"", {"cache-control": "no-store"})
+    flow.metadata[Meta.REFUSED] = True
+
+
 def internal_error(stage: str, exc: BaseException) -> Refusal:
     """The refusal used when an enforcement step itself fails."""
     response = stage.startswith("resp")

@@ -187,4 +187,4 @@ def test_bundle_loads_in_mitmweb_and_annotates_flows():
         options = httpx.get(f"http://127.0.0.1:{web_port}/options",
                             headers={"authorization": f"Bearer {password}"}).json()
         columns = options["web_columns"]["value"]
-        assert "comment" in columns and {"path", "method", "status"} <= set(columns), columns
+        assert "comment" in columns and {"method", "status"} <= set(columns), columns

@@ -2,10 +2,15 @@
 Mitmweb: the flow list a reviewer reads.
 
 Every flow's comment says who called, what, the decision and the rule
-(`alice: tools/call deploy -> deny [no-deploy]: ...`, see `flowstate.annotate`),
-and its mark says how severe (text symbols, no emoji font needed). mitmweb
-hides the comment column by default; with the bundle loaded it is shown,
-whatever else the user chose for `web_columns`.
+(`alice: tools/call deploy -> deny [no-deploy]: ...`, see `flowstate.annotate`).
+mitmweb hides the comment column by default and gives the URL column all the
+spare width, which for MCP is the same endpoint on every row. So, with the
+bundle loaded:
+
+- if `web_columns` is still mitmweb's default, the reviewer's layout replaces it:
+  method, status, the comment (sharing the row's width), size and time; the URL
+  column, and the marks it shows, come back with `--set web_columns=...`;
+- if the user chose columns, the comment column is added to them if missing.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from mitmproxy import ctx
 
 COMMENT = "comment"
+REVIEWER_COLUMNS = ("tls", "icon", "method", "status", COMMENT, "size", "time")
 
 
 class Mitmweb:
@@ -28,5 +34,7 @@ class Mitmweb:
         if "web_columns" not in ctx.options:  # not mitmweb
             return
         columns = list(ctx.options.web_columns)
-        if COMMENT not in columns:
+        if columns == list(ctx.options.default("web_columns")):
+            ctx.options.update(web_columns=list(REVIEWER_COLUMNS))
+        elif COMMENT not in columns:
             ctx.options.update(web_columns=[*columns, COMMENT])

@@ -174,7 +174,7 @@ def record(flow: http.HTTPFlow, m: Message, verdicts: Iterable[Verdict], **extra
 MARKS = {
     Action.ERROR: ":warning:",  # ⚠
     Action.DENY: ":heavy_multiplication_x:",  # ✖
-    Action.APPROVE: ":pause_button:",  # ⏸
+    Action.APPROVE: ":point_up:",  # ☝ (a person must decide)
     Action.MASK: ":black_small_square:",  # ▪
 }
 _RANK = {action: rank for rank, action in enumerate(MARKS)}  # most severe first

@@ -258,7 +258,7 @@ def test_keep_host_header_is_forced_on():
 
 
 def crash_the_policy_stage(monkeypatch):
-    """The ruleset raises on a client message: the Pipeline's hook is protected by fs.fail_closed."""
+    """The ruleset raises on a client message: the Pipeline's hook is protected by fail_closed."""
     real = Policy.check
 
     def check(self, m, cx):
@@ -434,7 +434,7 @@ async def test_a_crash_while_routing_the_response_withholds_it(monkeypatch):
 
 
 def crash_the_policy_stage_on_answers(monkeypatch):
-    """A response stage raises on the server's answer: the Pipeline's hook is protected by fs.fail_closed."""
+    """A response stage raises on the server's answer: the Pipeline's hook is protected by fail_closed."""
     real = Policy.check
 
     def check(self, m, cx):

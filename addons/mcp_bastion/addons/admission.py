@@ -16,6 +16,7 @@ from mitmproxy import http
 
 from mcp_bastion.core.vocab import Action, StageName
 from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.replies import refuse
 from mcp_bastion.glue.writes import WriteHealth
 
@@ -26,7 +27,7 @@ class Admission:
     def __init__(self, writers: Sequence[WriteHealth]) -> None:
         self.writers = tuple(writers)
 
-    @fs.fail_closed(StageName.ADMISSION)
+    @fail_closed(StageName.ADMISSION)
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
             return

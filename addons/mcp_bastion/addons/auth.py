@@ -45,6 +45,7 @@ from mcp_bastion.core.tokens import (
 )
 from mcp_bastion.core.vocab import Action, Direction, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.replies import refuse
 
 logger = logging.getLogger("mcp_bastion")
@@ -157,7 +158,7 @@ class Auth:
 
     # --- requests ------------------------------------------------------------
 
-    @fs.fail_closed(StageName.AUTH)
+    @fail_closed(StageName.AUTH)
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not fs.is_mcp(flow):
             return

@@ -33,6 +33,7 @@ from mcp_bastion.core.origin import (
 )
 from mcp_bastion.core.vocab import Action, Direction, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.replies import refuse
 from mcp_bastion.glue.stream import MAX_SUMMARIES, Replacement, SSEStream
 
@@ -199,7 +200,7 @@ class Gateway:
         if not ctx.options.keep_host_header:
             ctx.options.keep_host_header = True
 
-    @fs.fail_closed(StageName.PARSE)
+    @fail_closed(StageName.PARSE)
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -251,7 +252,7 @@ class Gateway:
                 stage=StageName.PARSE,
             )
 
-    @fs.fail_closed(StageName.PARSE)
+    @fail_closed(StageName.PARSE)
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
             return
@@ -372,7 +373,7 @@ class Gateway:
         assert flow.response is not None
         flow.response.stream = Replacement(flow.response.content or b"")
 
-    @fs.fail_closed(StageName.RESP_PARSE)
+    @fail_closed(StageName.RESP_PARSE)
     def response(self, flow: http.HTTPFlow) -> None:
         if not fs.is_mcp(flow) or fs.refused(flow):
             return

@@ -35,6 +35,7 @@ from mcp_bastion.core.pipeline import Context, Drop, Refuse, Run, Stage
 from mcp_bastion.core.vocab import Direction, Kind, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
+from mcp_bastion.glue.failclosed import StageFailed, fail_closed
 from mcp_bastion.glue.stream import SSEStream
 
 logger = logging.getLogger("mcp_bastion")
@@ -51,7 +52,7 @@ class _Guarded:
         try:
             return self.stage.check(m, cx)
         except Exception as exc:
-            raise fs.StageFailed(self.name if m.direction != Direction.S2C else self.name.response, exc) from exc
+            raise StageFailed(self.name if m.direction != Direction.S2C else self.name.response, exc) from exc
 
 
 class Pipeline:
@@ -85,7 +86,7 @@ class Pipeline:
 
     # --- client to server --------------------------------------------------------
 
-    @fs.fail_closed(StageName.POLICY)
+    @fail_closed(StageName.POLICY)
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
             return
@@ -119,7 +120,7 @@ class Pipeline:
             for name in self.response_stages:
                 fs.mark_stage(flow, name)
 
-    @fs.fail_closed(StageName.RESP_POLICY)
+    @fail_closed(StageName.RESP_POLICY)
     async def response(self, flow: http.HTTPFlow) -> None:
         if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
             return

@@ -41,6 +41,7 @@ from mitmproxy.utils import asyncio_utils, human
 from mcp_bastion.core.audit import parse_duration
 from mcp_bastion.core.vocab import Meta, StageName
 from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.recording.files import SessionFiles
 from mcp_bastion.glue.recording.flowfile import append_flow
 from mcp_bastion.glue.recording.sessions import session_key
@@ -187,7 +188,7 @@ class Recorder:
 
     # --- writing -------------------------------------------------------------
 
-    @fs.fail_closed(StageName.RESP_RECORD)
+    @fail_closed(StageName.RESP_RECORD)
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
 

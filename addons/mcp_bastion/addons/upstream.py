@@ -13,6 +13,7 @@ from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.vocab import Action, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.replies import refuse
 
 logger = logging.getLogger("mcp_bastion")
@@ -54,7 +55,7 @@ class UpstreamCheck:
         if ctx.options.connection_strategy != "lazy":
             ctx.options.connection_strategy = "lazy"
 
-    @fs.fail_closed(StageName.UPSTREAM)
+    @fail_closed(StageName.UPSTREAM)
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
             return

@@ -18,6 +18,7 @@ from mitmproxy import ctx, exceptions, http
 
 from mcp_bastion.core.vocab import Meta, StageName
 from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue.failclosed import fail_closed
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -108,7 +109,7 @@ class UpstreamToken:
             raise exceptions.OptionsError(f"upstream credential: {e}") from None
         self.credential = credential
 
-    @fs.fail_closed(StageName.UPSTREAM_TOKEN)
+    @fail_closed(StageName.UPSTREAM_TOKEN)
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
             return

@@ -11,21 +11,16 @@ Every addon of the bundle reads and writes a flow's state through this module:
 - Decisions are appended with `record()` (one per stage and message) or
   `add_decision()`, and `annotate()` turns them into the line a reviewer reads
   in mitmweb's flow list (`flow.comment`) and a mark.
-- `fail_closed(stage)` wraps a hook: if it raises, the flow is answered with a
-  JSON error instead of being forwarded (mitmproxy's own default is to log the
-  exception and go on, which for an enforcement point is a bypass).
-
-Replies to the client or the upstream are built in `glue.replies`, not here.
+Replies to the client or the upstream are built in `glue.replies`; how a hook
+fails closed is `glue.failclosed`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from mitmproxy import http
@@ -237,68 +232,6 @@ def annotate(flow: http.HTTPFlow) -> None:
         line = f"{who}: {line}"
     flow.comment = line
     flow.marked = MARKS.get(d.get("action") if d else None, "")
-
-
-# --- failing closed ---------------------------------------------------------
-
-
-def fail_closed(stage: StageName | str) -> Callable:
-    """Decorate an addon hook so that an exception denies the flow instead of letting it through.
-
-    Works for sync and async hooks taking one flow argument. The error and the
-    stage are recorded in `flow.metadata` and logged with a traceback. A
-    `StageFailed` names the stage that failed inside a pipeline run.
-
-    Not for `responseheaders`: a refusal set there is overwritten by the
-    upstream's body when mitmproxy reads it; that hook must instead make sure
-    the body is buffered (not streamed) so that `response` can withhold it.
-    """
-    from mcp_bastion.glue import replies  # replies records its decisions through this module
-
-    def deco(fn: Callable) -> Callable:
-        def handle(flow: http.HTTPFlow, exc: BaseException) -> None:
-            where = str(getattr(exc, "stage", None) or stage)
-            if isinstance(exc, StageFailed) and exc.__cause__ is not None:
-                exc = exc.__cause__  # name what the stage raised, not the wrapper
-            logger.error("mcp-bastion: %s failed on %s: %r", where, flow.request.pretty_url, exc, exc_info=exc)
-            flow.metadata[Meta.ERROR] = f"{where}: {type(exc).__name__}: {exc}"
-            if isinstance(flow.response, http.Response) and callable(flow.response.stream):
-                return  # headers already sent; the stream wrapper fails closed on its own
-            try:
-                replies.refuse(flow, replies.internal_error(where, exc), stage=where, action=Action.ERROR)
-            except Exception:  # pragma: no cover - last resort, never let a flow through
-                flow.kill()
-
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def awrapper(self, flow):
-                try:
-                    return await fn(self, flow)
-                except Exception as exc:
-                    handle(flow, exc)
-
-            return awrapper
-
-        @functools.wraps(fn)
-        def wrapper(self, flow):
-            try:
-                return fn(self, flow)
-            except Exception as exc:
-                handle(flow, exc)
-
-        return wrapper
-
-    return deco
-
-
-class StageFailed(Exception):
-    """A message stage raised: carries the stage's name so the refusal names it."""
-
-    def __init__(self, stage: StageName | str, exc: BaseException):
-        super().__init__(f"{type(exc).__name__}: {exc}")
-        self.stage = str(stage)
-        self.__cause__ = exc
 
 
 def elapsed_ms(flow: http.HTTPFlow) -> float | None:

@@ -36,6 +36,7 @@ from mcp_bastion.core.sse import SSEError, SSEEvent, SSEParser
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
+from mcp_bastion.glue.failclosed import StageFailed
 
 logger = logging.getLogger("mcp_bastion")
 
@@ -101,7 +102,7 @@ class SSEStream:
             logger.error("mcp-bastion: SSE stream failed on %s: %r", self.flow.request.pretty_url, exc, exc_info=exc)
             if isinstance(exc, SSEError):
                 why = str(exc)
-            elif isinstance(exc, fs.StageFailed):
+            elif isinstance(exc, StageFailed):
                 why = f"{exc.stage} failed: {exc}"
             else:
                 why = f"{type(exc).__name__}: {exc}"

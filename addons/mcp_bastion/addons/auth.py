@@ -35,7 +35,6 @@ from mitmproxy.utils import asyncio_utils
 
 from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.jsonrpc import dumps
 from mcp_bastion.core.tokens import (
     ASYMMETRIC_ALGORITHMS,
     KeysNeeded,
@@ -45,6 +44,7 @@ from mcp_bastion.core.tokens import (
 )
 from mcp_bastion.core.vocab import Action, Direction, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue import replies
 from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.replies import refuse
 
@@ -247,8 +247,7 @@ class Auth:
         # Not MCP traffic: the gateway answers it itself and no other stage applies.
         del flow.metadata[Meta.MCP]
         if flow.request.method != "GET":
-            flow.response = http.Response.make(405, dumps({"error": "method not allowed"}),
-                                               {"content-type": "application/json", "allow": "GET"})
+            replies.document(flow, 405, {"error": "method not allowed"}, {"allow": "GET"})
             return
         doc: dict = {
             "resource": self._resource(flow, suffix),
@@ -258,9 +257,7 @@ class Auth:
         }
         if self.verifier.config.required_scopes:
             doc["scopes_supported"] = list(self.verifier.config.required_scopes)
-        flow.response = http.Response.make(
-            200, dumps(doc), {"content-type": "application/json", "cache-control": "public, max-age=300"}
-        )
+        replies.document(flow, 200, doc, {"cache-control": "public, max-age=300"})
         flow.comment = "OAuth protected-resource metadata (served by mcp-bastion)"
 
     def _origin(self, flow: http.HTTPFlow) -> str:

@@ -72,6 +72,11 @@ def refuse(
                     reason=refusal.message, code=refusal.code, status=refusal.status)
 
 
+def document(flow: http.HTTPFlow, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
+    """A JSON document the gateway serves itself (not an MCP answer, e.g. RFC 9728 metadata)."""
+    flow.response = http.Response.make(status, dumps(doc), {"content-type": "application/json", **(headers or {})})
+
+
 def accepted(flow: http.HTTPFlow) -> None:
     """202 Accepted, no body: the gateway took messages that need no answer and forwarded none of them."""
     flow.response = http.Response.make(202, b"", {"cache-control": "no-store"})

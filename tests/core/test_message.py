@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from mcp_bastion.core.jsonrpc import parse_body, placed
 from mcp_bastion.core.message import (
     LISTS,
     TARGETS,
@@ -14,6 +15,7 @@ from mcp_bastion.core.message import (
     TargetKind,
     classify,
     http_request,
+    routing_headers,
     summary_label,
     summary_target,
 )
@@ -270,3 +272,21 @@ def test_classify(raw, kind):
     m = classify(raw)
     assert m.kind == kind
     assert m.raw is raw
+
+
+# --- room for the 2026-07-28 wire: Mcp-* headers travel with the client's message ------------------
+
+
+def test_routing_headers_keep_mcp_routing_names_only():
+    pairs = [("Mcp-Method", "tools/call"), ("MCP-Name", "deploy"), ("Mcp-Param-Env", "prod"),
+             ("Mcp-Session-Id", "s1"), ("MCP-Protocol-Version", "2026-07-28"), ("Content-Type", "x"),
+             ("mcp-param-env", "staging")]
+    assert routing_headers(pairs) == {"mcp-method": "tools/call", "mcp-name": "deploy",
+                                      "mcp-param-env": "prod, staging"}
+
+
+def test_placed_messages_carry_the_headers_and_replace_keeps_them():
+    body = parse_body(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"}}')
+    (m,) = placed(body, Direction.C2S, headers={"mcp-name": "add"})
+    assert m.headers == {"mcp-name": "add"}
+    assert m.replace({**m.raw, "params": {"name": "sub"}}).headers == {"mcp-name": "add"}

@@ -24,6 +24,7 @@ from mcp_bastion.core import errors
 from mcp_bastion.core.encoding import decode_content
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import DEFAULT_MAX_DEPTH, Body, ParseError, parse_body, placed
+from mcp_bastion.core.message import routing_headers
 from mcp_bastion.core.origin import (
     DEFAULT_HOSTS,
     DEFAULT_ORIGINS,
@@ -321,7 +322,9 @@ class Gateway:
                 body=body,
             )
             return
-        body = Body(placed(body, Direction.C2S, summaries="request", limit=MAX_SUMMARIES), body.batch, body.data)
+        headers = routing_headers(req.headers.items(multi=True))
+        body = Body(placed(body, Direction.C2S, summaries="request", limit=MAX_SUMMARIES, headers=headers),
+                    body.batch, body.data)
         fs.set_request_body(flow, body)
         state = fs.mcp_state(flow)
         state["transport"] = "streamable-http" if "mcp-session-id" in req.headers or _has_init(body) else "http"

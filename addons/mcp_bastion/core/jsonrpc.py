@@ -155,9 +155,10 @@ def parse_body(
 
 def placed(body: Body, direction: Direction, carrier: Carrier | None = None,
            asked: dict[Any, Message] | None = None, summaries: str | None = None, base: int = 0,
-           limit: int | None = None) -> list[Message]:
+           limit: int | None = None, headers: dict[str, str] | None = None) -> list[Message]:
     """The body's messages with their direction and carrier filled in; a response or error
-    is linked to the request of `asked` (request id -> request) that it answers.
+    is linked to the request of `asked` (request id -> request) that it answers, and a
+    client's message carries the `Mcp-*` request `headers` that travelled with it.
 
     `summaries` names the list of the flow's summaries they are kept in ("request",
     "response", "events"), from position `base` (up to `limit` entries): each
@@ -169,7 +170,7 @@ def placed(body: Body, direction: Direction, carrier: Carrier | None = None,
         request = asked.get(m.id) if asked and m.kind in (Kind.RESPONSE, Kind.ERROR) and m.id is not None else None
         at = base + i
         ref = f"{summaries}/{at}" if summaries and (limit is None or at < limit) else None
-        out.append(m.placed(direction=direction, carrier=where, request=request, ref=ref))
+        out.append(m.placed(direction=direction, carrier=where, request=request, ref=ref, headers=headers))
     return out
 
 

@@ -174,10 +174,12 @@ class Message:
                        headers=self.headers, ref=self.ref)
 
     def placed(self, *, direction: Direction | None = None, carrier: Carrier | None = None,
-               request: Message | None = None, ref: str | None = None) -> Message:
+               request: Message | None = None, ref: str | None = None,
+               headers: dict[str, str] | None = None) -> Message:
         """The same content, with where it travels filled in."""
         return replace(self, direction=direction or self.direction, carrier=carrier or self.carrier,
-                       request=request if request is not None else self.request, ref=ref or self.ref)
+                       request=request if request is not None else self.request, ref=ref or self.ref,
+                       headers=dict(headers) if headers else self.headers)
 
     # --- for people ---
 
@@ -227,6 +229,22 @@ def summary_label(summary: dict[str, Any]) -> str:
     out = summary.get("method") or summary.get("kind", "?")
     target = summary_target(summary)
     return f"{out} {target}" if target else str(out)
+
+
+# Request headers that carry what a 2026-07-28 client also says in the body (`Mcp-Method`,
+# `Mcp-Name`, `Mcp-Param-*`): kept on each client message, so a stage can hold the two together.
+ROUTING_HEADER_PREFIX = "mcp-"
+NOT_ROUTING = frozenset({"mcp-session-id", "mcp-protocol-version"})
+
+
+def routing_headers(pairs: Any) -> dict[str, str]:
+    """The `Mcp-*` routing headers among (name, value) pairs, names lower-cased; repeats joined by ", "."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        key = name.lower()
+        if key.startswith(ROUTING_HEADER_PREFIX) and key not in NOT_ROUTING:
+            out[key] = f"{out[key]}, {value}" if key in out else value
+    return out
 
 
 def http_request(verb: str) -> Message:

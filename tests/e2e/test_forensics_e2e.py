@@ -13,6 +13,7 @@ Run as a script, this file is the MCP server under test:
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -229,6 +230,33 @@ def test_client_replay_reproduces_the_calls_against_the_server(recorded, server)
     echo_row = next(line for line in out.stdout.splitlines() if "tools/call echo" in line)
     assert "same" in echo_row
     assert "answers differ" in out.stdout
+
+
+def test_client_replay_saves_without_the_credentials_it_sent(recorded, server, tmp_path):
+    """`--save` keeps what a recording keeps: the --header credential redacted, the file owner-only."""
+    path, _ = recorded
+    saved = tmp_path / "replayed.mitm"
+    saved.write_bytes(b"")
+    saved.chmod(0o644)  # an existing file does not keep a wider mode
+    secret = "replay-secret-token-123"
+    out = run(str(ROOT / "scripts" / "replay"), "client", str(path), "--to", server.mcp_url,
+              "--header", f"Authorization: Bearer {secret}", "--header", "X-Api-Key: k-456", "--save", str(saved))
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = saved.read_bytes()
+    assert secret.encode() not in data and b"k-456" not in data
+    flows = read_flows(saved)
+    assert flows and all(f.request.headers.get("authorization") == "[redacted by mcp-bastion]" for f in flows)
+    assert all(f.request.headers.get("x-api-key") == "[redacted by mcp-bastion]" for f in flows)
+    assert saved.stat().st_mode & 0o777 == 0o600
+
+
+def test_audit_export_into_a_closed_pipe_ends_quietly(recorded):
+    _, log = recorded
+    cmd = f"{ROOT / 'scripts' / 'audit'} export {log} | head -c 10 >/dev/null"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "BASTION_AUDIT_KEY": AUDIT_KEY})
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+    assert out.returncode in (0, 141)
 
 
 def test_server_replay_answers_a_rerun_client(recorded, server):

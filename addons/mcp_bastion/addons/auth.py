@@ -219,9 +219,11 @@ class Auth:
 
     def _refuse(self, flow: http.HTTPFlow, status: int, reason: str, description: str, *,
                 error: str | None = None, scope: str | None = None) -> None:
-        if status == 503:
+        if status == 503:  # the issuer's keys cannot be had: the gateway fails closed, it did not deny
             refusal = Refusal(503, errors.GATEWAY_ERROR, f"the bearer token could not be checked: {description}",
                               {"reason": reason}, {"retry-after": "30"})
+            refuse(flow, refusal, stage=StageName.AUTH, action=Action.ERROR)
+            return
         else:
             if scope is None and ctx.options.oidc_required_scopes:
                 scope = " ".join(ctx.options.oidc_required_scopes)

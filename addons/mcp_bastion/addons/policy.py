@@ -108,7 +108,8 @@ class Policy:
         except RulesetError as e:
             raise exceptions.OptionsError(f"ruleset refused:\n{e}") from None
         rs = self.source.ruleset
-        logger.info("mcp-bastion: ruleset %s loaded (%d rules, default %s)", path, len(rs.rules), rs.default)
+        logger.info("mcp-bastion: ruleset %s loaded (%d rule%s, default %s)", path, len(rs.rules),
+                    "" if len(rs.rules) == 1 else "s", rs.default)
         for w in rs.warnings:
             logger.warning("mcp-bastion: %s", w)
 

@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from mitmproxy import exceptions, http, io
+from mitmproxy.io import tnetstring
 from rich import box
 from rich.console import Console
 from rich.panel import Panel
@@ -42,7 +43,7 @@ from mcp_bastion.core.sse import SSEParser
 from mcp_bastion.core.vocab import Meta
 from mcp_bastion.glue.recording.audit_writer import DEFAULT_KEY_ENV
 from mcp_bastion.glue.recording.facts import flow_facts
-from mcp_bastion.glue.recording.scrub import REDACTED
+from mcp_bastion.glue.recording.scrub import REDACTED, scrub
 from mcp_bastion.glue.recording.sessions import session_of
 
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
@@ -290,6 +291,18 @@ def write_flows(flows: Iterable[http.HTTPFlow], path: str | os.PathLike) -> None
             w.add(f)
 
 
+def write_scrubbed(flows: Iterable[http.HTTPFlow], path: str | os.PathLike, secret_headers: Sequence[str]) -> None:
+    """Write flows as a recording would be: credentials redacted (as the Recorder does, plus
+    `secret_headers`), readable by the owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "wb") as fo:
+        for f in flows:
+            state = f.get_state()
+            scrub(state, [h.lower() for h in secret_headers])
+            tnetstring.dump(state, fo)
+
+
 def client_replay(args: argparse.Namespace, console: Console) -> int:
     recorded = read_flows(args.files)
     headers = [_header(h) for h in args.header]
@@ -301,7 +314,7 @@ def client_replay(args: argparse.Namespace, console: Console) -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="bastion-replay-") as tmp:
         queue = Path(tmp) / "queue.mitm"
-        out = Path(args.save) if args.save else Path(tmp) / "replayed.mitm"
+        out = Path(tmp) / "replayed.mitm"
         write_flows(chosen, queue)
         cmd = [MITMDUMP, "-n", "-q", "-s", __file__, "--client-replay", str(queue),
                "--set", f"save_stream_file={out}"]
@@ -310,7 +323,10 @@ def client_replay(args: argparse.Namespace, console: Console) -> int:
             console.print(proc.stdout)
             console.print(f"[red]mitmdump exited with {proc.returncode}[/red]")
             return proc.returncode
-        replayed = {f.id: f for f in read_flows([out])}
+        replayed_flows = read_flows([out])
+        if args.save:  # what mitmdump saved carries the credentials given with --header: keep none of them
+            write_scrubbed(replayed_flows, args.save, [name for name, _ in headers])
+        replayed = {f.id: f for f in replayed_flows}
     by_id = {f.id: f for f in recorded}
     table = Table(box=box.SIMPLE_HEAD, title=f"client replay of {len(chosen)} requests")
     for col in ("message", "recorded", "replayed", "answer"):
@@ -548,4 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the reader stopped early (`| head`): no traceback, the shell's SIGPIPE status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)

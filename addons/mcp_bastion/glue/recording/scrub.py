@@ -51,6 +51,15 @@ def scrub(state: dict[str, Any], secret_headers: Any = None) -> list[str]:
                 msg[part] = tuple(out)
                 redacted += [f"{where} {label} {name}" for name in hits]
     redacted += _scrub_query(state["request"])
+    backup = state.get("backup")
+    if isinstance(backup, dict):
+        # A flow edited in mitmweb or replayed keeps its earlier state, credentials included. It is
+        # the live flow's own dict: scrub copies of it.
+        backup = state["backup"] = dict(backup)
+        for where in ("request", "response"):
+            if isinstance(backup.get(where), dict):
+                backup[where] = dict(backup[where])
+        redacted += [f"backup {r}" for r in scrub(backup, secret_headers)]
     return redacted
 
 

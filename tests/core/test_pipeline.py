@@ -14,6 +14,7 @@ from mcp_bastion.core.identity import ANONYMOUS
 from mcp_bastion.core.message import Carrier, Message, classify
 from mcp_bastion.core.pipeline import (
     Context,
+    ContractError,
     Drop,
     Hold,
     Outcome,
@@ -21,6 +22,7 @@ from mcp_bastion.core.pipeline import (
     Refuse,
     Replace,
     Stage,
+    StageError,
     Verdict,
     direction_of,
     run,
@@ -31,8 +33,9 @@ from mcp_bastion.core.vocab import Action, Direction, StageName
 CX = Context(identity=ANONYMOUS, upstream="127.0.0.1:9", flow_id="f1")
 
 
-def call(tool: str, msg_id: int = 1) -> Message:
-    raw = {"jsonrpc": "2.0", "id": msg_id, "method": "tools/call", "params": {"name": tool}}
+def call(tool: str, msg_id: int = 1, **arguments) -> Message:
+    params = {"name": tool, **({"arguments": arguments} if arguments else {})}
+    raw = {"jsonrpc": "2.0", "id": msg_id, "method": "tools/call", "params": params}
     return classify(raw).placed(direction=Direction.C2S)
 
 
@@ -53,10 +56,10 @@ class Scripted:
         return self.decide(m)  # type: ignore[return-value]
 
 
-def renamed(tool: str) -> Callable[[Message], Outcome]:
-    """Replace a tools/call with the same call to `tool`."""
-    return lambda m: Replace(m.replace({**m.raw, "params": {**m.params, "name": tool}}),
-                             (Verdict("rename", Action.ALLOW, "r-rename"),))
+def rewritten(env: str) -> Callable[[Message], Outcome]:
+    """Replace a tools/call with the same call whose argument `env` is `env` (what a masking stage does)."""
+    return lambda m: Replace(m.replace({**m.raw, "params": {**m.params, "arguments": {"env": env}}}),
+                             (Verdict("rewrite", Action.ALLOW, "r-rewrite"),))
 
 
 RUNNERS = {
@@ -111,7 +114,7 @@ def test_the_first_drop_ends_the_run_for_that_message(runner):
 
 
 def test_a_refusal_after_a_replacement_still_refuses(runner):
-    out = runner([Scripted("rename", renamed("safe")), Scripted("deny", lambda m: Refuse(refusal()))], [call("x")])
+    out = runner([Scripted("rewrite", rewritten("safe")), Scripted("deny", lambda m: Refuse(refusal()))], [call("x")])
     (r,) = out.results
     assert r.message is None and isinstance(r.outcome, Refuse)
 
@@ -119,28 +122,28 @@ def test_a_refusal_after_a_replacement_still_refuses(runner):
 def test_later_stages_see_the_replaced_message_never_the_original(runner):
     """The stale-body defect: a stage after a replacing stage reads the new message."""
     m = call("deploy")
-    first = Scripted("first", renamed("deploy_staging"))
+    first = Scripted("first", rewritten("staging"))
     second = Scripted("second")
-    third = Scripted("third", renamed("deploy_dry_run"))
+    third = Scripted("third", rewritten("dry-run"))
     fourth = Scripted("fourth")
     out = runner([first, second, third, fourth], [m])
     (r,) = out.results
     assert first.seen == [m]
     (seen2,) = second.seen
-    assert seen2 is not m and seen2.tool_name == "deploy_staging"
+    assert seen2 is not m and seen2.arguments == {"env": "staging"}
     assert third.seen == [seen2]  # a Pass hands the same value on
     (seen4,) = fourth.seen
-    assert seen4.tool_name == "deploy_dry_run"
+    assert seen4.arguments == {"env": "dry-run"}
     assert r.original is m and r.message is seen4 and r.changed and out.changed
     assert out.messages == [seen4]
-    assert m.tool_name == "deploy"  # never changed in place
+    assert m.arguments is None  # never changed in place
     assert isinstance(r.outcome, Pass)  # the last stage's outcome; `changed` tells a replacement happened
 
 
 def test_a_replaced_message_keeps_where_it_travels(runner):
     m = call("deploy").placed(carrier=Carrier.EVENT)
     seen = Scripted("seen")
-    runner([Scripted("r", renamed("other")), seen], [m])
+    runner([Scripted("r", rewritten("other")), seen], [m])
     (s,) = seen.seen
     assert (s.direction, s.carrier) == (Direction.C2S, Carrier.EVENT)
 
@@ -184,7 +187,7 @@ def test_verdict_record_is_plain_flow_metadata():
     assert json.loads(json.dumps(record)) == record  # plain JSON values (saved in recordings)
     bare = classify({"jsonrpc": "2.0", "method": "notifications/progress"})
     assert Verdict("x", Action.ALLOW).record(bare) == {
-        "stage": "x", "method": "notifications/progress", "action": "allow"}
+        "stage": "x", "kind": "notification", "method": "notifications/progress", "action": "allow"}
 
 
 def test_direction_of():
@@ -292,7 +295,7 @@ def test_a_hold_resolving_to_a_refusal_ends_the_run():
 
 def test_a_hold_resolving_to_another_hold_is_awaited_again():
     async def second() -> Outcome:
-        return Replace(call("deploy_staging"))
+        return Replace(call("deploy", env="staging"))
 
     async def first() -> Outcome:
         return Hold(second, "second person", (Verdict("approval", Action.APPROVE, "r2"),))
@@ -302,7 +305,7 @@ def test_a_hold_resolving_to_another_hold_is_awaited_again():
                                                                   (Verdict("approval", Action.APPROVE, "r1"),))),
                            after], [call("deploy")], CX))
     (r,) = out.results
-    assert [m.tool_name for m in after.seen] == ["deploy_staging"]
+    assert [m.arguments for m in after.seen] == [{"env": "staging"}]
     assert [d.rule for d in r.decisions] == ["r1", "r2"]
 
 
@@ -336,3 +339,30 @@ def test_run_now_never_awaits_a_hold_even_one_that_would_pass():
 
     out = run_now([Scripted("approval", lambda m: Hold(wait, "instant"))], [call("x")], CX)
     assert out.messages == [] and len(out.refused) == 1
+
+
+# --- a replacement changes content, never what the message is ----------------------------------------
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda m: m.replace({**m.raw, "params": {"name": "drop_table"}}), id="target"),
+    pytest.param(lambda m: m.replace({**m.raw, "id": 2}), id="id"),
+    pytest.param(lambda m: m.replace({**m.raw, "id": "1"}), id="id-type"),
+    pytest.param(lambda m: m.replace({k: v for k, v in m.raw.items() if k != "id"}), id="kind"),
+    pytest.param(lambda m: m.replace({**m.raw, "method": "prompts/get"}), id="method"),
+    pytest.param(lambda m: m.raw, id="not-a-message"),
+])
+def test_a_replace_that_changes_what_the_message_is_breaks_the_contract(runner, change):
+    after = Scripted("after")
+    with pytest.raises(ContractError) as e:
+        runner([Scripted("dlp", lambda m: Replace(change(m))), after], [call("read_file")])
+    assert e.value.stage == "dlp" and after.seen == []
+
+
+def test_a_hold_that_fails_names_the_stage_that_held():
+    async def wait() -> Outcome:
+        raise RuntimeError("approval store down")
+
+    with pytest.raises(StageError) as e:
+        asyncio.run(run([Scripted("approval", lambda m: Hold(wait, "ask"))], [call("deploy")], CX))
+    assert e.value.stage == "approval" and isinstance(e.value.__cause__, RuntimeError)

@@ -23,7 +23,7 @@ from mitmproxy.utils import human
 from mcp_bastion.core import errors
 from mcp_bastion.core.encoding import decode_content
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.jsonrpc import DEFAULT_MAX_DEPTH, Body, ParseError, parse_body, placed
+from mcp_bastion.core.jsonrpc import DEFAULT_MAX_DEPTH, Body, ParseError, parse_body, placed, repeated_ids
 from mcp_bastion.core.message import routing_headers
 from mcp_bastion.core.origin import (
     DEFAULT_HOSTS,
@@ -182,13 +182,27 @@ class Gateway:
     # --- which flows are ours ------------------------------------------------
 
     def _in_scope(self, flow: http.HTTPFlow) -> bool:
+        """Whether any name the request goes by is an MCP host: the URL's host, or its Host header.
+
+        A name is compared as resolvers and front ends read it: case-folded and without the
+        trailing dot of a fully qualified name, so no spelling of an MCP host passes through.
+        """
         hosts = self.mcp_hosts
         if not hosts:
             return True
         req = flow.request
-        return host_allowed(_hostport(req.host, req.port), hosts) or host_allowed(
-            f"[{req.host}]" if ":" in req.host else req.host, hosts
-        )
+        names = [(req.host, req.port)]
+        header = req.headers.get("host")
+        if header:
+            host, _, port = header.rpartition(":") if not header.endswith("]") else (header, "", "")
+            if not host or (port and not port.isdigit()):
+                host, port = header, ""
+            names.append((host.strip("[]"), int(port) if port else req.port))
+        for host, port in names:
+            host = host.rstrip(".").lower()
+            if host_allowed(_hostport(host, port), hosts) or host_allowed(f"[{host}]" if ":" in host else host, hosts):
+                return True
+        return False
 
     # --- request side --------------------------------------------------------
 
@@ -205,6 +219,7 @@ class Gateway:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        fs.forget(flow)  # a replayed flow is checked afresh, as if new
         flow.metadata[Meta.STARTED] = time.monotonic()
         if not self._in_scope(flow):
             if ctx.options.mcp_passthrough_other:
@@ -222,6 +237,11 @@ class Gateway:
         if not origin_allowed(origin, self.allowed_origins):
             refuse(flow, Refusal(403, errors.FORBIDDEN, f"origin {origin!r} is not allowed", {"reason": "origin"}),
                    stage=StageName.PARSE)
+            return
+        if "upgrade" in req.headers or req.method == "CONNECT":
+            # A WebSocket (or any) upgrade would open a tunnel whose messages no stage reads.
+            refuse(flow, Refusal(400, errors.REFUSED_INPUT, "protocol upgrades are not part of MCP; the request was "
+                                 "not forwarded", {"reason": "upgrade"}), stage=StageName.PARSE)
             return
         if "?" in req.path and "access_token" in req.query:  # req.query parses the URL: skip it when there is none
             refuse(
@@ -322,9 +342,18 @@ class Gateway:
                 body=body,
             )
             return
+        repeats = repeated_ids(body)
+        if repeats:
+            refuse(
+                flow,
+                Refusal(400, errors.INVALID_REQUEST, f"request refused: request id {repeats[0]!r} is used more than "
+                        "once in this batch, so its answers could not be told apart", {"reason": "duplicate_id"}),
+                stage=StageName.PARSE,
+                body=body,
+            )
+            return
         headers = routing_headers(req.headers.items(multi=True))
-        body = Body(placed(body, Direction.C2S, summaries="request", limit=MAX_SUMMARIES, headers=headers),
-                    body.batch, body.data)
+        body = Body(placed(body, Direction.C2S, summaries="request", headers=headers), body.batch, body.data)
         fs.set_request_body(flow, body)
         state = fs.mcp_state(flow)
         state["transport"] = "streamable-http" if "mcp-session-id" in req.headers or _has_init(body) else "http"
@@ -408,8 +437,7 @@ class Gateway:
             if "content-encoding" in resp.headers:
                 del resp.headers["content-encoding"]
                 resp.content = raw  # what was checked, with its own Content-Length
-            body = Body(placed(body, Direction.S2C, asked=fs.asked(flow), summaries="response", limit=MAX_SUMMARIES),
-                        body.batch, body.data)
+            body = Body(placed(body, Direction.S2C, asked=fs.asked(flow), summaries="response"), body.batch, body.data)
             fs.set_response_body(flow, body)
             state["response"] = [m.summary() for m in body.messages[:MAX_SUMMARIES]]
         elif resp.raw_content and resp.status_code == 202:

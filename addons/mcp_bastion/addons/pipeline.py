@@ -31,11 +31,11 @@ from mcp_bastion.core import errors, pipeline
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import Body, dumps
 from mcp_bastion.core.message import Message, http_request
-from mcp_bastion.core.pipeline import Context, Drop, Refuse, Run, Stage
+from mcp_bastion.core.pipeline import Context, Drop, Refuse, Result, Run, Stage, StageError
 from mcp_bastion.core.vocab import Direction, Kind, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
-from mcp_bastion.glue.failclosed import StageFailed, fail_closed
+from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.stream import SSEStream
 
 logger = logging.getLogger("mcp_bastion")
@@ -52,7 +52,8 @@ class _Guarded:
         try:
             return self.stage.check(m, cx)
         except Exception as exc:
-            raise StageFailed(self.name if m.direction != Direction.S2C else self.name.response, exc) from exc
+            name = self.name if m.direction != Direction.S2C else self.name.response
+            raise StageError(name, f"{type(exc).__name__}: {exc}") from exc
 
 
 class Pipeline:
@@ -158,11 +159,14 @@ class Pipeline:
         for r in run.results:
             if r.message is not None:
                 to_client.append(r.message.raw)
-            elif isinstance(r.outcome, Refuse):
-                if r.original.kind == Kind.REQUEST:
-                    to_upstream.append(replies.server_answer(r.original, r.outcome.refusal))
-                elif r.original.kind in (Kind.RESPONSE, Kind.ERROR):
-                    to_client.append(replies.client_error(r.original, r.outcome.refusal))
+                continue
+            # Refused or dropped: whoever waits for an answer still gets one. The server's request is
+            # answered upstream on the client's behalf; the client's request gets an error for its id.
+            refusal = r.outcome.refusal if isinstance(r.outcome, Refuse) else _withheld(r)
+            if r.original.kind == Kind.REQUEST:
+                to_upstream.append(replies.server_answer(r.original, refusal))
+            elif r.original.kind in (Kind.RESPONSE, Kind.ERROR):
+                to_client.append(replies.client_error(r.original, refusal))
         if to_upstream:
             self.answers.send(flow, to_upstream, verify=not ctx.options.ssl_insecure)
         return to_client
@@ -181,3 +185,10 @@ def _requests_are_answered(run: Run) -> None:
             reason = r.outcome.reason
             r.outcome = Refuse(Refusal(403, errors.DENIED, f"{r.original.what()} was not forwarded: {reason}",
                                        {"reason": reason}), r.outcome.decisions)
+
+
+def _withheld(r: Result) -> Refusal:
+    """The error standing in for a server message a stage dropped, for whoever waits on its id."""
+    reason = r.outcome.reason if isinstance(r.outcome, Drop) else "withheld"
+    return Refusal(502, errors.GATEWAY_ERROR, f"mcp-bastion withheld {r.original.what()}: {reason}",
+                   {"reason": reason})

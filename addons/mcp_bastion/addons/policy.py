@@ -147,7 +147,10 @@ class Policy:
     def _server_message(self, m: Message, cx: Context) -> Outcome:
         ruleset = self.ruleset()
         if m.kind == Kind.RESPONSE:
-            result, hidden = ruleset.filter_list(cx.identity, cx.upstream, m.answers, m.params, cx.masking_profiles)
+            # What a list answer lists comes from the request it answers; an answer to anything else
+            # (or to no known request) is filtered by its shape, so a list cannot hide behind another method.
+            method = m.answers if m.listing is not None else None
+            result, hidden = ruleset.filter_list(cx.identity, cx.upstream, method, m.params, cx.masking_profiles)
             if not hidden:
                 return Pass()
             v = Verdict(StageName.RESP_POLICY, Action.FILTER, None, f"{len(hidden)} item(s) hidden from this caller",

@@ -135,8 +135,8 @@ def _concerns(d: dict[str, Any], msg: dict[str, Any], ref: str, kept: dict[str, 
         if d["ref"] == ref:
             return True
         answer = kept.get(d["ref"])
-        return (answer is not None and answer.get("kind") in ("response", "error") and "id" in msg
-                and answer.get("id") == msg["id"])
+        return (answer is not None and answer.get("kind") in ("response", "error") and msg.get("kind") == "request"
+                and "id" in msg and answer.get("id") == msg["id"])
     direction = d.get("direction", "client_to_server")
     if "id" in msg:
         if d.get("id") != msg["id"]:
@@ -147,6 +147,12 @@ def _concerns(d: dict[str, Any], msg: dict[str, Any], ref: str, kept: dict[str, 
     # GET/DELETE are summarised as kind "http"; the policy decides them as the pseudo-method "http:GET".
     methods = (msg.get("method"), f"http:{msg.get('method')}") if msg.get("kind") == "http" else (msg.get("method"),)
     return direction == "client_to_server" and "id" not in d and d.get("method") in methods
+
+
+def _withheld_answer(d: dict[str, Any]) -> bool:
+    """A decision that kept the upstream's answer from the client (it got an error in its place)."""
+    return (d.get("direction") == "server_to_client" and d.get("kind") in ("response", "error")
+            and d.get("action") in ("deny", "approve", "error", "drop"))
 
 
 def _verdict(decisions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -210,6 +216,8 @@ def build_records(facts: FlowFacts) -> list[dict[str, Any]]:
         if "id" in msg:
             rec["id"] = msg["id"]
             rec["rpc"] = answers.get(msg["id"])
+            if any(_withheld_answer(d) for d in mine):
+                rec["rpc"] = "error"  # the upstream's answer was refused: the client got an error instead
         rec.update(_target_fields(msg))
         rec.update(_verdict(flow_level + mine))
         rec.update(tail)

@@ -50,6 +50,15 @@ def _reject_constant(name: str) -> Any:
     raise ParseError("invalid_json", f"non-standard number {name}")
 
 
+def _finite(text: str) -> float:
+    """A JSON number with a fraction or exponent; one too large for a float (`1e400`) is refused:
+    it would be read as infinity here and as something else by a peer, and cannot be written back."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ParseError("invalid_json", f"number {text[:40]} is out of range")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -100,7 +109,7 @@ def loads_strict(
     # Reject unpaired surrogate escapes (\ud800): they decode to strings that cannot be re-encoded.
     try:
         value = json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+            text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite
         )
     except ParseError:
         raise
@@ -153,27 +162,45 @@ def parse_body(
     return Body(messages=[classify(value)], batch=False, data=value)
 
 
+def repeated_ids(body: Body) -> list[str | int]:
+    """Request ids that more than one request of a body carries.
+
+    Answers are matched to requests by id: with a repeat, which answer belongs to
+    which request (and so which answer is a list to filter) is ambiguous. `1` and
+    `"1"` count as the same here, since some clients and servers compare them so.
+    """
+    seen: set[str] = set()
+    repeats: list[str | int] = []
+    for m in body.messages:
+        if m.kind == Kind.REQUEST and m.id is not None:
+            key = str(m.id)
+            if key in seen and m.id not in repeats:
+                repeats.append(m.id)
+            seen.add(key)
+    return repeats
+
+
 def placed(body: Body, direction: Direction, carrier: Carrier | None = None,
            asked: dict[Any, Message] | None = None, summaries: str | None = None, base: int = 0,
-           limit: int | None = None, headers: dict[str, str] | None = None) -> list[Message]:
+           headers: dict[str, str] | None = None) -> list[Message]:
     """The body's messages with their direction and carrier filled in; a response or error
     is linked to the request of `asked` (request id -> request) that it answers, and a
     client's message carries the `Mcp-*` request `headers` that travelled with it.
 
-    `summaries` names the list of the flow's summaries they are kept in ("request",
-    "response", "events"), from position `base` (up to `limit` entries): each
-    message's `ref` says where, so its decisions link to it exactly.
+    `summaries` names the list of the flow's summaries they belong to ("request",
+    "response", "events"), from position `base`: each message's `ref` says where,
+    so its decisions link to it exactly (also past the summaries a flow keeps).
     """
     where = carrier or (Carrier.BATCH if body.batch else Carrier.BODY)
     out = []
     for i, m in enumerate(body.messages):
         request = asked.get(m.id) if asked and m.kind in (Kind.RESPONSE, Kind.ERROR) and m.id is not None else None
         at = base + i
-        ref = f"{summaries}/{at}" if summaries and (limit is None or at < limit) else None
+        ref = f"{summaries}/{at}" if summaries else None
         out.append(m.placed(direction=direction, carrier=where, request=request, ref=ref, headers=headers))
     return out
 
 
 def dumps(value: Any) -> bytes:
     """Compact, UTF-8 JSON (what the gateway writes when it answers or rewrites)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")

@@ -48,7 +48,7 @@ class Verdict:
     def record(self, m: Message) -> dict[str, Any]:
         """The flow-metadata form: plain JSON-like values."""
         out: dict[str, Any] = {"stage": str(self.stage), "direction": str(m.direction) if m.direction else None,
-                               "id": m.id, "method": m.method,
+                               "kind": str(m.kind), "id": m.id, "method": m.method,
                                "target": m.target.name if m.target is not None else None,
                                "action": str(self.action), "rule": self.rule, "reason": self.reason,
                                "ref": m.ref}
@@ -149,10 +149,49 @@ class Run:
         return [r for r in self.results if isinstance(r.outcome, Refuse)]
 
 
-def _fold(result: Result, out: Outcome) -> bool:
+class StageError(Exception):
+    """A stage failed (raised, or its hold did): `stage` names it, so the refusal says which."""
+
+    def __init__(self, stage: StageName | str, message: str):
+        super().__init__(message)
+        self.stage = str(stage)
+
+
+class ContractError(StageError, TypeError):
+    """A stage broke the contract: it returned no Outcome, or a Replace that changes what the message is."""
+
+
+def _named(stage: Stage, m: Message) -> str:
+    """The stage's name on the side `m` travels (`policy` / `resp:policy`)."""
+    name = stage.name
+    return str(name.response if m.direction == Direction.S2C and hasattr(name, "response") else name)
+
+
+def _same_message(before: Message, after: Message) -> str | None:
+    """Why `after` may not stand in for `before`, or None.
+
+    A replacement may change content (mask a value, hide list items), never what the
+    message is: its kind, id, method and target were checked by the stages before.
+    """
+    if not isinstance(after, Message):
+        return f"Replace carries {type(after).__name__}, not a Message"
+    for what in ("kind", "id", "method", "target", "direction"):
+        old, new = getattr(before, what), getattr(after, what)
+        if old != new or type(old) is not type(new):
+            return f"Replace changes the message's {what} ({old!r} -> {new!r})"
+    return None
+
+
+def _fold(result: Result, out: Outcome, stage: Stage) -> bool:
     """Apply a stage's (non-Hold) outcome to `result`; True when the run for this message ends."""
+    assert result.message is not None
     if not isinstance(out, (Pass, Replace, Drop, Refuse)):
-        raise TypeError(f"a stage returned {type(out).__name__}, not an Outcome")
+        raise ContractError(_named(stage, result.message),
+                            f"a stage returned {type(out).__name__}, not an Outcome")
+    if isinstance(out, Replace):
+        why = _same_message(result.message, out.message)
+        if why is not None:
+            raise ContractError(_named(stage, result.message), why)
     result.decisions.extend(out.decisions)
     result.outcome = out
     if isinstance(out, Replace):
@@ -174,8 +213,11 @@ async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context)
             out = stage.check(result.message, cx)
             while isinstance(out, Hold):
                 result.decisions.extend(out.decisions)
-                out = await out.wait()
-            if _fold(result, out):
+                try:
+                    out = await out.wait()
+                except Exception as exc:  # the hold failed: it names the stage that held
+                    raise StageError(_named(stage, result.message), f"{type(exc).__name__}: {exc}") from exc
+            if _fold(result, out, stage):
                 break
         results.append(result)
     return Run(results)
@@ -193,7 +235,7 @@ def run_now(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -
                 out = Refuse(Refusal(403, APPROVAL_REQUIRED, f"{m.label()} was held by {stage.name} ({out.reason}), "
                                      "but nothing can wait inside an event stream, so it is refused"),
                              out.decisions, Action.APPROVE)
-            if _fold(result, out):
+            if _fold(result, out, stage):
                 break
         results.append(result)
     return Run(results)

@@ -3,7 +3,7 @@ Failing closed: an exception in an enforcement step answers the client, never fo
 
 mitmproxy's default on an addon exception is to log it and go on with the flow,
 which for an enforcement point is a bypass. `fail_closed(stage)` wraps a hook so
-that an exception (in the hook, or in a message stage as `StageFailed`) is
+that an exception (in the hook, or in a message stage as a `StageError`) is
 logged, recorded on the flow (`Meta.ERROR`) and answered with a JSON-RPC error
 naming the stage. The Gate is the second line (see addons/gate.py).
 """
@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
+from mcp_bastion.core.pipeline import StageError
 from mcp_bastion.core.vocab import Action, Meta, StageName
 from mcp_bastion.glue import replies
 
@@ -28,7 +29,7 @@ def fail_closed(stage: StageName | str) -> Callable:
 
     Works for sync and async hooks taking one flow argument. The error and the
     stage are recorded in `flow.metadata` and logged with a traceback. A
-    `StageFailed` names the stage that failed inside a pipeline run.
+    A `core.pipeline.StageError` names the stage that failed inside a pipeline run.
 
     Not for `responseheaders`: a refusal set there is overwritten by the
     upstream's body when mitmproxy reads it; that hook must instead make sure
@@ -37,7 +38,7 @@ def fail_closed(stage: StageName | str) -> Callable:
     def deco(fn: Callable) -> Callable:
         def handle(flow: http.HTTPFlow, exc: BaseException) -> None:
             where = str(getattr(exc, "stage", None) or stage)
-            if isinstance(exc, StageFailed) and exc.__cause__ is not None:
+            if isinstance(exc, StageError) and exc.__cause__ is not None:
                 exc = exc.__cause__  # name what the stage raised, not the wrapper
             logger.error("mcp-bastion: %s failed on %s: %r", where, flow.request.pretty_url, exc, exc_info=exc)
             flow.metadata[Meta.ERROR] = f"{where}: {type(exc).__name__}: {exc}"
@@ -69,12 +70,3 @@ def fail_closed(stage: StageName | str) -> Callable:
         return wrapper
 
     return deco
-
-
-class StageFailed(Exception):
-    """A message stage raised: carries the stage's name so the refusal names it."""
-
-    def __init__(self, stage: StageName | str, exc: BaseException):
-        super().__init__(f"{type(exc).__name__}: {exc}")
-        self.stage = str(stage)
-        self.__cause__ = exc

@@ -54,6 +54,15 @@ def mcp_state(flow: http.HTTPFlow) -> dict[str, Any]:
     return flow.metadata.setdefault(Meta.MCP, {})
 
 
+def forget(flow: http.HTTPFlow) -> None:
+    """Drop everything the gateway noted on a flow (a replayed flow comes back with its first pass's state)."""
+    for key in [k for k in flow.metadata if isinstance(k, str) and k.startswith("bastion.")]:
+        del flow.metadata[key]
+    _bodies.pop(flow, None)
+    _response_bodies.pop(flow, None)
+    _credentials.pop(flow, None)
+
+
 def refused(flow: http.HTTPFlow) -> bool:
     """The gateway answered this flow itself (a refusal or an error)."""
     return bool(flow.metadata.get(Meta.REFUSED))
@@ -178,14 +187,17 @@ _RANK = {action: rank for rank, action in enumerate(MARKS)}  # most severe first
 def _bears_on_call(d: dict[str, Any]) -> bool:
     """Whether a decision is about the call the flow carries, rather than about a side message.
 
-    The client's own messages, and anything that stopped or failed the answer
-    (an error, a refused response), are; a server notification or request
-    dropped from the stream (progress, a denied elicitation) and list
+    The client's own messages, and anything that stopped, failed or changed the
+    answer (an error, a refused or masked result) are; a server notification or
+    request dropped from the stream (progress, a denied elicitation) and list
     filtering are not: the call itself still got its answer.
     """
     if d.get("direction") != Direction.S2C:
         return True
-    return d.get("action") == Action.ERROR
+    action = d.get("action")
+    if action == Action.ERROR:
+        return True
+    return d.get("kind") in (Kind.RESPONSE, Kind.ERROR) and action in (Action.DENY, Action.APPROVE, Action.MASK)
 
 
 def headline(decisions: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, int]:

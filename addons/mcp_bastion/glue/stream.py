@@ -32,11 +32,11 @@ from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import DEFAULT_MAX_DEPTH, ParseError, dumps, parse_body, placed
 from mcp_bastion.core.message import Carrier, Message
+from mcp_bastion.core.pipeline import StageError
 from mcp_bastion.core.sse import SSEError, SSEEvent, SSEParser
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
-from mcp_bastion.glue.failclosed import StageFailed
 
 logger = logging.getLogger("mcp_bastion")
 
@@ -102,7 +102,7 @@ class SSEStream:
             logger.error("mcp-bastion: SSE stream failed on %s: %r", self.flow.request.pretty_url, exc, exc_info=exc)
             if isinstance(exc, SSEError):
                 why = str(exc)
-            elif isinstance(exc, StageFailed):
+            elif isinstance(exc, StageError):
                 why = f"{exc.stage} failed: {exc}"
             else:
                 why = f"{type(exc).__name__}: {exc}"
@@ -120,18 +120,21 @@ class SSEStream:
             if any(m.kind == Kind.INVALID for m in body.messages):
                 raise SSEError("SSE event is not a valid JSON-RPC message")
             batch = body.batch
+            # Positions count every message of the stream (a summary is kept only for the first ones):
+            # a decision always names its own message, never a neighbour's.
             messages = placed(body, Direction.S2C, Carrier.EVENT, self.asked, summaries="events",
-                              base=len(self.state["events"]),
-                              limit=None if len(self.state["events"]) < MAX_SUMMARIES else 0)
+                              base=self.state.setdefault("event_messages", 0))
+            self.state["event_messages"] += len(messages)
         self.state["sse_events"] += 1
         if messages and len(self.state["events"]) < MAX_SUMMARIES:
             self.state["events"].extend(m.summary() for m in messages)
+        sent: list[Any] = []
         if event.has_data and event.event == "endpoint" and self._check_endpoint(event):
             out = event.encode()  # the announced endpoint was rewritten
         elif not messages:
             out = event.raw
         else:
-            values = self.stages(self.flow, messages, batch)
+            values = sent = self.stages(self.flow, messages, batch)
             if len(values) == len(messages) and all(v is m.raw for v, m in zip(values, messages, strict=True)):
                 out = event.raw  # unchanged: byte for byte
             elif values:
@@ -142,11 +145,12 @@ class SSEStream:
                 out = b""  # every message of the event was dropped or refused
         if out:
             self._sent(out)
-        # Answered only once the answer is on its way: until then, a failure still answers it.
+        # Answered only once an answer is on its way (what was sent, not what the upstream sent):
+        # until then, a failure still answers it.
         if out and messages:
-            for m in messages:
-                if m.kind in (Kind.RESPONSE, Kind.ERROR) and m.id in self.pending:
-                    self.pending.remove(m.id)
+            for v in sent:
+                if isinstance(v, dict) and ("result" in v or "error" in v) and v.get("id") in self.pending:
+                    self.pending.remove(v["id"])
                     if not self.pending:
                         self.state["answered"] = True  # every request of this POST got its answer
         return out

@@ -24,7 +24,7 @@ from mcp_bastion.addons.pipeline import Pipeline
 from mcp_bastion.bundle import bundle
 from mcp_bastion.core import errors
 from mcp_bastion.core.message import Message
-from mcp_bastion.core.pipeline import Context, Drop, Pass, Replace, Verdict
+from mcp_bastion.core.pipeline import Context, Drop, Hold, Pass, Replace, Verdict
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.flowstate import MARKS
@@ -532,3 +532,53 @@ def test_a_stream_without_stages_is_recorded_as_the_client_got_it(ruleset, monke
     assert f.response.content == out  # what mitmweb and the recording show is what was sent
     gate = [d for d in f.metadata[Meta.DECISIONS] if d["stage"] == "gate"]
     assert gate and gate[0]["action"] == Action.ERROR and "resp:policy" in gate[0]["reason"]
+
+
+# --- a hold: the held request waits, every other flow goes on -------------------------------------
+
+
+class HoldDeploys:
+    """Holds each tools/call deploy until `release` is set; everything else passes."""
+
+    name = stage_name("approval")
+
+    def __init__(self):
+        self.release = asyncio.Event()
+        self.held = 0
+
+    def check(self, m: Message, cx: Context):
+        if m.direction == Direction.S2C or m.tool_name != "deploy":
+            return Pass()
+        self.held += 1
+
+        async def wait():
+            await self.release.wait()
+            return Pass((Verdict(self.name, Action.ALLOW, "approved-by-bob"),))
+
+        return Hold(wait, "waiting for a second person", (Verdict(self.name, Action.HOLD, "needs-approval"),))
+
+
+def test_a_held_request_waits_while_other_flows_go_on():
+    holder = HoldDeploys()
+
+    async def main():
+        with bundled_addons(bundle_with_stages(holder), ruleset=ALLOW_ALL) as b:
+            held = b.flow("POST", call("deploy", id=1, env="prod"))
+            task = asyncio.create_task(b.request(held, identity=ALICE))
+            await asyncio.sleep(0.05)
+            assert holder.held == 1 and not task.done()
+            assert held.response is None and not fs.passed(held, "approval")  # not forwarded yet
+
+            other = b.flow("POST", call("read_file", id=2, path="/x"))  # another flow, same caller
+            await asyncio.wait_for(b.request(other, identity=ALICE), 5)
+            assert forwarded(other) and fs.passed(other, "approval")
+            out = await b.response(other, answer(2, {"content": []}))
+            assert json.loads(out)["id"] == 2
+
+            holder.release.set()
+            await asyncio.wait_for(task, 5)
+            assert forwarded(held) and fs.passed(held, "approval")
+            rules = [d.get("rule") for d in held.metadata[Meta.DECISIONS] if d["stage"] == "approval"]
+            assert rules == ["needs-approval", "approved-by-bob"]
+
+    asyncio.run(main())

@@ -35,6 +35,7 @@ class Action(StrEnum):
     DENY = "deny"
     MASK = "mask"
     APPROVE = "approve"
+    HOLD = "hold"  # a request waiting for a stage (a person's approval) while other flows go on
     FILTER = "filter"  # list items hidden from this caller
     DROP = "drop"  # a server message the client never saw (e.g. a denied notification)
     ERROR = "error"  # an enforcement step failed and the gateway failed closed

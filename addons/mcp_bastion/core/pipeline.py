@@ -26,7 +26,7 @@ Pure: no mitmproxy import.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -203,8 +203,10 @@ def _fold(result: Result, out: Outcome, stage: Stage) -> bool:
     return False
 
 
-async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -> Run:
-    """Every message through every stage, in order; a Hold is awaited."""
+def _runner(stages: Sequence[Stage], messages: Sequence[Message], cx: Context
+            ) -> Generator[tuple[Stage, Message, Hold], Outcome, Run]:
+    """Every message through every stage, in order. Yields each Hold (with the stage and the
+    message it holds) and takes the outcome it resolved to; returns the Run."""
     results = []
     for m in messages:
         result = Result(m, m, Pass())
@@ -213,32 +215,39 @@ async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context)
             out = stage.check(result.message, cx)
             while isinstance(out, Hold):
                 result.decisions.extend(out.decisions)
-                try:
-                    out = await out.wait()
-                except Exception as exc:  # the hold failed: it names the stage that held
-                    raise StageError(_named(stage, result.message), f"{type(exc).__name__}: {exc}") from exc
+                out = yield stage, result.message, out
             if _fold(result, out, stage):
                 break
         results.append(result)
     return Run(results)
+
+
+async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -> Run:
+    """Every message through every stage, in order; a Hold is awaited (other flows go on meanwhile)."""
+    steps = _runner(stages, messages, cx)
+    try:
+        stage, m, hold = next(steps)
+        while True:
+            try:
+                out = await hold.wait()
+            except Exception as exc:  # the hold failed: it names the stage that held
+                raise StageError(_named(stage, m), f"{type(exc).__name__}: {exc}") from exc
+            stage, m, hold = steps.send(out)
+    except StopIteration as done:
+        return done.value
 
 
 def run_now(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -> Run:
     """`run` where nothing may wait (an event stream): a Hold is refused, never skipped."""
-    results = []
-    for m in messages:
-        result = Result(m, m, Pass())
-        for stage in stages:
-            assert result.message is not None
-            out = stage.check(result.message, cx)
-            if isinstance(out, Hold):  # nothing can wait inside an event stream: refused, never skipped
-                out = Refuse(Refusal(403, APPROVAL_REQUIRED, f"{m.label()} was held by {stage.name} ({out.reason}), "
-                                     "but nothing can wait inside an event stream, so it is refused"),
-                             out.decisions, Action.APPROVE)
-            if _fold(result, out, stage):
-                break
-        results.append(result)
-    return Run(results)
+    steps = _runner(stages, messages, cx)
+    try:
+        stage, m, hold = next(steps)
+        while True:
+            refusal = Refusal(403, APPROVAL_REQUIRED, f"{m.label()} was held by {stage.name} ({hold.reason}), "
+                              "but nothing can wait inside an event stream, so it is refused")
+            stage, m, hold = steps.send(Refuse(refusal, (), Action.APPROVE))
+    except StopIteration as done:
+        return done.value
 
 
 def direction_of(stage_name: StageName, direction: Direction) -> StageName:

@@ -40,9 +40,6 @@ _bodies: weakref.WeakKeyDictionary[http.HTTPFlow, Body] = weakref.WeakKeyDiction
 # never recorded or shown; kept for the gateway's answers to the upstream on the client's behalf.
 _credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, str]] = weakref.WeakKeyDictionary()
 _response_bodies: weakref.WeakKeyDictionary[http.HTTPFlow, Body] = weakref.WeakKeyDictionary()
-# The upstream's own credential (header, value) set on a forwarded request: never in metadata, so
-# never recorded or shown; kept for the gateway's answers to the upstream on the client's behalf.
-_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
 def is_mcp(flow: http.HTTPFlow) -> bool:
@@ -61,6 +58,7 @@ def forget(flow: http.HTTPFlow) -> None:
     _bodies.pop(flow, None)
     _response_bodies.pop(flow, None)
     _credentials.pop(flow, None)
+    _headlines.pop(flow, None)
 
 
 def refused(flow: http.HTTPFlow) -> bool:
@@ -200,26 +198,61 @@ def _bears_on_call(d: dict[str, Any]) -> bool:
     return d.get("kind") in (Kind.RESPONSE, Kind.ERROR) and action in (Action.DENY, Action.APPROVE, Action.MASK)
 
 
-def headline(decisions: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, int]:
-    """The decision a flow's label names, and how many side decisions (on server messages) were not allow.
+class Headline:
+    """What `annotate` has read of a flow's decisions: the decision the label names, and the
+    count of side decisions (on server messages) that were not allow.
 
     The label names the first of the most severe decisions on the call itself
-    (see `_bears_on_call`), else the last decision on the call.
+    (see `_bears_on_call`), else the last decision on the call. A long event
+    stream adds hundreds of decisions, each followed by `annotate`: reading
+    only the new ones keeps that linear. Decisions are only ever appended; a
+    list replaced or cut is read again from the start.
     """
-    best: dict[str, Any] | None = None
-    best_rank: int | None = None
-    last: dict[str, Any] | None = None
-    side = 0
-    for d in decisions:
-        if not _bears_on_call(d):
-            if d.get("action") not in (Action.ALLOW, None):
-                side += 1
-            continue
-        last = d
-        rank = _RANK.get(d.get("action"))
-        if rank is not None and (best_rank is None or rank < best_rank):
-            best, best_rank = d, rank
-    return (best or last), side
+
+    __slots__ = ("decisions", "count", "tail", "best", "rank", "last", "side")
+
+    def __init__(self, decisions: list[dict[str, Any]]):
+        self.decisions = decisions
+        self.count = 0
+        self.tail: dict[str, Any] | None = None  # the last decision read, to notice a list rewritten in place
+        self.best: dict[str, Any] | None = None
+        self.rank: int | None = None
+        self.last: dict[str, Any] | None = None
+        self.side = 0
+
+    def stale(self, decisions: list[dict[str, Any]]) -> bool:
+        return (decisions is not self.decisions or self.count > len(decisions)
+                or (self.count > 0 and decisions[self.count - 1] is not self.tail))
+
+    def read(self) -> tuple[dict[str, Any] | None, int]:
+        for d in self.decisions[self.count:]:
+            if not _bears_on_call(d):
+                if d.get("action") not in (Action.ALLOW, None):
+                    self.side += 1
+                continue
+            self.last = d
+            rank = _RANK.get(d.get("action"))
+            if rank is not None and (self.rank is None or rank < self.rank):
+                self.best, self.rank = d, rank
+        self.count = len(self.decisions)
+        self.tail = self.decisions[-1] if self.decisions else None
+        return (self.best or self.last), self.side
+
+
+_headlines: weakref.WeakKeyDictionary[http.HTTPFlow, Headline] = weakref.WeakKeyDictionary()
+
+
+def headline(decisions: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, int]:
+    """The decision a label names, and the count of side decisions that were not allow (see Headline)."""
+    return Headline(decisions).read()
+
+
+def _flow_headline(flow: http.HTTPFlow) -> tuple[dict[str, Any] | None, int]:
+    decisions = flow.metadata.get(Meta.DECISIONS, [])
+    h = _headlines.get(flow)
+    if h is None or h.stale(decisions):
+        h = _headlines[flow] = Headline(decisions)
+    return h.read()
 
 
 def annotate(flow: http.HTTPFlow) -> None:
@@ -230,7 +263,7 @@ def annotate(flow: http.HTTPFlow) -> None:
     if len(summaries) > 3:
         parts.append(f"(+{len(summaries) - 3} more)")
     line = ", ".join(parts) or flow.request.method
-    d, side = headline(flow.metadata.get(Meta.DECISIONS, []))
+    d, side = _flow_headline(flow)
     if d is not None:
         line += f" -> {d.get('action')}"
         if d.get("rule"):

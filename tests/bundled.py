@@ -186,3 +186,13 @@ def stage_name(name: str) -> str:
             return self.startswith("resp:")
 
     return TestStageName(name)
+
+
+def open_session(b: Bundled, sid: str, identity: dict | None = None) -> str:
+    """Bind session `sid` to `identity` as if the upstream had handed it out through this gateway."""
+    from mcp_bastion.addons.sessions import Sessions
+    from mcp_bastion.core.identity import Identity
+    from mcp_bastion.core.sessions import owner_of
+
+    assert b.addon(Sessions).bindings.bind(sid, owner_of(Identity.from_claims(identity)))
+    return sid

@@ -8,6 +8,7 @@ the order a flow meets them:
 
 1. Gateway: claims MCP flows, checks Host/Origin, parses every body into messages, streams SSE.
 2. Auth: verifies the bearer token, removes it, puts the identity on the flow.
+   Sessions: a presented session id must belong to this caller (404 otherwise).
 3. Admission: refuses new requests while a required recording or audit write fails.
 4. Policy: a message stage (the ruleset); it decides, the Pipeline applies.
 5. Pipeline: runs the message stages over every message, both directions, every SSE event.
@@ -32,6 +33,7 @@ from mcp_bastion.addons.mitmweb import Mitmweb
 from mcp_bastion.addons.pipeline import Pipeline
 from mcp_bastion.addons.policy import Policy
 from mcp_bastion.addons.recorder import Recorder
+from mcp_bastion.addons.sessions import Sessions
 from mcp_bastion.addons.upstream import UpstreamCheck
 from mcp_bastion.addons.upstream_token import UpstreamToken
 from mcp_bastion.core.pipeline import Stage
@@ -48,12 +50,13 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     policy = Policy()
     stages = Pipeline([policy, *extra_stages])  # masking, approval and tool pinning join here, in that order
     gate = Gate(
-        request=[StageName.PARSE, StageName.AUTH, StageName.ADMISSION, *stages.request_stages],
+        request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],
     )
     return [
         Gateway(),
         Auth(),
+        Sessions(),
         Admission([recorder.health, auditlog.health]),
         policy,
         stages,

@@ -26,14 +26,14 @@ def anyio_backend():
     return "asyncio"
 
 
-ORDER = ["Gateway", "Auth", "Admission", "Policy", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken",
+ORDER = ["Gateway", "Auth", "Sessions", "Admission", "Policy", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken",
          "Recorder", "AuditLog", "Mitmweb", "ContentView"]
 
 # mitmproxy calls each hook on the addons in bundle order: this table is the pipeline as it runs.
 HOOKS = {
     "requestheaders": ["Gateway", "Auth", "Recorder", "AuditLog"],
-    "request": ["Gateway", "Admission", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken"],
-    "responseheaders": ["Gateway", "Pipeline", "UpstreamToken", "Recorder"],
+    "request": ["Gateway", "Sessions", "Admission", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken"],
+    "responseheaders": ["Gateway", "Sessions", "Pipeline", "UpstreamToken", "Recorder"],
     "response": ["Gateway", "Pipeline", "Gate", "Recorder", "AuditLog"],
     "error": ["Gateway", "UpstreamCheck", "UpstreamToken", "Recorder", "AuditLog"],
 }
@@ -66,7 +66,8 @@ def test_the_gate_requires_every_stage_placed_before_it():
     addons = bundle()
     gate = next(a for a in addons if isinstance(a, Gate))
     pipeline = next(a for a in addons if isinstance(a, Pipeline))
-    assert gate.request_stages == (StageName.PARSE, StageName.AUTH, StageName.ADMISSION, *pipeline.request_stages)
+    assert gate.request_stages == (StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION,
+                                   *pipeline.request_stages)
     assert gate.response_stages == (StageName.RESP_PARSE, *pipeline.response_stages)
     assert [s.name for s in pipeline.stages] == [StageName.POLICY]
     assert any(isinstance(s, Policy) for s in pipeline.stages)

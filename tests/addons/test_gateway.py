@@ -323,7 +323,8 @@ async def test_the_gate_refuses_a_claimed_flow_that_missed_a_stage():
 async def test_the_shipped_gate_requires_every_request_and_response_stage():
     with bundled() as b:
         gate = b.addon(Gate)
-        assert list(gate.request_stages) == [StageName.PARSE, StageName.AUTH, StageName.ADMISSION, StageName.POLICY]
+        assert list(gate.request_stages) == [StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION,
+                                              StageName.POLICY]
         assert list(gate.response_stages) == [StageName.RESP_PARSE, StageName.RESP_POLICY]
 
 

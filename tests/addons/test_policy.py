@@ -29,7 +29,18 @@ from mcp_bastion.core.vocab import DEFAULT_RULE, MALFORMED_RULE, NO_RULESET_RULE
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.flowstate import MARKS
 
-from bundled import Bundled, bundle_with_stages, bundled, bundled_addons, error_of, forwarded, rpc, sse, stage_name
+from bundled import (
+    Bundled,
+    bundle_with_stages,
+    bundled,
+    bundled_addons,
+    error_of,
+    forwarded,
+    open_session,
+    rpc,
+    sse,
+    stage_name,
+)
 from bundled import result as answer
 from bundled import tool_call as call
 
@@ -537,7 +548,7 @@ def test_get_and_delete_are_evaluated_as_pseudo_methods(ruleset_file):
     async def scenario(b: Bundled):
         get = b.flow("GET", headers={"accept": "text/event-stream"})
         await b.request(get, identity=ALICE)
-        delete = b.flow("DELETE", headers={"mcp-session-id": "s"})
+        delete = b.flow("DELETE", headers={"mcp-session-id": open_session(b, "s", ALICE)})
         await b.request(delete, identity=ALICE)
         return get, delete
 
@@ -696,7 +707,7 @@ SERVER_STREAM = sse(
 def stream_scenario(url: str):
     async def scenario(b: Bundled):
         f = b.flow("POST", call("read_file", id=1, path="/x"), url=url, mode=f"reverse:{url}", path="/mcp?x=1",
-                   headers={"mcp-session-id": "sess-1", "authorization": "Bearer client-token"})
+                   headers={"mcp-session-id": open_session(b, "sess-1", ALICE), "authorization": "Bearer client-token"})
         await b.request(f, identity=ALICE)
         assert forwarded(f)
         out = await b.response(f, SERVER_STREAM, ctype="text/event-stream")

@@ -183,6 +183,15 @@ def test_an_unreadable_event_ends_the_stream_with_an_error_for_the_pending_reque
 
 def test_get_stream_resumes_with_last_event_id():
     def script(h: Handler) -> None:
+        if h.command == "POST":  # initialize: the session the GET stream belongs to
+            body = json.dumps({"jsonrpc": "2.0", "id": 0, "result": {}}).encode()
+            h.send_response(200)
+            h.send_header("content-type", "application/json")
+            h.send_header("mcp-session-id", "s1")
+            h.send_header("content-length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            return
         h.start_stream()
         resumed_after = h.headers.get("last-event-id")
         h.chunk(message({"jsonrpc": "2.0", "method": "notifications/resumed", "params": {"after": resumed_after}},
@@ -190,6 +199,9 @@ def test_get_stream_resumes_with_last_event_id():
         h.end()
 
     with upstream(script) as srv, gateway(srv.url) as gw, httpx.Client(timeout=DEADLOCK_GUARD) as client:
+        init = client.post(f"{gw.url}/mcp", json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}},
+                           headers=ACCEPT)
+        assert init.headers["mcp-session-id"] == "s1"
         headers = {"accept": "text/event-stream", "last-event-id": "7", "mcp-session-id": "s1"}
         with client.stream("GET", f"{gw.url}/mcp", headers=headers) as resp:
             body = resp.read()

@@ -47,6 +47,7 @@ class StageName(StrEnum):
 
     PARSE = "parse"  # Gateway: scope, Host/Origin, strict parsing
     AUTH = "auth"  # Auth: bearer token verified, identity on the flow
+    SESSION = "session"  # Sessions: a presented session id belongs to this caller
     POLICY = "policy"  # Policy: the ruleset over each message
     ADMISSION = "admission"  # recording and audit can write (else 503)
     GATE = "gate"  # the last check before a flow leaves

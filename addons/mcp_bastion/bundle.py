@@ -11,7 +11,8 @@ the order a flow meets them:
    Sessions: a presented session id must belong to this caller (404 otherwise).
 3. Admission: refuses new requests while a required recording or audit write fails.
 4. Policy: a message stage (the ruleset); it decides, the Pipeline applies.
-5. Pipeline: runs the message stages over every message, both directions, every SSE event.
+5. Pipeline: runs the message stages over every message, both directions, every SSE event:
+   Wire (2026-07-28 headers agree with the body), then Policy.
 6. Gate: nothing leaves unless every enforcement stage above marked the flow.
 7. UpstreamCheck, UpstreamToken: only for requests really forwarded: a JSON error for a
    dead upstream; the upstream's own credential.
@@ -36,6 +37,7 @@ from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.addons.sessions import Sessions
 from mcp_bastion.addons.upstream import UpstreamCheck
 from mcp_bastion.addons.upstream_token import UpstreamToken
+from mcp_bastion.addons.wire import Wire
 from mcp_bastion.core.pipeline import Stage
 from mcp_bastion.core.vocab import StageName
 
@@ -48,7 +50,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     """
     recorder, auditlog = Recorder(), AuditLog()
     policy = Policy()
-    stages = Pipeline([policy, *extra_stages])  # masking, approval and tool pinning join here, in that order
+    stages = Pipeline([Wire(), policy, *extra_stages])  # masking, approval and tool pinning join here, in that order
     gate = Gate(
         request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],

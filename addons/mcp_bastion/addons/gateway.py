@@ -33,6 +33,7 @@ from mcp_bastion.core.origin import (
     validate_patterns,
 )
 from mcp_bastion.core.vocab import Action, Direction, Meta, StageName
+from mcp_bastion.core.wire import VERSION_HEADER, Mismatch, era, request_version
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.replies import refuse
@@ -358,6 +359,11 @@ class Gateway:
         state = fs.mcp_state(flow)
         state["transport"] = "streamable-http" if "mcp-session-id" in req.headers or _has_init(body) else "http"
         state["batch"] = body.batch
+        try:
+            state["era"] = era(req.headers.get(VERSION_HEADER), next(
+                (v for m in body.messages if (v := request_version(m)) is not None), None))
+        except Mismatch:
+            state["era"] = "conflicting"  # the Wire stage refuses it
         state["request"] = [m.summary() for m in body.messages[:MAX_SUMMARIES]]
         fs.annotate(flow)
 

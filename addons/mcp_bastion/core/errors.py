@@ -19,6 +19,9 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INTERNAL_ERROR = -32603
 
+# MCP's own codes the gateway answers with (2026-07-28)
+HEADER_MISMATCH = -32020  # routing headers (Mcp-Method, Mcp-Name, Mcp-Param-*, protocol version) differ from the body
+
 # mcp-bastion codes (stable; documented in README)
 DENIED = -32001  # a rule denied the message
 APPROVAL_REQUIRED = -32002  # held for a human and not (yet) approved

@@ -99,6 +99,7 @@ class Context:
     session: str | None = None
     flow_id: str | None = None
     http_method: str = "POST"
+    protocol_version: str | None = None  # the MCP-Protocol-Version request header
     masking_profiles: frozenset[str] = frozenset()  # what the loaded masking stages can apply
 
 

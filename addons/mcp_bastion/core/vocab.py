@@ -50,10 +50,12 @@ class StageName(StrEnum):
     SESSION = "session"  # Sessions: a presented session id belongs to this caller
     POLICY = "policy"  # Policy: the ruleset over each message
     ADMISSION = "admission"  # recording and audit can write (else 503)
+    WIRE = "wire"  # Wire: a 2026-07-28 request's headers say what its body says
     GATE = "gate"  # the last check before a flow leaves
     UPSTREAM = "upstream"  # UpstreamCheck: the upstream is reachable
     UPSTREAM_TOKEN = "upstream-token"  # UpstreamToken: the upstream's own credential set
     RESP_PARSE = "resp:parse"
+    RESP_WIRE = "resp:wire"
     RESP_POLICY = "resp:policy"
     RESP_SSE = "resp:sse"
     RESP_RECORD = "resp:record"

@@ -124,6 +124,7 @@ def context(flow: http.HTTPFlow, masking_profiles: frozenset[str] = frozenset())
         session=flow.request.headers.get("mcp-session-id"),
         flow_id=flow.id,
         http_method=flow.request.method,
+        protocol_version=flow.request.headers.get("mcp-protocol-version"),
         masking_profiles=masking_profiles,
     )
 

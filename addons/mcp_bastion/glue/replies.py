@@ -127,7 +127,9 @@ def refuse_request(flow: http.HTTPFlow, run: Run, batch: bool) -> None:
         fs.add_decision(flow, stage=StageName.POLICY, direction=Direction.C2S, id=m.id, method=m.method,
                         target=m.target.name if m.target else None, action=culprit.outcome.action, rule=rule,
                         reason=message, batch=True, ref=m.ref)
-    if items:
+    if items and not batch and first.status == 400 and culprit.outcome.action != Action.APPROVE:
+        _answer(flow, 400, items[0])  # a request refused as malformed (e.g. HeaderMismatch) says so in HTTP too
+    elif items:
         _answer(flow, 200, items if batch else items[0])
     else:
         _answer(flow, first.status, errors.error_message(None, first.code, first.message, first.data),

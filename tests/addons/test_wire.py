@@ -1,0 +1,113 @@
+"""The Wire stage through the shipped bundle: what the upstream may dispatch on is what was checked."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from mcp_bastion.core import errors
+from mcp_bastion.core.vocab import Meta, StageName
+
+from bundled import bundled, call, error_of, forwarded, result
+
+pytestmark = pytest.mark.anyio
+
+V2026 = {"mcp-protocol-version": "2026-07-28"}
+META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}
+DENY_DROP = """\
+version: 1
+default: allow
+rules:
+  - id: no-drop
+    match: {tools: [drop_table]}
+    action: deny
+"""
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def ruleset(tmp_path):
+    p = tmp_path / "rules.yaml"
+    p.write_text(DENY_DROP)
+    return str(p)
+
+
+def tool_call(name, **arguments):
+    return call("tools/call", 1, name=name, arguments=arguments, _meta=META)
+
+
+def refused_as_mismatch(f) -> None:
+    assert not forwarded(f)
+    assert f.response.status_code == 400
+    err = error_of(f)
+    assert err["code"] == errors.HEADER_MISMATCH == -32020 and err["data"]["reason"] == "header_mismatch"
+    assert json.loads(f.response.content)["id"] == 1
+
+
+@pytest.mark.parametrize("headers", [
+    {"mcp-name": "drop_table"}, {"mcp-name": "=?base64?" + base64.b64encode(b"drop_table").decode() + "?="},
+    {"mcp-method": "resources/read"}, {"Mcp-Name": "drop_table"}, {"MCP-METHOD": "tools/list"},
+], ids=["name", "base64-name", "method", "name-case", "method-case"])
+async def test_a_header_naming_something_else_than_the_body_is_refused(ruleset, headers):
+    """The body calls an allowed tool; a header points an upstream that dispatches on it elsewhere."""
+    with bundled(ruleset=ruleset) as b:
+        f = b.flow("POST", tool_call("read_file", path="/x"), headers={**V2026, **headers})
+        await b.request(f)
+    refused_as_mismatch(f)
+    assert StageName.POLICY not in f.metadata.get(Meta.STAGES, [])  # refused before any rule
+
+
+async def test_agreeing_headers_are_forwarded_unchanged(ruleset):
+    headers = {**V2026, "mcp-method": "tools/call", "mcp-name": "read_file"}
+    with bundled(ruleset=ruleset) as b:
+        f = b.flow("POST", tool_call("read_file", path="/x"), headers=headers)
+        await b.request(f)
+    assert forwarded(f)
+    assert f.request.headers["mcp-name"] == "read_file" and f.request.headers["mcp-method"] == "tools/call"
+
+
+async def test_a_version_header_that_contradicts_meta_is_refused(ruleset):
+    with bundled(ruleset=ruleset) as b:
+        f = b.flow("POST", tool_call("read_file"), headers={"mcp-protocol-version": "2025-11-25"})
+        await b.request(f)
+    refused_as_mismatch(f)
+
+
+async def test_2025_requests_without_these_headers_are_unaffected(ruleset):
+    with bundled(ruleset=ruleset) as b:
+        f = b.flow("POST", call("tools/call", 1, name="read_file"), headers={"mcp-protocol-version": "2025-06-18"})
+        await b.request(f)
+    assert forwarded(f)
+
+
+SCHEMA = {"type": "object", "properties": {"env": {"type": "string", "x-mcp-header": "Env"}}}
+
+
+async def list_tools(b):
+    f = b.flow("POST", call("tools/list", 9, _meta=META), headers=V2026)
+    await b.request(f)
+    await b.response(f, result(9, {"tools": [{"name": "deploy", "inputSchema": SCHEMA}]}))
+
+
+async def test_param_headers_are_checked_against_the_schema_the_upstream_announced(ruleset):
+    with bundled(ruleset=ruleset) as b:
+        unknown = b.flow("POST", tool_call("deploy", env="staging"), headers={**V2026, "mcp-param-env": "staging"})
+        await b.request(unknown)
+        await list_tools(b)
+        same = b.flow("POST", tool_call("deploy", env="staging"), headers={**V2026, "mcp-param-env": "staging"})
+        await b.request(same)
+        other = b.flow("POST", tool_call("deploy", env="staging"), headers={**V2026, "mcp-param-env": "prod"})
+        await b.request(other)
+        undeclared = b.flow("POST", tool_call("deploy", env="staging"), headers={**V2026, "mcp-param-x": "1"})
+        await b.request(undeclared)
+    refused_as_mismatch(unknown)  # the client lists the tools again and retries, as the spec says
+    assert "list the tools again" in error_of(unknown)["message"]
+    assert forwarded(same)
+    refused_as_mismatch(other)
+    refused_as_mismatch(undeclared)

@@ -111,3 +111,33 @@ async def test_param_headers_are_checked_against_the_schema_the_upstream_announc
     assert forwarded(same)
     refused_as_mismatch(other)
     refused_as_mismatch(undeclared)
+
+
+@pytest.mark.parametrize(("method", "value"), [
+    ("tools/list", {"tools": [{"name": "read_file"}, {"name": "drop_table"}]}),
+    ("tools/list", {"tools": [{"name": "read_file"}]}),
+    ("resources/read", {"contents": [{"uri": "file:///a", "text": "a"}]}),
+    ("server/discover", {"supportedVersions": ["2026-07-28"], "capabilities": {}}),
+], ids=["filtered-list", "unfiltered-list", "read", "discover"])
+@pytest.mark.parametrize("ctype", ["application/json", "text/event-stream"])
+async def test_results_that_passed_the_policy_are_cached_for_this_caller_only(ruleset, method, value, ctype):
+    """A shared client-side cache must not serve one caller's (filtered, allowed) answer to another."""
+    with bundled(ruleset=ruleset) as b:
+        params = {"uri": "file:///a"} if method == "resources/read" else {}
+        f = b.flow("POST", call(method, 1, _meta=META, **params), headers=V2026)
+        await b.request(f)
+        assert forwarded(f)
+        answer = result(1, {**value, "cacheScope": "public", "ttlMs": 60000, "resultType": "complete"})
+        payload = answer if ctype == "application/json" else f"event: message\ndata: {json.dumps(answer)}\n\n"
+        out = await b.response(f, payload, ctype=ctype)
+    got = json.loads(out if ctype == "application/json" else out.decode().split("data: ", 1)[1])
+    assert got["result"]["cacheScope"] == "private" and got["result"]["ttlMs"] == 60000
+    assert "drop_table" not in json.dumps(got)
+
+
+async def test_a_private_result_passes_byte_for_byte(ruleset):
+    with bundled(ruleset=ruleset) as b:
+        f = b.flow("POST", call("resources/read", 1, uri="file:///a", _meta=META), headers=V2026)
+        await b.request(f)
+        raw = json.dumps(result(1, {"contents": [], "cacheScope": "private"})).encode()
+        assert await b.response(f, raw) == raw

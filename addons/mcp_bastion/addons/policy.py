@@ -74,6 +74,19 @@ def refusal(m: Message, d: Decision) -> Refusal:
                    {"rule": d.rule, "reason": d.reason})
 
 
+def private(result: object) -> object:
+    """A 2026-07-28 result as the client may cache it: for this caller only.
+
+    What passed the policy depends on who asked (a list filtered for this caller,
+    a result another caller would be refused), so a shared cache must not serve it
+    to anyone else: `cacheScope: "public"` (or any value but "private") becomes
+    "private". A result without the field (the 2025 era) is left as it is.
+    """
+    if isinstance(result, dict) and "cacheScope" in result and result["cacheScope"] != "private":
+        return {**result, "cacheScope": "private"}
+    return result
+
+
 class Policy:
     """Per-identity policy over every MCP message, in both directions."""
 
@@ -151,11 +164,15 @@ class Policy:
             # (or to no known request) is filtered by its shape, so a list cannot hide behind another method.
             method = m.answers if m.listing is not None else None
             result, hidden = ruleset.filter_list(cx.identity, cx.upstream, method, m.params, cx.masking_profiles)
-            if not hidden:
+            decisions: tuple[Verdict, ...] = ()
+            if hidden:
+                decisions = (Verdict(StageName.RESP_POLICY, Action.FILTER, None,
+                                     f"{len(hidden)} item(s) hidden from this caller",
+                                     {"hidden": hidden[:50], "method": m.answers}),)
+            result = private(result)
+            if result is m.params:
                 return Pass()
-            v = Verdict(StageName.RESP_POLICY, Action.FILTER, None, f"{len(hidden)} item(s) hidden from this caller",
-                        {"hidden": hidden[:50], "method": m.answers})
-            return Replace(m.replace({**m.raw, "result": result}), (v,))
+            return Replace(m.replace({**m.raw, "result": result}), decisions)
         if m.kind == Kind.ERROR:
             return Pass()
         d = enforceable(ruleset.evaluate(cx.identity, m, Direction.S2C, cx.upstream), cx.masking_profiles)

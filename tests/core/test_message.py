@@ -14,10 +14,12 @@ from mcp_bastion.core.message import (
     Target,
     TargetKind,
     classify,
+    embedded,
     http_request,
     routing_headers,
     summary_label,
     summary_target,
+    with_embedded,
 )
 from mcp_bastion.core.vocab import Direction, Kind
 
@@ -290,3 +292,41 @@ def test_placed_messages_carry_the_headers_and_replace_keeps_them():
     (m,) = placed(body, Direction.C2S, headers={"mcp-name": "add"})
     assert m.headers == {"mcp-name": "add"}
     assert m.replace({**m.raw, "params": {"name": "sub"}}).headers == {"mcp-name": "add"}
+
+
+# --- messages carried inside another: 2026-07-28 multi-round-trip requests --------------------------
+
+
+def test_input_requests_inside_a_result_are_server_requests():
+    call = classify({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "deploy"}})
+    answer = classify({"jsonrpc": "2.0", "id": 3, "result": {
+        "resultType": "input_required", "requestState": "s",
+        "inputRequests": {"who": {"method": "elicitation/create", "params": {"message": "?"}},
+                          "bad": {"params": {}}}}})
+    answer = answer.placed(direction=Direction.S2C, request=call, ref="response/0")
+    who, bad = embedded(answer)
+    assert (who.kind, who.method, who.id, who.direction, who.carrier) == (
+        Kind.REQUEST, "elicitation/create", "who", Direction.S2C, Carrier.INPUT_REQUIRED)
+    assert who.ref == "response/0/inputRequests/who" and who.request is call
+    assert bad.kind == Kind.INVALID
+    masked = who.replace({**who.raw, "params": {"message": "[MASKED]"}})
+    assert masked.kind == Kind.REQUEST and masked.carrier is Carrier.INPUT_REQUIRED
+    rebuilt = with_embedded(answer, [masked, bad])
+    assert rebuilt.params["inputRequests"]["who"]["params"] == {"message": "[MASKED]"}
+    assert rebuilt.params["requestState"] == "s" and rebuilt.id == 3
+
+
+def test_input_responses_in_a_retry_are_client_answers():
+    retry = classify({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {
+        "name": "deploy", "inputResponses": {"who": {"action": "accept"}}}}).placed(direction=Direction.C2S)
+    (who,) = embedded(retry)
+    assert (who.kind, who.id, who.params, who.direction) == (Kind.RESPONSE, "who", {"action": "accept"},
+                                                             Direction.C2S)
+
+
+def test_nothing_is_carried_by_ordinary_messages():
+    assert embedded(classify({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})) == []
+    assert embedded(classify({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x"}})) == []
+    (odd,) = embedded(classify({"jsonrpc": "2.0", "id": 1, "result": {"resultType": "input_required",
+                                                                       "inputRequests": ["not", "a", "map"]}}))
+    assert odd.kind == Kind.INVALID  # refused by the stages, never passed over

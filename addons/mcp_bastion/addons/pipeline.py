@@ -176,9 +176,12 @@ class Pipeline:
 
     @staticmethod
     def _record(flow: http.HTTPFlow, run: Run) -> None:
-        for r in run.results:
+        pending = list(run.results)
+        while pending:
+            r = pending.pop(0)
             if r.decisions:
                 fs.record(flow, r.original, r.decisions)
+            pending[:0] = r.inner  # then the messages it carried, in order
 
 
 def _requests_are_answered(run: Run) -> None:

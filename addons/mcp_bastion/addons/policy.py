@@ -29,7 +29,7 @@ from mitmproxy.utils import asyncio_utils
 
 from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.message import Message
+from mcp_bastion.core.message import Carrier, Message
 from mcp_bastion.core.pipeline import Context, Drop, Outcome, Pass, Refuse, Replace, Verdict
 from mcp_bastion.core.rules import Decision, ReloadingRuleset, Ruleset, RulesetError
 from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
@@ -179,6 +179,9 @@ class Policy:
         if not d.blocks:
             return Pass((verdict(StageName.RESP_POLICY, d),))
         if m.kind == Kind.REQUEST:
-            v = Verdict(StageName.RESP_POLICY, d.action, d.rule, d.reason, {"answered": "error sent to upstream"})
+            # On a 2025 stream the upstream gets an error in the client's place; inside an
+            # input_required result the call itself ends with this refusal.
+            extra = {"answered": "error sent to upstream"} if m.carrier is not Carrier.INPUT_REQUIRED else {}
+            v = Verdict(StageName.RESP_POLICY, d.action, d.rule, d.reason, extra)
             return Refuse(refusal(m, d), (v,), Action(d.action))
         return Drop(f"denied by rule '{d.rule}'", (verdict(StageName.RESP_POLICY, d),))

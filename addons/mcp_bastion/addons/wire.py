@@ -7,15 +7,19 @@ version disagree, or whose `Mcp-Method`, `Mcp-Name` or `Mcp-Param-*` headers do
 not match the body (400, `-32020` HeaderMismatch; see `core.wire`). An upstream
 that dispatches on a header then runs exactly what the gateway checked. On the
 way back it learns, from each `tools/list` answer, which `Mcp-Param-*` headers
-each tool declares.
+each tool declares, and which caller each multi-round-trip `requestState` was
+issued to: a retry carrying one issued to another caller (or never seen) is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.message import Message
+from mcp_bastion.core.message import Carrier, Message
 from mcp_bastion.core.pipeline import Context, Outcome, Pass, Refuse, Verdict
+from mcp_bastion.core.sessions import SessionBindings, owner_of
 from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
 from mcp_bastion.core.wire import Mismatch, ParamHeaders, check_headers, era, request_version
 
@@ -25,11 +29,17 @@ class Wire:
 
     def __init__(self) -> None:
         self.params = ParamHeaders()
+        self.states = SessionBindings()  # requestState digest -> the identity it was issued to
 
     def check(self, m: Message, cx: Context) -> Outcome:
+        if m.carrier is Carrier.INPUT_REQUIRED:
+            return Pass()  # carried inside a message this stage already read
         if m.direction == Direction.S2C:
             if m.kind == Kind.RESPONSE and (m.answers == "tools/list" or m.answers is None):
                 self.params.learn(cx.upstream, m.params)
+            state = m.params.get("requestState") if m.kind == Kind.RESPONSE and isinstance(m.params, dict) else None
+            if isinstance(state, str):
+                self.states.bind(_digest(state), owner_of(cx.identity))
             return Pass()
         if m.kind not in (Kind.REQUEST, Kind.NOTIFICATION):
             return Pass()
@@ -39,4 +49,17 @@ class Wire:
         except Mismatch as e:
             refusal = Refusal(400, errors.HEADER_MISMATCH, f"request refused: {e}", {"reason": "header_mismatch"})
             return Refuse(refusal, (Verdict(StageName.WIRE, Action.DENY, None, str(e)),))
+        state = m.params.get("requestState") if isinstance(m.params, dict) else None
+        if state is not None and not (isinstance(state, str)
+                                      and self.states.check(_digest(state), owner_of(cx.identity)).ok):
+            # Issued to another caller, or never through this gateway: a retry may only carry the
+            # state its own caller was given, or it would continue someone else's call.
+            why = "a requestState this caller was not given"
+            refusal = Refusal(403, errors.FORBIDDEN, f"request refused: {m.what()} carries {why}",
+                              {"reason": "request_state"})
+            return Refuse(refusal, (Verdict(StageName.WIRE, Action.DENY, None, why),))
         return Pass()
+
+
+def _digest(state: str) -> str:
+    return hashlib.sha256(state.encode("utf-8", "surrogatepass")).hexdigest()

@@ -169,7 +169,7 @@ class Message:
 
     def replace(self, raw: Any) -> Message:
         """A new message with `raw` as its content, keeping where it travels and what it answers."""
-        fresh = classify(raw)
+        fresh = classify(raw) if self.carrier is not Carrier.INPUT_REQUIRED else _bare(raw, self.kind, self.id)
         return replace(fresh, direction=self.direction, carrier=self.carrier, request=self.request,
                        headers=self.headers, ref=self.ref)
 
@@ -245,6 +245,56 @@ def routing_headers(pairs: Any) -> dict[str, str]:
         if key.startswith(ROUTING_HEADER_PREFIX) and key not in NOT_ROUTING:
             out[key] = f"{out[key]}, {value}" if key in out else value
     return out
+
+
+# --- messages carried inside another (2026-07-28 multi-round-trip requests) ------------------------
+
+INPUT_REQUIRED = "input_required"
+
+
+def _bare(value: Any, kind: Kind | str, key: str | int | None) -> Message:
+    """A message as the 2026 wire embeds it: `{method, params}` for a request, the bare result for an
+    answer (no `jsonrpc`, no `id`: the key in its map stands for the id)."""
+    if kind == Kind.REQUEST:
+        method = value.get("method") if isinstance(value, dict) else None
+        params = value.get("params") if isinstance(value, dict) else None
+        if not isinstance(method, str) or (params is not None and not isinstance(params, dict)):
+            return Message(kind=Kind.INVALID, raw=value, id=key)
+        return Message(kind=Kind.REQUEST, raw=value, id=key, method=method, params=params)
+    return Message(kind=Kind.RESPONSE, raw=value, id=key, params=value)
+
+
+def embedded(m: Message) -> list[Message]:
+    """The messages a message carries inside it, each a `Message` of its own for the stages.
+
+    - A server's `input_required` result: each of its `inputRequests` is a request the server
+      makes of the client (`elicitation/create`, `sampling/createMessage`, `roots/list`), server
+      to client, exactly as the same request on a 2025 event stream.
+    - A client's retry: each of its `inputResponses` is the client's answer to one of them.
+
+    Their `id` is their key in the map; `carrier` says they travel inside another message.
+    """
+    if m.kind == Kind.RESPONSE and isinstance(m.params, dict) and m.params.get("resultType") == INPUT_REQUIRED:
+        field, kind = "inputRequests", Kind.REQUEST
+    elif m.kind == Kind.REQUEST and isinstance(m.params, dict) and "inputResponses" in m.params:
+        field, kind = "inputResponses", Kind.RESPONSE
+    else:
+        return []
+    inner = m.params.get(field)
+    if not isinstance(inner, dict):
+        return [Message(kind=Kind.INVALID, raw=inner, direction=m.direction, carrier=Carrier.INPUT_REQUIRED,
+                        request=m.request, ref=f"{m.ref}/{field}" if m.ref else None)]
+    return [replace(_bare(value, kind, key), direction=m.direction, carrier=Carrier.INPUT_REQUIRED,
+                    request=m.request if kind == Kind.REQUEST else None,
+                    ref=f"{m.ref}/{field}/{key}" if m.ref else None)
+            for key, value in inner.items()]
+
+
+def with_embedded(m: Message, inner: list[Message]) -> Message:
+    """`m` carrying `inner` (as `embedded` gave them, some replaced by a stage) in place of its own."""
+    field = "inputRequests" if m.kind == Kind.RESPONSE else "inputResponses"
+    values = {e.id: e.raw for e in inner}
+    return m.replace({**m.raw, ("result" if m.kind == Kind.RESPONSE else "params"): {**m.params, field: values}})
 
 
 def http_request(verb: str) -> Message:

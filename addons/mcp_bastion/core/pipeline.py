@@ -30,9 +30,9 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import APPROVAL_REQUIRED, Refusal
-from .message import Message
-from .vocab import Action, Direction, StageName
+from .errors import APPROVAL_REQUIRED, DENIED, INVALID_REQUEST, Refusal
+from .message import Message, embedded, with_embedded
+from .vocab import Action, Direction, Kind, StageName
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +120,7 @@ class Result:
     message: Message | None
     outcome: Outcome  # the last one: Pass, Replace, Drop or Refuse
     decisions: list[Verdict] = field(default_factory=list)
+    inner: list[Result] = field(default_factory=list)  # the messages it carries (see message.embedded)
 
     @property
     def changed(self) -> bool:
@@ -210,17 +211,52 @@ def _runner(stages: Sequence[Stage], messages: Sequence[Message], cx: Context
     message it holds) and takes the outcome it resolved to; returns the Run."""
     results = []
     for m in messages:
-        result = Result(m, m, Pass())
-        for stage in stages:
-            assert result.message is not None
-            out = stage.check(result.message, cx)
-            while isinstance(out, Hold):
-                result.decisions.extend(out.decisions)
-                out = yield stage, result.message, out
-            if _fold(result, out, stage):
-                break
-        results.append(result)
+        results.append((yield from _one(stages, m, cx)))
     return Run(results)
+
+
+def _one(stages: Sequence[Stage], m: Message, cx: Context
+         ) -> Generator[tuple[Stage, Message, Hold], Outcome, Result]:
+    """One message through every stage, then each message it carries inside it.
+
+    A carried message (an input request inside an `input_required` result, a client's
+    input response in a retry) meets the same stages as if it travelled on its own. If
+    one is refused or dropped, the message carrying it is refused with that refusal
+    (the call ends with an error naming the rule: a server must not get half the answers
+    it asked for); if one is replaced, the carrier carries the new one.
+    """
+    result = Result(m, m, Pass())
+    for stage in stages:
+        assert result.message is not None
+        out = stage.check(result.message, cx)
+        while isinstance(out, Hold):
+            result.decisions.extend(out.decisions)
+            out = yield stage, result.message, out
+        if _fold(result, out, stage):
+            return result
+    assert result.message is not None
+    carried = embedded(result.message)
+    if not carried:
+        return result
+    for e in carried:
+        if e.kind == Kind.INVALID:  # unreadable inside a readable message: refused, never passed over
+            bad = Refusal(400, INVALID_REQUEST, f"an unreadable message inside {result.message.what()}",
+                          {"reason": "invalid_request"})
+            result.inner.append(Result(e, None, Refuse(bad)))
+            continue
+        result.inner.append((yield from _one(stages, e, cx)))
+    stopped = next((r for r in result.inner if r.message is None), None)
+    if stopped is not None:
+        inner = stopped.outcome
+        why = inner.refusal if isinstance(inner, Refuse) else Refusal(
+            403, DENIED, f"{stopped.original.what()} was dropped ({inner.reason})", {"reason": "dropped"})
+        refusal = Refusal(why.status, why.code, f"{result.message.what()} carries {why.message}", why.data,
+                          why.headers)
+        result.outcome, result.message = Refuse(refusal, (), inner.action if isinstance(inner, Refuse)
+                                                else Action.DENY), None
+    elif any(r.changed for r in result.inner):
+        result.message = with_embedded(result.message, [r.message for r in result.inner if r.message is not None])
+    return result
 
 
 async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -> Run:

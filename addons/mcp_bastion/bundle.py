@@ -12,7 +12,7 @@ the order a flow meets them:
 3. Admission: refuses new requests while a required recording or audit write fails.
 4. Policy: a message stage (the ruleset); it decides, the Pipeline applies.
 5. Pipeline: runs the message stages over every message, both directions, every SSE event:
-   Wire (2026-07-28 headers agree with the body), then Policy.
+   Wire (2026-07-28 headers agree with the body), Tasks (a task is its creator's), then Policy.
 6. Gate: nothing leaves unless every enforcement stage above marked the flow.
 7. UpstreamCheck, UpstreamToken: only for requests really forwarded: a JSON error for a
    dead upstream; the upstream's own credential.
@@ -35,6 +35,7 @@ from mcp_bastion.addons.pipeline import Pipeline
 from mcp_bastion.addons.policy import Policy
 from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.addons.sessions import Sessions
+from mcp_bastion.addons.tasks import Tasks
 from mcp_bastion.addons.upstream import UpstreamCheck
 from mcp_bastion.addons.upstream_token import UpstreamToken
 from mcp_bastion.addons.wire import Wire
@@ -50,7 +51,8 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     """
     recorder, auditlog = Recorder(), AuditLog()
     policy = Policy()
-    stages = Pipeline([Wire(), policy, *extra_stages])  # masking, approval and tool pinning join here, in that order
+    # masking, approval and tool pinning join after the Policy, in that order
+    stages = Pipeline([Wire(), Tasks(), policy, *extra_stages])
     gate = Gate(
         request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],

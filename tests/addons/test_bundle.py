@@ -69,7 +69,7 @@ def test_the_gate_requires_every_stage_placed_before_it():
     assert gate.request_stages == (StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION,
                                    *pipeline.request_stages)
     assert gate.response_stages == (StageName.RESP_PARSE, *pipeline.response_stages)
-    assert [s.name for s in pipeline.stages] == [StageName.WIRE, StageName.POLICY]
+    assert [s.name for s in pipeline.stages] == [StageName.WIRE, StageName.TASKS, StageName.POLICY]
     assert any(isinstance(s, Policy) for s in pipeline.stages)
 
 

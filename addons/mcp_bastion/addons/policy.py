@@ -155,6 +155,18 @@ class Policy:
         v = verdict(StageName.POLICY, d)
         if d.blocks:
             return Refuse(refusal(m, d), (v,), Action(d.action))
+        if m.request is not None and m.request.kind == Kind.REQUEST:
+            # A task fetch (tasks/get, tasks/result, ...) linked to the call it runs: what the call
+            # would get now is what the caller may fetch, under the ruleset in force now.
+            call = enforceable(self.ruleset().evaluate(cx.identity, m.request, Direction.C2S, cx.upstream),
+                               cx.masking_profiles)
+            if call.blocks:
+                why = Refusal(403, errors.DENIED if call.action == Action.DENY else errors.APPROVAL_REQUIRED,
+                              f"{m.method} refused: the call it belongs to, {m.request.what()}, is "
+                              f"{'denied' if call.action == Action.DENY else 'held for approval'} by rule "
+                              f"'{call.rule}': {call.reason}", {"rule": call.rule, "reason": call.reason})
+                return Refuse(why, (v, verdict(StageName.POLICY, call)), Action(call.action))
+            return Pass((v, verdict(StageName.POLICY, call))) if call.action == Action.MASK else Pass((v,))
         return Pass((v,))
 
     def _server_message(self, m: Message, cx: Context) -> Outcome:

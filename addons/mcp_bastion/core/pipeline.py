@@ -124,7 +124,8 @@ class Result:
 
     @property
     def changed(self) -> bool:
-        return self.message is not self.original
+        """The content changed (a message only linked to something, e.g. `placed(request=...)`, is not)."""
+        return self.message is None or self.message.raw is not self.original.raw
 
     @property
     def refusal(self) -> Refusal | None:

@@ -51,11 +51,13 @@ class StageName(StrEnum):
     POLICY = "policy"  # Policy: the ruleset over each message
     ADMISSION = "admission"  # recording and audit can write (else 503)
     WIRE = "wire"  # Wire: a 2026-07-28 request's headers say what its body says
+    TASKS = "tasks"  # Tasks: a task belongs to the caller whose call created it
     GATE = "gate"  # the last check before a flow leaves
     UPSTREAM = "upstream"  # UpstreamCheck: the upstream is reachable
     UPSTREAM_TOKEN = "upstream-token"  # UpstreamToken: the upstream's own credential set
     RESP_PARSE = "resp:parse"
     RESP_WIRE = "resp:wire"
+    RESP_TASKS = "resp:tasks"
     RESP_POLICY = "resp:policy"
     RESP_SSE = "resp:sse"
     RESP_RECORD = "resp:record"

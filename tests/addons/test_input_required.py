@@ -148,3 +148,63 @@ async def test_an_unreadable_input_request_ends_the_call(ruleset, inner):
     with bundled(ruleset=ruleset) as b:
         _, got = await first_round(b, answer)
     assert "result" not in got and got["error"]["code"] == errors.INVALID_REQUEST
+
+
+# --- subscriptions/listen: resources and tasks it subscribes to meet the same rules ----------------
+
+LISTEN_RULES = """\
+version: 1
+default: allow
+rules:
+  - id: no-secrets
+    match: {resources: ["file:///secret/**"]}
+    action: deny
+    reason: secrets stay put
+"""
+
+
+def listen(**notifications):
+    return call("subscriptions/listen", 5, notifications=notifications, _meta=META)
+
+
+@pytest.mark.parametrize(("uris", "ok"), [
+    (["file:///project/a.json"], True), (["file:///project/a.json", "file:///secret/key"], False),
+    (["file:///project/../secret/key"], False), ([], True), ([7], False),
+], ids=["allowed", "one-denied", "dot-dot", "none", "not-a-uri"])
+async def test_a_listen_subscription_meets_the_resource_rules(tmp_path, uris, ok):
+    rules = tmp_path / "r.yaml"
+    rules.write_text(LISTEN_RULES)
+    with bundled(ruleset=str(rules)) as b:
+        f = b.flow("POST", listen(toolsListChanged=True, resourceSubscriptions=uris), headers=V2026)
+        await b.request(f, identity=ALICE)
+    assert forwarded(f) is ok
+    if not ok:
+        assert error_of(f)["code"] in (errors.DENIED, errors.INVALID_REQUEST)
+
+
+async def test_a_resource_update_notification_meets_the_resource_rules(tmp_path):
+    rules = tmp_path / "r.yaml"
+    rules.write_text(LISTEN_RULES)
+    with bundled(ruleset=str(rules)) as b:
+        f = b.flow("POST", listen(resourceSubscriptions=["file:///project/a.json"]), headers=V2026)
+        await b.request(f, identity=ALICE)
+        events = [{"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": u}}
+                  for u in ("file:///project/a.json", "file:///secret/key")]
+        out = await b.response(f, "".join(f"event: message\ndata: {json.dumps(e)}\n\n" for e in events),
+                               ctype="text/event-stream")
+    assert b"file:///project/a.json" in out and b"secret" not in out
+
+
+async def test_a_listen_subscription_to_another_callers_task_is_refused(tmp_path):
+    rules = tmp_path / "r.yaml"
+    rules.write_text("version: 1\ndefault: allow\nrules: []\n")
+    with bundled(ruleset=str(rules)) as b:
+        t = b.flow("POST", call("tools/call", 1, name="export", arguments={}))
+        await b.request(t, identity=ALICE)
+        await b.response(t, result(1, {"resultType": "task", "taskId": "t-9", "status": "working"}))
+        mine = b.flow("POST", listen(taskIds=["t-9"]), headers=V2026)
+        await b.request(mine, identity=ALICE)
+        theirs = b.flow("POST", listen(taskIds=["t-9"]), headers=V2026)
+        await b.request(theirs, identity=BOB)
+    assert forwarded(mine) and not forwarded(theirs)
+    assert error_of(theirs)["data"] == {"reason": "task"}

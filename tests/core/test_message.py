@@ -65,7 +65,7 @@ def test_the_table_covers_exactly_the_methods_with_a_target():
     assert {m for m, (k, _) in TARGETS.items() if k is TargetKind.TOOL} == {"tools/call"}
     assert {m for m, (k, _) in TARGETS.items() if k is TargetKind.PROMPT} == {"prompts/get"}
     assert {m for m, (k, _) in TARGETS.items() if k is TargetKind.RESOURCE} == {
-        "resources/read", "resources/subscribe", "resources/unsubscribe"}
+        "resources/read", "resources/subscribe", "resources/unsubscribe", "notifications/resources/updated"}
     assert all(m.startswith("tasks/") for m, (k, _) in TARGETS.items() if k is TargetKind.TASK)
 
 

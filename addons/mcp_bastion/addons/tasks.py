@@ -32,7 +32,7 @@ class Tasks:
 
     def check(self, m: Message, cx: Context) -> Outcome:
         if m.carrier is Carrier.INPUT_REQUIRED:
-            return Pass()
+            return Pass()  # a listen subscription to task ids is checked like tasks/get
         owner = owner_of(cx.identity)
         if m.direction == Direction.S2C:
             if m.kind != Kind.RESPONSE:

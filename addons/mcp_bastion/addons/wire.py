@@ -17,7 +17,7 @@ import hashlib
 
 from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.message import Carrier, Message
+from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Context, Outcome, Pass, Refuse, Verdict
 from mcp_bastion.core.sessions import SessionBindings, owner_of
 from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
@@ -32,7 +32,7 @@ class Wire:
         self.states = SessionBindings()  # requestState digest -> the identity it was issued to
 
     def check(self, m: Message, cx: Context) -> Outcome:
-        if m.carrier is Carrier.INPUT_REQUIRED:
+        if m.carried:
             return Pass()  # carried inside a message this stage already read
         if m.direction == Direction.S2C:
             if m.kind == Kind.RESPONSE and (m.answers == "tools/list" or m.answers is None):

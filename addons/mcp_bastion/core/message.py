@@ -44,6 +44,7 @@ class Carrier(StrEnum):
     EVENT = "event"  # an SSE event
     HTTP = "http"  # a body-less HTTP request (GET opens a stream, DELETE ends a session)
     INPUT_REQUIRED = "input_required"  # 2026-07-28: a server request inside an `input_required` result
+    SUBSCRIPTION = "subscription"  # 2026-07-28: what a `subscriptions/listen` request subscribes to
     TASK = "task"  # a task's result, fetched by a later call
 
 
@@ -59,6 +60,7 @@ TARGETS: dict[str, tuple[TargetKind, str]] = {
     "tasks/result": (TargetKind.TASK, "taskId"),
     "tasks/cancel": (TargetKind.TASK, "taskId"),
     "tasks/update": (TargetKind.TASK, "taskId"),
+    "notifications/resources/updated": (TargetKind.RESOURCE, "uri"),
 }
 # Methods whose params carry `arguments` for their target.
 WITH_ARGUMENTS = frozenset({"tools/call", "prompts/get"})
@@ -162,6 +164,11 @@ class Message:
         return LISTS.get(self.answers) if self.kind == Kind.RESPONSE and self.answers else None
 
     @property
+    def carried(self) -> bool:
+        """Whether it travels inside another message (see `embedded`)."""
+        return self.carrier in (Carrier.INPUT_REQUIRED, Carrier.SUBSCRIPTION)
+
+    @property
     def has_id(self) -> bool:
         return self.kind in (Kind.REQUEST, Kind.RESPONSE, Kind.ERROR)
 
@@ -169,7 +176,7 @@ class Message:
 
     def replace(self, raw: Any) -> Message:
         """A new message with `raw` as its content, keeping where it travels and what it answers."""
-        fresh = classify(raw) if self.carrier is not Carrier.INPUT_REQUIRED else _bare(raw, self.kind, self.id)
+        fresh = _bare(raw, self.kind, self.id) if self.carried else classify(raw)
         return replace(fresh, direction=self.direction, carrier=self.carrier, request=self.request,
                        headers=self.headers, ref=self.ref)
 
@@ -274,27 +281,57 @@ def embedded(m: Message) -> list[Message]:
 
     Their `id` is their key in the map; `carrier` says they travel inside another message.
     """
+    if m.kind == Kind.REQUEST and m.method == "subscriptions/listen" and isinstance(m.params, dict):
+        return _subscriptions(m)
     if m.kind == Kind.RESPONSE and isinstance(m.params, dict) and m.params.get("resultType") == INPUT_REQUIRED:
-        field, kind = "inputRequests", Kind.REQUEST
+        member, kind = "inputRequests", Kind.REQUEST
     elif m.kind == Kind.REQUEST and isinstance(m.params, dict) and "inputResponses" in m.params:
-        field, kind = "inputResponses", Kind.RESPONSE
+        member, kind = "inputResponses", Kind.RESPONSE
     else:
         return []
-    inner = m.params.get(field)
+    inner = m.params.get(member)
     if not isinstance(inner, dict):
         return [Message(kind=Kind.INVALID, raw=inner, direction=m.direction, carrier=Carrier.INPUT_REQUIRED,
-                        request=m.request, ref=f"{m.ref}/{field}" if m.ref else None)]
+                        request=m.request, ref=f"{m.ref}/{member}" if m.ref else None)]
     return [replace(_bare(value, kind, key), direction=m.direction, carrier=Carrier.INPUT_REQUIRED,
                     request=m.request if kind == Kind.REQUEST else None,
-                    ref=f"{m.ref}/{field}/{key}" if m.ref else None)
+                    ref=f"{m.ref}/{member}/{key}" if m.ref else None)
             for key, value in inner.items()]
+
+
+# What a listen request subscribes to, as the request of the 2025 era that asks the same.
+_SUBSCRIBES = {"resourceSubscriptions": ("resources/subscribe", "uri"), "taskIds": ("tasks/get", "taskId")}
+
+
+def _subscriptions(m: Message) -> list[Message]:
+    """A `subscriptions/listen` request's resource URIs and task ids, each as the request that asks the
+    same in the 2025 era (`resources/subscribe {uri}`, `tasks/get {taskId}`), so the same rules hold."""
+    wanted = m.params.get("notifications")
+    if wanted is None:
+        return []
+    out: list[Message] = []
+    if not isinstance(wanted, dict):
+        return [Message(kind=Kind.INVALID, raw=wanted, direction=m.direction, carrier=Carrier.SUBSCRIPTION)]
+    for member, (method, param) in _SUBSCRIBES.items():
+        values = wanted.get(member)
+        if values is None:
+            continue
+        for i, value in enumerate(values if isinstance(values, list) else [values]):
+            raw = {"method": method, "params": {param: value}}
+            bare = _bare(raw, Kind.REQUEST, f"{member}/{i}") if isinstance(value, str) else \
+                Message(kind=Kind.INVALID, raw=value, id=f"{member}/{i}")
+            out.append(replace(bare, direction=m.direction, carrier=Carrier.SUBSCRIPTION,
+                               ref=f"{m.ref}/{member}/{i}" if m.ref else None))
+    return out
 
 
 def with_embedded(m: Message, inner: list[Message]) -> Message:
     """`m` carrying `inner` (as `embedded` gave them, some replaced by a stage) in place of its own."""
-    field = "inputRequests" if m.kind == Kind.RESPONSE else "inputResponses"
+    if m.method == "subscriptions/listen":
+        return m  # a replacement cannot change what it subscribes to (its target): nothing to carry back
+    member = "inputRequests" if m.kind == Kind.RESPONSE else "inputResponses"
     values = {e.id: e.raw for e in inner}
-    return m.replace({**m.raw, ("result" if m.kind == Kind.RESPONSE else "params"): {**m.params, field: values}})
+    return m.replace({**m.raw, ("result" if m.kind == Kind.RESPONSE else "params"): {**m.params, member: values}})
 
 
 def http_request(verb: str) -> Message:

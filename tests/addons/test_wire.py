@@ -141,3 +141,18 @@ async def test_a_private_result_passes_byte_for_byte(ruleset):
         await b.request(f)
         raw = json.dumps(result(1, {"contents": [], "cacheScope": "private"})).encode()
         assert await b.response(f, raw) == raw
+
+
+@pytest.mark.parametrize("method", ["initialize", "ping", "logging/setLevel", "resources/subscribe",
+                                    "resources/unsubscribe", "tasks/result", "tasks/list"])
+async def test_a_method_2026_removed_is_answered_as_a_2026_server_would(ruleset, method):
+    """Not as a malformed target or a policy denial: 404 and -32601, whatever the rules say of the 2025 method."""
+    with bundled(ruleset=ruleset) as b:
+        modern = b.flow("POST", call(method, 1, _meta=META), headers={**V2026, "mcp-method": method})
+        await b.request(modern)
+        legacy = b.flow("POST", call(method, 1), headers={"mcp-protocol-version": "2025-11-25"})
+        await b.request(legacy)
+    assert not forwarded(modern) and modern.response.status_code == 404
+    assert error_of(modern)["code"] == -32601 and json.loads(modern.response.content)["id"] == 1
+    if method in ("initialize", "ping", "logging/setLevel", "tasks/list"):
+        assert forwarded(legacy)  # the 2025 era keeps them

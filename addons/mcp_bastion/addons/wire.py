@@ -21,7 +21,7 @@ from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Context, Outcome, Pass, Refuse, Verdict
 from mcp_bastion.core.sessions import SessionBindings, owner_of
 from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
-from mcp_bastion.core.wire import Mismatch, ParamHeaders, check_headers, era, request_version
+from mcp_bastion.core.wire import REMOVED_2026, Mismatch, ParamHeaders, check_headers, era, request_version
 
 
 class Wire:
@@ -44,11 +44,15 @@ class Wire:
         if m.kind not in (Kind.REQUEST, Kind.NOTIFICATION):
             return Pass()
         try:
-            era(cx.protocol_version, request_version(m))
+            modern = era(cx.protocol_version, request_version(m)) == "2026"
             check_headers(m, m.headers, self.params, cx.upstream)
         except Mismatch as e:
             refusal = Refusal(400, errors.HEADER_MISMATCH, f"request refused: {e}", {"reason": "header_mismatch"})
             return Refuse(refusal, (Verdict(StageName.WIRE, Action.DENY, None, str(e)),))
+        if modern and m.kind == Kind.REQUEST and m.method in REMOVED_2026:
+            gone = Refusal(404, errors.METHOD_NOT_FOUND, f"Method not found: {m.method} is not part of MCP 2026-07-28",
+                           {"reason": "removed_method"})
+            return Refuse(gone, (Verdict(StageName.WIRE, Action.DENY, None, "removed in 2026-07-28"),))
         state = m.params.get("requestState") if isinstance(m.params, dict) else None
         if state is not None and not (isinstance(state, str)
                                       and self.states.check(_digest(state), owner_of(cx.identity)).ok):

@@ -18,6 +18,7 @@ from .jsonrpc import Body, dumps
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INTERNAL_ERROR = -32603
+METHOD_NOT_FOUND = -32601
 
 # MCP's own codes the gateway answers with (2026-07-28)
 HEADER_MISMATCH = -32020  # routing headers (Mcp-Method, Mcp-Name, Mcp-Param-*, protocol version) differ from the body

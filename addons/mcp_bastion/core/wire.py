@@ -41,6 +41,11 @@ SCHEMA_KEY = "x-mcp-header"
 NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri",
                "tasks/get": "taskId", "tasks/update": "taskId", "tasks/cancel": "taskId"}
 
+# Methods the 2026-07-28 revision removed: a request of that era naming one is answered as a
+# server of that era answers it (404, -32601), whatever a rule says of the 2025 method.
+REMOVED_2026 = frozenset({"initialize", "ping", "logging/setLevel", "resources/subscribe",
+                          "resources/unsubscribe", "tasks/result", "tasks/list"})
+
 _BASE64 = re.compile(r"=\?base64\?(.*)\?=", re.S)
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 

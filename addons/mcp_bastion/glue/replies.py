@@ -127,8 +127,9 @@ def refuse_request(flow: http.HTTPFlow, run: Run, batch: bool) -> None:
         fs.add_decision(flow, stage=StageName.POLICY, direction=Direction.C2S, id=m.id, method=m.method,
                         target=m.target.name if m.target else None, action=culprit.outcome.action, rule=rule,
                         reason=message, batch=True, ref=m.ref)
-    if items and not batch and first.status == 400 and culprit.outcome.action != Action.APPROVE:
-        _answer(flow, 400, items[0])  # a request refused as malformed (e.g. HeaderMismatch) says so in HTTP too
+    if items and not batch and first.status in (400, 404) and culprit.outcome.action != Action.APPROVE:
+        # a request refused as malformed (HeaderMismatch) or naming no method says so in HTTP too
+        _answer(flow, first.status, items[0])
     elif items:
         _answer(flow, 200, items if batch else items[0])
     else:

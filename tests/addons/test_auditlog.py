@@ -116,10 +116,10 @@ def test_get_and_delete_give_one_record_each():
 def test_flow_level_refusal_applies_to_every_message():
     meta = mcp([{"kind": "request", "id": 1, "method": "tools/list"}, {"kind": "request", "id": 2, "method": "ping"}])
     meta[Meta.DECISIONS] = [{"stage": "parse", "direction": "client_to_server", "action": "deny",
-                                  "reason": "origin 'http://evil' is not allowed", "code": -32005, "status": 403}]
+                                  "reason": "origin 'http://evil' is not allowed", "code": -31005, "status": 403}]
     recs = audit.build_records(facts(meta, status=403))
     assert [r["action"] for r in recs] == ["deny", "deny"]
-    assert all(r["decisions"][0]["code"] == -32005 for r in recs)
+    assert all(r["decisions"][0]["code"] == -31005 for r in recs)
 
 
 def test_refused_before_parsing_still_gives_a_record():

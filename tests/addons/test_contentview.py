@@ -77,7 +77,7 @@ def test_event_stream_shows_each_event_in_order():
         b"event: message\nid: 7\ndata: " + json.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
                                                        "params": {"progress": 1}}).encode() + b"\n\n"
         b"data: " + json.dumps({"jsonrpc": "2.0", "id": 5, "method": "sampling/createMessage"}).encode() + b"\n\n"
-        b"data: " + json.dumps({"jsonrpc": "2.0", "id": 3, "error": {"code": -32001, "message": "denied"}}).encode()
+        b"data: " + json.dumps({"jsonrpc": "2.0", "id": 3, "error": {"code": -31001, "message": "denied"}}).encode()
         + b"\n\n"
         b"event: endpoint\ndata: /messages/?session_id=abc\n\n"
         b"data: {\"jsonrpc\":\"2.0\",\"id\":9,"  # cut off
@@ -93,7 +93,7 @@ def test_event_stream_shows_each_event_in_order():
         "# ── event 2",
         "# request · sampling/createMessage · id 5",
         "# ── event 3",
-        "# error · id 3 · to tools/call deploy · code -32001: denied",
+        "# error · id 3 · to tools/call deploy · code -31001: denied",
         "# ── event 4 · event: endpoint",
         "# ── unterminated tail (30 bytes, discarded by clients)",
     ]

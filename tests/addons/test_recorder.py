@@ -449,7 +449,7 @@ def test_failed_write_withholds_the_response_and_the_health_refuses_new_requests
     monkeypatch.setattr(rfiles.SessionFile, "append", disk_full)
     f = mcp_flow()
     finish(rec, f)
-    assert f.response.status_code == 502 and b"-32010" in f.response.content
+    assert f.response.status_code == 502 and b"-31010" in f.response.content
     assert "resp:record" in f.metadata[Meta.ERROR]
     assert "No space left on device" in rec.health.failure
     refusal = rec.health.refusal()

@@ -36,7 +36,7 @@ def test_check_result_reads_json_and_the_last_sse_event():
 
 
 @pytest.mark.parametrize("r, why", [
-    (reply(b'{"jsonrpc":"2.0","id":4,"error":{"code":-32001,"message":"denied"}}'), "not the result"),
+    (reply(b'{"jsonrpc":"2.0","id":4,"error":{"code":-31001,"message":"denied"}}'), "not the result"),
     (reply(b'{"jsonrpc":"2.0","id":3,"result":{}}'), "not the result"),
     (reply(b'{"error":"unauthorized"}', status=401), "HTTP 401"),
     (reply(b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}\n\n", ctype="text/event-stream"),
@@ -51,7 +51,7 @@ def test_check_result_refuses_what_is_not_the_result(r, why):
 def test_quick_check_refuses_refusals():
     bench.quick_check(reply(b'{"jsonrpc":"2.0","id":1,"result":{}}'))
     with pytest.raises(bench.BenchError):
-        bench.quick_check(reply(b'{"jsonrpc":"2.0","id":1,"error":{"code":-32001,"message":"no"}}'))
+        bench.quick_check(reply(b'{"jsonrpc":"2.0","id":1,"error":{"code":-31001,"message":"no"}}'))
 
 
 def test_body_notes_the_first_complete_event_across_chunks():

@@ -38,10 +38,10 @@ def rows(output: str, user: str) -> list[str]:
 def test_engineer_reads_but_secrets_and_destruction_are_stopped(demo_output):
     alice = rows(demo_output, "alice")
     assert any("lookup_customer(c-1001) │ ok" in r for r in alice)
-    assert any("read_file(/etc/ssl/private/deploy.pem) │ denied │ -32001" in r and "no-secret-files" in r
+    assert any("read_file(/etc/ssl/private/deploy.pem) │ denied │ -31001" in r and "no-secret-files" in r
                for r in alice)
     assert any("deploy(billing-api, staging) │ ok" in r for r in alice)
-    assert any("deploy(billing-api, prod) │ held │ -32002" in r for r in alice)
+    assert any("deploy(billing-api, prod) │ held │ -31002" in r for r in alice)
     assert sum("no-drop-table" in r for r in alice) == 2  # drop_table and its full-width spelling
 
 

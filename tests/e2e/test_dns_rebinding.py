@@ -50,7 +50,7 @@ def test_default_allow_list_accepts_local_names_and_refuses_others(upstream):
         refused = initialize(url, host="evil.example.com")
         assert refused.status_code == 403
         assert refused.headers["content-type"] == "application/json"
-        assert refused.json()["error"]["code"] == -32005
+        assert refused.json()["error"]["code"] == -31005
         assert refused.json()["error"]["data"]["reason"] == "host"
         assert refused.json()["id"] is None  # refused before the body was read
 

@@ -161,7 +161,7 @@ def test_dead_upstream_gets_a_json_rpc_error():
             assert r.headers["content-type"] == "application/json"
             body = r.json()
             assert body["id"] == msg_id
-            assert body["error"]["code"] == -32011
+            assert body["error"]["code"] == -31011
             assert body["error"]["data"]["reason"] == "upstream_unreachable"
 
 

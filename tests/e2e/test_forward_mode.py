@@ -129,4 +129,4 @@ def test_hosts_outside_mcp_hosts_are_refused(tls_setup):
     with httpx.Client(proxy=gw.url, verify=trusting(mitm_ca), timeout=30) as client:
         r = client.post("http://127.0.0.1:9/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
     assert r.status_code == 403
-    assert r.json()["error"]["code"] == -32005
+    assert r.json()["error"]["code"] == -31005

@@ -238,7 +238,7 @@ def test_no_token_is_401_with_the_metadata_challenge(stack):
     r = _post(gw, None)
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == f'Bearer resource_metadata="{_prm(gw)}", scope="mcp:tools"'
-    assert r.json()["error"]["code"] == -32004
+    assert r.json()["error"]["code"] == -31004
     assert len(upstream.seen) == seen
 
 
@@ -253,7 +253,7 @@ def test_bad_token_corpus(stack):
         www = r.headers["www-authenticate"]
         assert www.startswith(f'Bearer resource_metadata="{_prm(gw)}"'), name
         assert 'error="invalid_token"' in www, (name, www)
-        assert r.json()["error"]["code"] == -32004, name
+        assert r.json()["error"]["code"] == -31004, name
     assert len(upstream.seen) == seen  # none of them reached the upstream
 
 
@@ -263,7 +263,7 @@ def test_missing_scope_is_403_insufficient_scope(stack):
     assert r.status_code == 403
     assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
     assert 'scope="mcp:tools"' in r.headers["www-authenticate"]
-    assert r.json()["error"]["code"] == -32005
+    assert r.json()["error"]["code"] == -31005
 
 
 def test_token_in_query_string_is_refused(stack):

@@ -178,7 +178,7 @@ def test_an_unreadable_event_ends_the_stream_with_an_error_for_the_pending_reque
     assert b"s3cr3t" not in body
     (line,) = [ln for ln in body.decode().splitlines() if ln.startswith("data:")]
     err = json.loads(line.removeprefix("data:"))
-    assert err["id"] == 1 and err["error"]["code"] == -32010
+    assert err["id"] == 1 and err["error"]["code"] == -31010
 
 
 def test_get_stream_resumes_with_last_event_id():
@@ -229,5 +229,5 @@ def test_an_oversized_json_answer_is_replaced_without_being_read():
         r = httpx.post(f"{gw.url}/mcp", json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers=ACCEPT,
                        timeout=DEADLOCK_GUARD)
     assert r.status_code == 502
-    assert r.json()["id"] == 3 and r.json()["error"]["code"] == -32011
+    assert r.json()["id"] == 3 and r.json()["error"]["code"] == -31011
     assert b"xxxx" not in r.content

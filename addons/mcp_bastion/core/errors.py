@@ -3,8 +3,12 @@ The gateway's own error answers: stable JSON-RPC error codes and JSON bodies.
 
 Every refusal the gateway makes is readable by the client: a JSON-RPC error
 carrying the request's id where there is one, or a small JSON object otherwise.
-Codes are stable (clients and dashboards may key on them) and live in the
-JSON-RPC "server error" range -32000..-32099.
+The gateway's own codes are stable (clients and dashboards may key on them)
+and lie outside -32768..-32000, which JSON-RPC and MCP keep for themselves: no
+MCP revision or SDK assigns them (the first wave's -32001..-32011 collided with
+the SDKs' request timeout, 2025's "resource not found" and 2026 release
+candidates). Where MCP itself names the condition (-32020 HeaderMismatch,
+-32601 for a method a revision removed) the gateway answers with MCP's code.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ METHOD_NOT_FOUND = -32601
 # MCP's own codes the gateway answers with (2026-07-28)
 HEADER_MISMATCH = -32020  # routing headers (Mcp-Method, Mcp-Name, Mcp-Param-*, protocol version) differ from the body
 
-# mcp-bastion codes (stable; documented in README)
-DENIED = -32001  # a rule denied the message
-APPROVAL_REQUIRED = -32002  # held for a human and not (yet) approved
-REFUSED_INPUT = -32003  # ambiguous or oversized input refused before evaluation
-UNAUTHENTICATED = -32004  # no or bad bearer token
-FORBIDDEN = -32005  # token fine, scope or origin not allowed
-GATEWAY_ERROR = -32010  # an enforcement step failed: the gateway failed closed
-UPSTREAM_ERROR = -32011  # the upstream could not be reached or answered unreadably
+# mcp-bastion's own codes (stable; one table in the README)
+DENIED = -31001  # a rule denied the message
+APPROVAL_REQUIRED = -31002  # held for a human and not (yet) approved
+REFUSED_INPUT = -31003  # ambiguous or oversized input refused before evaluation
+UNAUTHENTICATED = -31004  # no or bad bearer token
+FORBIDDEN = -31005  # token fine, scope or origin not allowed
+GATEWAY_ERROR = -31010  # an enforcement step failed: the gateway failed closed
+UPSTREAM_ERROR = -31011  # the upstream could not be reached or answered unreadably
 
 
 @dataclass

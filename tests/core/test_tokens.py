@@ -73,14 +73,20 @@ class FakeIssuer:
         self.discovery = {"issuer": issuer, "jwks_uri": f"{issuer}/keys"}
         self.down = False
         self.calls: list[str] = []
+        self.oauth_only = False  # serve RFC 8414 authorization-server metadata instead of OpenID discovery
+        parts = issuer.split("/", 3)
+        self.rfc8414_url = f"{parts[0]}//{parts[2]}/.well-known/oauth-authorization-server" + (
+            "/" + parts[3] if len(parts) > 3 and parts[3] else "")
 
     def fetch(self, url: str) -> FetchResult:
         self.calls.append(url)
         if self.down:
             raise OSError("connection refused")
-        if url == f"{self.issuer}/.well-known/openid-configuration":
+        if url == f"{self.issuer}/.well-known/openid-configuration" and not self.oauth_only:
             return FetchResult(200, {}, json.dumps(self.discovery).encode())
-        if url == self.discovery["jwks_uri"]:
+        if url == self.rfc8414_url and self.oauth_only:
+            return FetchResult(200, {}, json.dumps(self.discovery).encode())
+        if url == self.discovery.get("jwks_uri"):
             return FetchResult(200, self.jwks_headers, json.dumps({"keys": self.jwks}).encode())
         return FetchResult(404, {}, b"")
 
@@ -498,3 +504,26 @@ def test_a_token_arriving_during_the_first_key_fetch_waits_for_it(idp, clock):
     waiter.join(10)
     assert v.verify(token, may_refresh=False).sub == "alice"
     assert idp.calls.count(idp.discovery["jwks_uri"]) == 1  # the waiter did not fetch again
+
+
+@pytest.mark.parametrize("issuer", [ISS, "https://idp.test/realms/acme"])
+def test_keys_are_found_through_rfc8414_metadata_without_openid_discovery(clock, issuer):
+    idp = FakeIssuer(clock, issuer)
+    idp.oauth_only = True
+    v = make(idp, clock, issuers=(issuer,))
+    assert v.refresh(issuer) is None, idp.calls
+    assert idp.calls[-2:] == [idp.rfc8414_url, idp.discovery["jwks_uri"]]
+    assert v.verify(idp.token(), [AUD]).sub == "alice"
+
+
+@pytest.mark.parametrize("aud", ["https://MCP.TEST/mcp", "HTTPS://mcp.test/mcp", "https://Mcp.Test/mcp"])
+def test_the_host_part_of_an_audience_is_compared_case_insensitively(idp, clock, aud):
+    v = make(idp, clock)
+    v.refresh(ISS)
+    assert v.verify(idp.token(aud=aud), [AUD]).sub == "alice"
+
+
+def test_the_path_of_an_audience_stays_case_sensitive(idp, clock):
+    v = make(idp, clock)
+    v.refresh(ISS)
+    assert refused(v, idp.token(aud="https://mcp.test/MCP")).reason == "wrong_audience"

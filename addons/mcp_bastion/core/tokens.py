@@ -40,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import jwt
 from jwt.api_jws import PyJWS
@@ -308,7 +309,7 @@ class Verifier:
         aud_list = _strings(claims.get("aud"))
         if not aud_list:
             raise TokenError("missing_audience", "token has no audience")
-        if not set(aud_list) & set(audiences):
+        if not {audience_key(a) for a in aud_list} & {audience_key(a) for a in audiences}:
             raise TokenError("wrong_audience", "token is not meant for this server (aud)")
         return _Verified(self._identity(claims, iss), float(exp), kid, aud_list)
 
@@ -412,7 +413,17 @@ class Verifier:
         return doc, res.headers
 
     def _discover(self, issuer: str) -> str:
-        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        """The issuer's `jwks_uri`: from its OpenID discovery document, else from its OAuth 2.0
+        authorization-server metadata (RFC 8414), whose well-known part goes before the issuer's path."""
+        errors: list[str] = []
+        for url in discovery_urls(issuer):
+            try:
+                return self._discover_at(issuer, url)
+            except TokenFetchError as e:
+                errors.append(str(e))
+        raise TokenFetchError("; ".join(errors))
+
+    def _discover_at(self, issuer: str, url: str) -> str:
         doc, _ = self._get_json(url)
         if doc.get("issuer") != issuer:
             raise TokenFetchError(f"{url}: discovery names issuer {str(doc.get('issuer'))[:200]!r}, not {issuer!r}")
@@ -444,6 +455,25 @@ class Verifier:
             }
             for iss, s in self._issuers.items()
         }
+
+
+def discovery_urls(issuer: str) -> list[str]:
+    """Where an issuer's metadata may be: OpenID discovery, then RFC 8414 (well-known part before the path)."""
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")
+    base = f"{parts.scheme}://{parts.netloc}"
+    return list(dict.fromkeys([
+        issuer.rstrip("/") + "/.well-known/openid-configuration",
+        f"{base}/.well-known/oauth-authorization-server{path}",
+    ]))
+
+
+def audience_key(value: str) -> str:
+    """An audience as compared: for an http(s) URL, scheme and host are case-insensitive (RFC 3986)."""
+    parts = urlsplit(value)
+    if parts.scheme.lower() in ("http", "https") and parts.netloc:
+        return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, parts.query, parts.fragment))
+    return value
 
 
 def verify_blocking(verifier: Verifier, token: str, audiences: Sequence[str] | None = None) -> Identity:

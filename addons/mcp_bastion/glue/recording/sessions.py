@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 
 from mitmproxy import http
 
-from mcp_bastion.core.vocab import Meta
+from mcp_bastion.core.vocab import Meta, StageName
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.@-]+")
 
@@ -25,7 +26,12 @@ def session_of(flow: http.HTTPFlow) -> str | None:
     query parameter of the message URL, or the one announced in the stream's
     `endpoint` event (`Meta.LEGACY_SESSION`, set by the Gateway).
     """
-    sid = flow.request.headers.get("mcp-session-id")
+    sid = flow.request.headers.get("mcp-session-id") or (
+        flow.request.query.get("session_id") if "?" in flow.request.path else None)
+    if sid and flow.metadata.get(Meta.REFUSED) and StageName.SESSION not in flow.metadata.get(Meta.STAGES, ()):
+        # Refused before the session was found to be this caller's (forged, stale, another's, or no
+        # valid token): not filed under that session, so nobody can write into another's recording.
+        return None
     if not sid and flow.response is not None:
         sid = flow.response.headers.get("mcp-session-id")
     if not sid:
@@ -36,8 +42,21 @@ def session_of(flow: http.HTTPFlow) -> str | None:
 
 
 def session_key(flow: http.HTTPFlow) -> str:
-    """The session id, or `conn-<client connection id>` for a stateless server."""
-    return session_of(flow) or f"conn-{flow.client_conn.id}"
+    """What a flow's recording and audit records are grouped under.
+
+    The session id where the transport has one (2025 era). The 2026-07-28 wire has
+    no sessions: a caller's flows are grouped per UTC day (`day-YYYY-MM-DD`; the
+    recording's file name carries the caller). Otherwise (a 2025 server without
+    sessions) the client connection: `conn-<id>`.
+    """
+    sid = session_of(flow)
+    if sid:
+        return sid
+    state = flow.metadata.get(Meta.MCP)
+    if isinstance(state, dict) and state.get("era") == "2026":
+        started = flow.request.timestamp_start or time.time()
+        return "day-" + time.strftime("%Y-%m-%d", time.gmtime(started))
+    return f"conn-{flow.client_conn.id}"
 
 
 def safe_name(text: str, limit: int = 64) -> str:

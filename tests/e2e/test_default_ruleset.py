@@ -1,0 +1,76 @@
+"""The shipped least-privilege ruleset plus one grant, with real tokens, for the SDK client of both eras.
+
+`rulesets/default.yaml` must let each era's handshake and plumbing through
+(2025: initialize, GET/DELETE; 2026-07-28: server/discover) and nothing else:
+a grant makes exactly the granted tools listable and callable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from bastion_dev.issuer import DevIssuer
+
+from harness import ROOT, free_port, mitmdump_args, running, sdk_server
+
+pytestmark = pytest.mark.e2e
+
+GRANT = """
+  - id: grant-engineering-arithmetic
+    match: {groups: [engineering], tools: [add]}
+    action: allow
+"""
+
+
+def _until(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@contextlib.contextmanager
+def default_gateway(tmp_path):
+    ruleset = tmp_path / "default-plus-grant.yaml"
+    ruleset.write_text((ROOT / "rulesets" / "default.yaml").read_text() + GRANT)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}/mcp"
+    with DevIssuer(audience=endpoint) as issuer, sdk_server("streamable-http") as srv:
+        args = mitmdump_args(srv.url, port, {"ruleset": str(ruleset), "oidc_issuer": issuer.url,
+                                             "oidc_resource": endpoint})
+        with running(args, port) as proc:
+            assert _until(lambda: f"issuer {issuer.url}:" in proc.output()), proc.output()
+            yield endpoint, issuer
+
+
+async def session(endpoint: str, token: str, mode: str) -> tuple[list[str], str, str]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=60.0)) as http:
+        async with Client(streamable_http_client(endpoint, http_client=http), mode=mode) as c:
+            tools = sorted(t.name for t in (await c.list_tools()).tools)
+            added = (await c.call_tool("add", {"a": 2, "b": 3})).content[0].text
+            try:
+                await c.call_tool("count", {"steps": 1})
+                refused = "not refused"
+            except MCPError as e:
+                refused = str(e)
+            return tools, added, refused
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"], ids=["2026-07-28", "2025"])
+def test_default_plus_a_grant_works_for_the_sdk_client_of_each_era(tmp_path, mode):
+    with default_gateway(tmp_path) as (endpoint, issuer):
+        tools, added, refused = asyncio.run(asyncio.wait_for(session(endpoint, issuer.mint("alice"), mode), 60))
+    assert tools == ["add"]  # the listing shows exactly what was granted
+    assert added == "5"
+    assert "bastion:default" in refused or "denied" in refused

@@ -8,9 +8,10 @@ import json
 import pytest
 
 from mcp_bastion.core import errors
+from mcp_bastion.core.pipeline import Pass, Replace
 from mcp_bastion.core.vocab import Meta, StageName
 
-from bundled import bundled, call, error_of, forwarded, result
+from bundled import bundle_with_stages, bundled, bundled_addons, call, error_of, forwarded, result, stage_name
 
 pytestmark = pytest.mark.anyio
 
@@ -156,3 +157,31 @@ async def test_a_method_2026_removed_is_answered_as_a_2026_server_would(ruleset,
     assert error_of(modern)["code"] == -32601 and json.loads(modern.response.content)["id"] == 1
     if method in ("initialize", "ping", "logging/setLevel", "tasks/list"):
         assert forwarded(legacy)  # the 2025 era keeps them
+
+
+class MaskEnv:
+    """A stage after the Policy that rewrites the `env` argument (as outbound masking would)."""
+
+    def __init__(self, value):
+        self.value = value
+        self.name = stage_name("dlp")
+
+    def check(self, m, cx):
+        if m.method == "tools/call" and m.direction is not None and m.direction.value == "client_to_server":
+            args = {**(m.arguments or {}), "env": self.value}
+            return Replace(m.replace({**m.raw, "params": {**m.params, "arguments": args}}))
+        return Pass()
+
+
+@pytest.mark.parametrize(("value", "header"), [
+    ("[MASKED]", "[MASKED]"), ("sécret", "=?base64?c8OpY3JldA==?="), (" padded ", "=?base64?IHBhZGRlZCA=?="),
+], ids=["ascii", "non-ascii", "padded"])
+async def test_a_stage_that_rewrites_an_argument_rewrites_its_header(ruleset, value, header):
+    with bundled_addons(bundle_with_stages(MaskEnv(value)), ruleset=ruleset) as b:
+        await list_tools(b)
+        f = b.flow("POST", tool_call("deploy", env="staging"),
+                   headers={**V2026, "mcp-name": "deploy", "mcp-param-env": "staging"})
+        await b.request(f)
+    assert forwarded(f)
+    assert json.loads(f.request.content)["params"]["arguments"]["env"] == value
+    assert f.request.headers["mcp-param-env"] == header and f.request.headers["mcp-name"] == "deploy"

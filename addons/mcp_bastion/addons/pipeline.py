@@ -33,7 +33,7 @@ from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import Body, dumps
 from mcp_bastion.core.message import Message, http_request
 from mcp_bastion.core.pipeline import Context, Drop, Refuse, Result, Run, Stage, StageError
-from mcp_bastion.core.vocab import Direction, Kind, StageName
+from mcp_bastion.core.vocab import Direction, Kind, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
 from mcp_bastion.glue.failclosed import fail_closed
@@ -109,8 +109,25 @@ class Pipeline:
                 return
             flow.request.content = dumps([m.raw for m in kept] if body.batch else kept[0].raw)
             fs.set_request_body(flow, Body(kept, body.batch, None))
+            self._rewrite_headers(flow, run)
         for name in self.request_stages:
             fs.mark_stage(flow, name)
+
+    def _rewrite_headers(self, flow: http.HTTPFlow, run: Run) -> None:
+        """A request a stage rewrote keeps its routing headers in agreement with it (`Mcp-Param-*`
+        follow the arguments they copy): stages that know the headers say how (`rewrite_headers`)."""
+        for r in run.results:
+            if r.message is None or not r.changed or not r.original.headers:
+                continue
+            for stage in self.stages:
+                rewrite = getattr(stage, "rewrite_headers", None)
+                if rewrite is None:
+                    continue
+                for name, value in rewrite(r.original, r.message, flow.metadata.get(Meta.UPSTREAM)).items():
+                    if value is None:
+                        flow.request.headers.pop(name, None)
+                    else:
+                        flow.request.headers[name] = value
 
     # --- server to client --------------------------------------------------------
 

@@ -21,7 +21,15 @@ from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Context, Outcome, Pass, Refuse, Verdict
 from mcp_bastion.core.sessions import SessionBindings, owner_of
 from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
-from mcp_bastion.core.wire import REMOVED_2026, Mismatch, ParamHeaders, check_headers, era, request_version
+from mcp_bastion.core.wire import (
+    REMOVED_2026,
+    Mismatch,
+    ParamHeaders,
+    check_headers,
+    era,
+    request_version,
+    rewritten_params,
+)
 
 
 class Wire:
@@ -63,6 +71,10 @@ class Wire:
                               {"reason": "request_state"})
             return Refuse(refusal, (Verdict(StageName.WIRE, Action.DENY, None, why),))
         return Pass()
+
+    def rewrite_headers(self, before: Message, after: Message, upstream: str | None) -> dict[str, str | None]:
+        """Header changes that keep a request a stage rewrote in agreement with its headers."""
+        return rewritten_params(before, after, self.params, upstream)
 
 
 def _digest(state: str) -> str:

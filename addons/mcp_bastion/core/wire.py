@@ -165,6 +165,31 @@ def _lookup(arguments: Any, path: list[str]) -> Any:
     return value
 
 
+def encode(value: str) -> str:
+    """A value as a header carries it: as is, or `=?base64?...?=` when it is not plain printable ASCII
+    without surrounding space (or would itself read as the base64 form)."""
+    plain = value.isascii() and value.isprintable() and value == value.strip() and not _BASE64.fullmatch(value)
+    return value if plain else "=?base64?" + base64.b64encode(value.encode("utf-8")).decode("ascii") + "?="
+
+
+def rewritten_params(before: Message, after: Message, params: ParamHeaders | None,
+                     upstream: str | None) -> dict[str, str | None]:
+    """The `Mcp-Param-*` headers to set (or, None, remove) when a stage replaced `before` by `after`:
+    each header the request carried follows its argument's new value."""
+    target = before.target
+    known = params.of(upstream, target.name) if params is not None and target is not None else None
+    changes: dict[str, str | None] = {}
+    for name in before.headers:
+        if not name.startswith(PARAM_PREFIX):
+            continue
+        path = known.get(name[len(PARAM_PREFIX):]) if known is not None else None
+        value = _as_header(_lookup(after.arguments, path)) if path is not None else None
+        old = _as_header(_lookup(before.arguments, path)) if path is not None else None
+        if value != old:
+            changes[name] = encode(value) if value is not None else None
+    return changes
+
+
 def check_headers(m: Message, headers: dict[str, str], params: ParamHeaders | None = None,
                   upstream: str | None = None) -> None:
     """Raise Mismatch if a client request's routing headers do not say what its body says.

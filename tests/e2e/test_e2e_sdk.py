@@ -99,7 +99,7 @@ async def sse_session(url: str) -> Session:
 
 def assert_full_session(seen: Session) -> None:
     assert seen.server_name == "bastion-sdk-test-server"
-    assert seen.tools == ["add", "ask_name", "count", "summarize"]
+    assert seen.tools == ["add", "ask_name", "confirm_deploy", "count", "summarize"]
     assert seen.progress == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
     assert seen.counted == "counted to 3"
     assert seen.elicitations == ["What is your name?"] and seen.elicited == "hello Ada"

@@ -83,3 +83,66 @@ def test_a_header_naming_a_denied_tool_never_reaches_the_upstream(tmp_path):
     assert denied.json()["error"]["data"]["rule"] == "no-add"
     first = flows(saved)[0]
     assert first.response.status_code == 400 and json.loads(first.response.content)["error"]["code"] == -32020
+
+
+# --- multi-round-trip requests with the SDK's own client and server --------------------------------
+
+NO_ELICITATION = """\
+version: 1
+default: allow
+rules:
+  - id: no-elicitation
+    match: {direction: server_to_client, methods: [elicitation/create]}
+    action: deny
+    reason: nobody answers forms here
+"""
+
+
+async def confirm(url: str, asked: list[str]) -> str:
+    import mcp_types as types
+
+    async def on_elicit(ctx, params):
+        asked.append(params.message)
+        content = {"name": "Ada"} if "Who" in params.message else {"yes": True}
+        return types.ElicitResult(action="accept", content=content)
+
+    async with Client(url, mode="auto", elicitation_callback=on_elicit) as c:
+        return (await c.call_tool("confirm_deploy", {"env": "staging"})).content[0].text
+
+
+def test_three_rounds_of_a_multi_round_trip_call_go_through(tmp_path):
+    asked: list[str] = []
+    saved = tmp_path / "flows.mitm"
+    with sdk_server("streamable-http") as srv, gateway(srv.url, {"save_stream_file": str(saved)}) as gw:
+        text = asyncio.run(asyncio.wait_for(confirm(f"{gw.url}/mcp", asked), TIMEOUT))
+    assert text == "deployed to staging" and asked == ["Who deploys to staging?", "Sure?"]
+    calls = [f for f in flows(saved) if f.request.headers.get("mcp-method") == "tools/call"]
+    assert len(calls) == 3  # the call, then two retries carrying inputResponses and requestState
+    inner = [d for f in calls for d in f.metadata["bastion.decisions"] if d.get("method") == "elicitation/create"]
+    assert len(inner) == 2 and all(d["direction"] == "server_to_client" for d in inner)
+
+
+def test_a_denied_input_request_ends_the_call_before_the_client_is_asked(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(NO_ELICITATION)
+    asked: list[str] = []
+    with sdk_server("streamable-http") as srv, gateway(srv.url, {"ruleset": str(rules)}) as gw:
+        with pytest.raises(Exception) as e:
+            asyncio.run(asyncio.wait_for(confirm(f"{gw.url}/mcp", asked), TIMEOUT))
+    assert asked == []  # the client was never asked
+    assert "no-elicitation" in repr(e.value)
+
+
+async def prompt_and_listen(url: str) -> tuple[str, object]:
+    async with Client(url, mode="auto") as c:
+        prompt = await c.get_prompt("greet", {"who": "Ada"})
+        async with c.listen(tools_list_changed=True) as sub:
+            honored = sub.honored
+        return prompt.messages[0].content.text, honored
+
+
+def test_prompts_and_a_listen_subscription_on_the_2026_wire(tmp_path):
+    """The listen stream's acknowledgement reaches the client through the gateway."""
+    with sdk_server("streamable-http") as srv, gateway(srv.url) as gw:
+        text, honored = asyncio.run(asyncio.wait_for(prompt_and_listen(f"{gw.url}/mcp"), TIMEOUT))
+    assert "Ada" in text and honored.tools_list_changed is True

@@ -12,6 +12,8 @@ It offers what a gateway has to carry in both directions:
 - `ask_name`: asks the client for input with `elicitation/create` (a
   server-to-client request) and answers with what the client sent;
 - `summarize`: asks the client for a `sampling/createMessage`;
+- `confirm_deploy`: three rounds on the 2026-07-28 wire (a multi-round-trip request:
+  `input_required` results asking for elicitations, retries carrying `inputResponses`);
 - `notes://readme`: a resource; `greet`: a prompt.
 
 The SDK's own DNS-rebinding protection stays on (as the SDK sets it up for a
@@ -104,6 +106,28 @@ class AbsoluteEndpoint:
             await send(message)
 
         await self.app(scope, receive, rewrite)
+
+
+@server.tool()
+async def confirm_deploy(env: str, ctx: Context) -> str | types.InputRequiredResult:
+    """Three rounds on the 2026-07-28 wire (a multi-round-trip request): ask for a name, then for
+    a yes/no, then answer. Each round's answers come back in `inputResponses`, with `requestState`."""
+    answers = ctx.input_responses or {}
+    state = ctx.request_state or ""
+
+    def ask(key: str, message: str, field: str, kind: str) -> types.InputRequiredResult:
+        params = types.ElicitRequestFormParams(message=message, requested_schema={
+            "type": "object", "properties": {field: {"type": kind}}, "required": [field]})
+        return types.InputRequiredResult(input_requests={key: types.ElicitRequest(params=params)},
+                                         request_state=state + key + ";")
+
+    if "who;" not in state:
+        return ask("who", f"Who deploys to {env}?", "name", "string")
+    if "sure;" not in state:
+        return ask("sure", "Sure?", "yes", "boolean")
+    sure = answers.get("sure")
+    content = getattr(sure, "content", None) or {}
+    return f"deployed to {env}" if content.get("yes") else "not deployed"
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The shipped least-privilege ruleset plus one grant, with real tokens, for the SDK client of both eras.
+"""The shipped least-privilege ruleset plus one grant, with real tokens, for real clients: the SDK client of
+both eras and a FastMCP client.
 
 `rulesets/default.yaml` must let each era's handshake and plumbing through
 (2025: initialize, GET/DELETE; 2026-07-28: server/discover) and nothing else:
@@ -74,3 +75,19 @@ def test_default_plus_a_grant_works_for_the_sdk_client_of_each_era(tmp_path, mod
     assert tools == ["add"]  # the listing shows exactly what was granted
     assert added == "5"
     assert "bastion:default" in refused or "denied" in refused
+
+
+async def fastmcp_session(endpoint: str, token: str) -> tuple[list[str], str]:
+    from fastmcp import Client as FastMCPClient
+    from fastmcp.client.transports import StreamableHttpTransport
+
+    transport = StreamableHttpTransport(endpoint, headers={"Authorization": f"Bearer {token}"})
+    async with FastMCPClient(transport) as c:
+        tools = sorted(t.name for t in await c.list_tools())
+        return tools, (await c.call_tool("add", {"a": 2, "b": 3})).content[0].text
+
+
+def test_default_plus_a_grant_works_for_a_fastmcp_client(tmp_path):
+    with default_gateway(tmp_path) as (endpoint, issuer):
+        tools, added = asyncio.run(asyncio.wait_for(fastmcp_session(endpoint, issuer.mint("alice")), 60))
+    assert tools == ["add"] and added == "5"

@@ -1,5 +1,5 @@
 """The shipped least-privilege ruleset plus one grant, with real tokens, for real clients: the SDK client of
-both eras and a FastMCP client.
+both eras, a FastMCP client and the MCP Inspector CLI.
 
 `rulesets/default.yaml` must let each era's handshake and plumbing through
 (2025: initialize, GET/DELETE; 2026-07-28: server/discover) and nothing else:
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
 import time
 
 import httpx2
@@ -20,7 +22,7 @@ from mcp.shared.exceptions import MCPError
 
 from bastion_dev.issuer import DevIssuer
 
-from harness import ROOT, free_port, mitmdump_args, running, sdk_server
+from harness import NODE22, PEERS, ROOT, free_port, mitmdump_args, running, sdk_server
 
 pytestmark = pytest.mark.e2e
 
@@ -91,3 +93,25 @@ def test_default_plus_a_grant_works_for_a_fastmcp_client(tmp_path):
     with default_gateway(tmp_path) as (endpoint, issuer):
         tools, added = asyncio.run(asyncio.wait_for(fastmcp_session(endpoint, issuer.mint("alice")), 60))
     assert tools == ["add"] and added == "5"
+
+
+INSPECTOR = str(PEERS / "@modelcontextprotocol" / "inspector" / "clients" / "launcher" / "build" / "index.js")
+
+
+def inspector(endpoint: str, token: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([NODE22, INSPECTOR, "--cli", endpoint, "--transport", "http",
+                           "--header", f"Authorization: Bearer {token}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_default_plus_a_grant_works_for_the_mcp_inspector_cli(tmp_path):
+    with default_gateway(tmp_path) as (endpoint, issuer):
+        token = issuer.mint("alice")
+        listed = inspector(endpoint, token, "--method", "tools/list")
+        added = inspector(endpoint, token, "--method", "tools/call", "--tool-name", "add", "--tool-arg", "a=2", "b=3")
+        refused = inspector(endpoint, token, "--method", "prompts/get", "--prompt-name", "greet",
+                            "--prompt-args", "who=Ada")
+    assert listed.returncode == 0, listed.stderr
+    assert [t["name"] for t in json.loads(listed.stdout)["tools"]] == ["add"]
+    assert added.returncode == 0 and json.loads(added.stdout)["content"][0]["text"] == "5", added.stderr
+    assert refused.returncode != 0  # not granted: the least-privilege default holds

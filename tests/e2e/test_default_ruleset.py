@@ -14,6 +14,7 @@ import json
 import subprocess
 import time
 
+import httpx
 import httpx2
 import pytest
 from mcp import Client
@@ -115,3 +116,31 @@ def test_default_plus_a_grant_works_for_the_mcp_inspector_cli(tmp_path):
     assert [t["name"] for t in json.loads(listed.stdout)["tools"]] == ["add"]
     assert added.returncode == 0 and json.loads(added.stdout)["content"][0]["text"] == "5", added.stderr
     assert refused.returncode != 0  # not granted: the least-privilege default holds
+
+
+# --- sessions belong to their creator ------------------------------------------------------------
+
+
+def test_another_identity_cannot_use_a_2025_session_and_a_forged_id_gets_nowhere(tmp_path):
+    accept = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "t", "version": "1"}}}
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    with default_gateway(tmp_path) as (endpoint, issuer):
+        alice = {**accept, "authorization": f"Bearer {issuer.mint('alice')}"}
+        carol = {**accept, "authorization": f"Bearer {issuer.mint('carol')}"}
+        with httpx.Client(timeout=30) as http:
+            started = http.post(endpoint, json=init, headers=alice)
+            sid = started.headers["mcp-session-id"]
+            http.post(endpoint, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                      headers={**alice, "mcp-session-id": sid, "mcp-protocol-version": "2025-06-18"})
+            own = http.post(endpoint, json=call, headers={**alice, "mcp-session-id": sid,
+                                                          "mcp-protocol-version": "2025-06-18"})
+            other = http.post(endpoint, json=call, headers={**carol, "mcp-session-id": sid,
+                                                            "mcp-protocol-version": "2025-06-18"})
+            forged = http.post(endpoint, json=call, headers={**alice, "mcp-session-id": "forged-0001",
+                                                             "mcp-protocol-version": "2026-07-28"})
+    assert started.status_code == 200 and own.status_code == 200 and "3" in own.text
+    for refused in (other, forged):
+        assert refused.status_code == 404 and refused.json()["error"]["data"] == {"reason": "session"}

@@ -1,4 +1,5 @@
-"""A tasks round over raw HTTP through the real gateway, with real tokens: a task is its creator's.
+"""A tasks round over raw HTTP through the real gateway, with real tokens: a task is its creator's; and a
+list a server marks `cacheScope: "public"` leaves the gateway, filtered, as `private`.
 
 No real MCP server of the installed SDKs creates tasks over HTTP yet (the Python SDK 2.3 has the 2025 task
 types only; the 2026 extension is not built in), so the upstream here is a small scripted HTTP server that
@@ -26,10 +27,13 @@ RULES = """\
 version: 1
 default: deny
 rules:
+  - id: no-drop
+    match: {tools: [drop_table]}
+    action: deny
   - id: tasks-for-engineers
     match:
       groups: [engineering, contractors]
-      methods: [tools/call, tasks/get, tasks/result, tasks/cancel, tasks/list]
+      methods: [tools/call, tools/list, tasks/get, tasks/result, tasks/cancel, tasks/list]
     action: allow
 """
 
@@ -51,6 +55,10 @@ class TasksUpstream(BaseHTTPRequestHandler):
             result = {"taskId": params["taskId"], "status": "completed"}
         elif method == "tasks/result":
             result = {"content": [{"type": "text", "text": "exported 3 rows"}]}
+        elif method == "tools/list":  # a server that lets shared caches keep its (unfiltered) list
+            result = {"tools": [{"name": "export", "inputSchema": {"type": "object"}},
+                                {"name": "drop_table", "inputSchema": {"type": "object"}}],
+                      "cacheScope": "public", "ttlMs": 60000, "resultType": "complete"}
         elif method == "tasks/list":
             result = {"tasks": [{"taskId": "t-1", "status": "completed"}, {"taskId": "t-other", "status": "working"}]}
         else:
@@ -104,3 +112,12 @@ def test_a_task_round_is_its_creators_alone(tmp_path):
     for answer in (*stolen, unknown):
         assert answer["error"]["data"] == {"reason": "task"}
     assert TasksUpstream.seen == ["tools/call", "tasks/get", "tasks/result", "tasks/list"]  # nothing else arrived
+
+
+def test_a_public_list_leaves_the_gateway_filtered_and_private(tmp_path):
+    with tasks_gateway(tmp_path) as (endpoint, issuer):
+        listed = rpc(endpoint, issuer.mint("alice"), "tools/list", 1,
+                     _meta={"io.modelcontextprotocol/protocolVersion": "2026-07-28"})
+    result = listed["result"]
+    assert result["cacheScope"] == "private" and result["ttlMs"] == 60000
+    assert [t["name"] for t in result["tools"]] == ["export"]  # drop_table is denied: hidden

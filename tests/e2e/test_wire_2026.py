@@ -146,3 +146,28 @@ def test_prompts_and_a_listen_subscription_on_the_2026_wire(tmp_path):
     with sdk_server("streamable-http") as srv, gateway(srv.url) as gw:
         text, honored = asyncio.run(asyncio.wait_for(prompt_and_listen(f"{gw.url}/mcp"), TIMEOUT))
     assert "Ada" in text and honored.tools_list_changed is True
+
+
+NO_SECRET_NOTES = """\
+version: 1
+default: allow
+rules:
+  - id: no-secret-notes
+    match: {resources: ["notes://secret*"]}
+    action: deny
+"""
+
+
+async def listen_to(url: str, uris: list[str]) -> None:
+    async with Client(url, mode="auto") as c:
+        async with c.listen(resource_subscriptions=uris):
+            pass
+
+
+def test_a_listen_subscription_to_a_denied_resource_is_refused(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(NO_SECRET_NOTES)
+    with sdk_server("streamable-http") as srv, gateway(srv.url, {"ruleset": str(rules)}) as gw:
+        with pytest.raises(Exception) as e:
+            asyncio.run(asyncio.wait_for(listen_to(f"{gw.url}/mcp", ["notes://secret-plans"]), TIMEOUT))
+    assert "no-secret-notes" in repr(e.value)

@@ -101,3 +101,14 @@ def test_no_check_that_passes_directly_fails_through_the_gateway(tmp_path, revis
     assert sum(map(len, direct.values())) >= least, "too few checks pass directly for the comparison to mean anything"
     lost = {s: sorted(checks - proxied.get(s, set())) for s, checks in direct.items() if checks - proxied.get(s, set())}
     assert lost == {}
+
+
+def test_server_everything_loses_no_check_of_the_2025_requirements_through_the_gateway(tmp_path):
+    """npm server-everything (the TypeScript SDK, 2025-11-25) on the suite's frozen 2025 set."""
+    with everything_server() as srv:
+        direct = run_requirements("2025-11-25", srv.endpoint, tmp_path / "direct")
+        with gateway(srv.url) as gw:
+            proxied = run_requirements("2025-11-25", f"{gw.url}/mcp", tmp_path / "gateway")
+    assert sum(map(len, direct.values())) >= 20, "too few checks pass directly for the comparison to mean anything"
+    lost = {s: sorted(checks - proxied.get(s, set())) for s, checks in direct.items() if checks - proxied.get(s, set())}
+    assert lost == {}

@@ -125,9 +125,9 @@ async def test_identity_off_still_strips_and_injects(monkeypatch, caplog):
         await b.response(f, {"jsonrpc": "2.0", "id": 7, "result": {"tools": []}})
         assert f.response.status_code == 200
         assert "authorization" not in f.request.headers
-        # the prm endpoint is not the gateway's to answer without an issuer
+        # without an issuer the prm path is not the gateway's to answer, and not an MCP endpoint to forward
         g = await send(b, get(b, "/.well-known/oauth-protected-resource"))
-        assert g.response is None and fs.is_mcp(g)
+        assert g.response.status_code == 404 and json.loads(g.response.content)["error"]["data"] == {"reason": "path"}
 
 
 # --- identity on ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http
@@ -24,6 +25,7 @@ from mcp_bastion.core import errors
 from mcp_bastion.core.encoding import decode_content
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import DEFAULT_MAX_DEPTH, Body, ParseError, parse_body, placed, repeated_ids
+from mcp_bastion.core.media import charset_problem, media_type
 from mcp_bastion.core.message import routing_headers
 from mcp_bastion.core.origin import (
     DEFAULT_HOSTS,
@@ -41,6 +43,10 @@ from mcp_bastion.glue.stream import MAX_SUMMARIES, Replacement, SSEStream
 
 logger = logging.getLogger("mcp_bastion")
 
+# Where MCP servers serve: streamable HTTP at /mcp, the HTTP+SSE transport's stream and message endpoint.
+DEFAULT_PATHS = ("/mcp", "/sse", "/messages", "/messages/")
+MAX_ANNOUNCED = 64
+
 
 _PARSE_STATUS = {
     "too_large": (413, errors.REFUSED_INPUT),
@@ -57,10 +63,6 @@ _PARSE_STATUS = {
 def parse_refusal(err: ParseError) -> Refusal:
     status, code = _PARSE_STATUS.get(err.reason, (400, errors.REFUSED_INPUT))
     return Refusal(status, code, f"request refused: {err.detail}", {"reason": err.reason})
-
-
-def _media_type(value: str | None) -> str:
-    return (value or "").split(";", 1)[0].strip().lower()
 
 
 def _hostport(host: str, port: int) -> str:
@@ -91,6 +93,8 @@ class Gateway:
         self.allowed_hosts: tuple[str, ...] = DEFAULT_HOSTS
         self.allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
         self.mcp_hosts: tuple[str, ...] = ()
+        self.mcp_paths: frozenset[str] = frozenset(DEFAULT_PATHS)
+        self.announced: OrderedDict[str, None] = OrderedDict()  # HTTP+SSE message endpoints announced
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -102,6 +106,16 @@ class Gateway:
             flow through the gateway is MCP (the right setting for reverse mode). In
             regular (forward) mode, flows to other hosts are refused unless
             mcp_passthrough_other is set.
+            """,
+        )
+        loader.add_option(
+            "mcp_paths",
+            Sequence[str],
+            list(DEFAULT_PATHS),
+            """
+            The upstream's MCP endpoint paths (exact, without query): only these are reachable
+            through the gateway; any other path is refused with 404 before any credential is
+            added. The message endpoint an HTTP+SSE stream announces is added while it is in use.
             """,
         )
         loader.add_option(
@@ -149,6 +163,12 @@ class Gateway:
                 raise exceptions.OptionsError(str(e)) from e
             self.allowed_hosts = tuple(ctx.options.allowed_hosts)
             self.allowed_origins = tuple(ctx.options.allowed_origins)
+        if "mcp_paths" in updated:
+            paths = tuple(ctx.options.mcp_paths)
+            bad = [p for p in paths if not p.startswith("/") or "?" in p or "#" in p]
+            if bad or not paths:
+                raise exceptions.OptionsError(f"mcp_paths must be absolute paths without query: {bad or paths}")
+            self.mcp_paths = frozenset(paths)
         if "mcp_hosts" in updated:
             try:
                 validate_patterns(ctx.options.mcp_hosts, origins=False)
@@ -279,6 +299,13 @@ class Gateway:
         if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
             return
         req = flow.request
+        path = req.path.split("?", 1)[0]
+        if path not in self.mcp_paths and path not in self.announced:
+            # Only the MCP endpoint is the upstream's to serve through the gateway: any other path (an
+            # admin API, a health page) is refused before the upstream's own credential is set.
+            refuse(flow, Refusal(404, errors.FORBIDDEN, f"{path[:100]!r} is not an MCP endpoint of this gateway",
+                                 {"reason": "path"}), stage=StageName.PARSE)
+            return
         # The gateway reads every response it forwards: ask the upstream not to compress.
         req.headers["accept-encoding"] = "identity"
         state = fs.mcp_state(flow)
@@ -313,7 +340,7 @@ class Gateway:
 
     def _parse_post(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        ctype = _media_type(req.headers.get("content-type"))
+        ctype = media_type(req.headers.get("content-type"))
         if ctype != "application/json":
             refuse(
                 flow,
@@ -322,6 +349,11 @@ class Gateway:
                         {"reason": "content_type"}),
                 stage=StageName.PARSE,
             )
+            return
+        charset = charset_problem(req.headers.get("content-type"))
+        if charset is not None:
+            refuse(flow, Refusal(415, errors.REFUSED_INPUT, f"request refused: {charset}", {"reason": "charset"}),
+                   stage=StageName.PARSE)
             return
         try:
             raw = decode_content(req.raw_content or b"", req.headers.get("content-encoding"), self.max_body)
@@ -384,7 +416,7 @@ class Gateway:
         """Stream an event stream through `SSEStream`; buffer everything else so that `response` reads it."""
         resp = flow.response
         assert resp is not None
-        if _media_type(resp.headers.get("content-type")) != "text/event-stream":
+        if media_type(resp.headers.get("content-type")) != "text/event-stream":
             resp.stream = False  # never forward a body nobody has read
             length = resp.headers.get("content-length", "")
             if length.isdigit() and int(length) > self.max_body:
@@ -397,13 +429,26 @@ class Gateway:
             if resp.http_version == "HTTP/1.1":
                 resp.headers["transfer-encoding"] = "chunked"
         coding = resp.headers.get("content-encoding", "identity").strip().lower()
+        charset = charset_problem(resp.headers.get("content-type"))
+        broken = f"compressed event stream ({coding})" if coding not in ("", "identity") else (
+            f"event stream declaring {charset}" if charset else None)
         resp.stream = SSEStream(
             flow,
             self.max_event,
             max_depth=self.max_depth,
-            broken=None if coding in ("", "identity") else f"compressed event stream ({coding})",
+            broken=broken,
             relative_endpoint=_reverse_mode(flow),
         )
+        resp.stream.on_endpoint.append(self._announced)
+
+    def _announced(self, flow: http.HTTPFlow, session: str | None) -> None:
+        """An HTTP+SSE stream announced its message endpoint: its path becomes reachable (bounded)."""
+        path = (fs.mcp_state(flow).get("endpoint") or "").split("?", 1)[0]
+        if path:
+            self.announced[path] = None
+            self.announced.move_to_end(path)
+            while len(self.announced) > MAX_ANNOUNCED:
+                self.announced.popitem(last=False)
 
     def _withhold_unread(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
         """Answer `refusal` instead of a response whose body is still on its way, without buffering it."""
@@ -431,9 +476,13 @@ class Gateway:
         if Meta.ERROR in flow.metadata:  # e.g. routing failed in responseheaders
             self._withhold(flow, "the response could not be checked")
             return
-        ctype = _media_type(resp.headers.get("content-type"))
+        ctype = media_type(resp.headers.get("content-type"))
         state = fs.mcp_state(flow)
         if ctype == "application/json" and resp.raw_content:
+            charset = charset_problem(resp.headers.get("content-type"))
+            if charset is not None:
+                self._withhold(flow, f"upstream declared {charset}")
+                return
             try:
                 raw = decode_content(resp.raw_content, resp.headers.get("content-encoding"), self.max_body)
                 body = parse_body(raw, max_bytes=self.max_body, max_depth=self.max_depth)

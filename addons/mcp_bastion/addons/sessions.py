@@ -70,7 +70,8 @@ class Sessions:
                 logger.error("mcp-bastion: upstream reused session id %r for another identity", sid[:16])
                 flow.response.headers.pop(HEADER)
         if isinstance(flow.response.stream, SSEStream):
-            flow.response.stream.on_endpoint.append(lambda _flow, legacy: self.bindings.bind(legacy, owner))
+            flow.response.stream.on_endpoint.append(
+                lambda _flow, legacy: legacy is not None and self.bindings.bind(legacy, owner))
         if (flow.request.method == "DELETE" and 200 <= flow.response.status_code < 300
                 and (sid := presented(flow)) is not None):
             self.bindings.end(sid, owner)

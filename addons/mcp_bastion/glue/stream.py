@@ -64,7 +64,7 @@ class SSEStream:
         self.shown = bytearray()  # the first SHOW_LIMIT bytes sent, for the flow's body in mitmweb
         self.stages: EventStages | None = None  # attached by the Pipeline addon
         self.outputs: list[Callable[[http.HTTPFlow, bytes], None]] = []  # attached by the Recorder
-        self.on_endpoint: list[Callable[[http.HTTPFlow, str], object]] = []  # HTTP+SSE session ids (Sessions)
+        self.on_endpoint: list[Callable[[http.HTTPFlow, str | None], object]] = []  # an HTTP+SSE endpoint event
         self.parser = SSEParser(max_event)
         self.relative_endpoint = relative_endpoint
         self.dead = False
@@ -166,8 +166,8 @@ class SSEStream:
         sid = parse_qs(target.query).get("session_id")
         if sid and Meta.LEGACY_SESSION not in self.flow.metadata:
             self.flow.metadata[Meta.LEGACY_SESSION] = sid[0]
-            for bind in self.on_endpoint:
-                bind(self.flow, sid[0])
+        for listener in self.on_endpoint:  # the Gateway makes the path reachable, Sessions binds the id
+            listener(self.flow, sid[0] if sid else None)
         if self.relative_endpoint and urlsplit(announced).netloc:
             event.data = self.state["endpoint"]
             return True

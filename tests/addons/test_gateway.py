@@ -373,12 +373,28 @@ async def test_unreadable_2xx_responses_are_withheld(status, content, ctype):
         assert json.loads(f.response.content)["id"] == 5
 
 
-async def test_an_upstream_error_page_is_forwarded_as_is():
+@pytest.mark.parametrize(("status", "body", "ctype"), [
+    (421, b"Invalid Host header", "text/plain"), (500, b"<html>Traceback ... AWS_SECRET=abc</html>", "text/html"),
+    (404, b"Not Found", None), (503, b"busy", "text/plain; charset=latin1"), (302, b"moved", "text/html"),
+])
+async def test_an_upstream_error_page_keeps_its_status_but_not_its_body(status, body, ctype):
+    """Issue 16: a non-2xx answer nobody could read reached the client as-is, a secret in an error page included."""
     with bundled() as b:
         f = await claimed(b)
-        respond(f, 421, b"Invalid Host header", "text/plain")
+        respond(f, status, body, ctype)
         await response_side(b, f)
-        assert (f.response.status_code, f.response.content) == (421, b"Invalid Host header")
+        assert f.response.status_code == status and body not in f.response.content
+        answer = json.loads(f.response.content)
+        assert answer["id"] == 5 and answer["error"]["data"] == {"reason": "upstream_status", "status": status}
+        assert f.response.headers["content-type"] == "application/json"
+
+
+async def test_a_json_error_answer_is_read_and_passes():
+    with bundled() as b:
+        f = await claimed(b)
+        respond(f, 400, b'{"jsonrpc":"2.0","id":5,"error":{"code":-32602,"message":"bad"}}', "application/json")
+        await response_side(b, f)
+        assert f.response.status_code == 400 and json.loads(f.response.content)["error"]["code"] == -32602
 
 
 async def test_202_accepted_text_body_is_not_forwarded_unread():

@@ -503,7 +503,25 @@ class Gateway:
         elif resp.raw_content and 200 <= resp.status_code < 300 and flow.request.method != "OPTIONS":
             self._withhold(flow, f"upstream answered {resp.status_code} with content-type {ctype or 'missing'}")
             return
+        elif resp.raw_content and resp.status_code >= 300:
+            # An error page (HTML, text) is read by nobody here: it could carry anything, a secret included.
+            # The client keeps the status (a 404 still tells it to start a new session), not the page.
+            self._replace_error_page(flow, ctype)
         fs.mark_stage(flow, StageName.RESP_PARSE)
+
+    def _replace_error_page(self, flow: http.HTTPFlow, ctype: str) -> None:
+        resp = flow.response
+        assert resp is not None
+        fs.mcp_state(flow)["discarded_body_bytes"] = len(resp.raw_content or b"")
+        body = fs.request_body(flow)
+        refusal = Refusal(resp.status_code, errors.UPSTREAM_ERROR,
+                          f"the upstream answered HTTP {resp.status_code} ({ctype or 'no content-type'}); "
+                          "mcp-bastion does not forward bodies it cannot read",
+                          {"reason": "upstream_status", "status": resp.status_code})
+        resp.content = refusal.body_for_parsed(body)
+        for name in ("content-type", "content-encoding", "content-language"):
+            resp.headers.pop(name, None)
+        resp.headers["content-type"] = "application/json"
 
     def _withhold(self, flow: http.HTTPFlow, why: str) -> None:
         refuse(flow, _upstream_error(why), stage=StageName.RESP_PARSE, action=Action.ERROR)

@@ -611,3 +611,22 @@ def test_a_listing_hides_what_only_an_unavailable_masking_profile_would_allow():
     assert hidden == []
     kept, hidden = rs.filter_list(carol, None, "tools/list", listing)  # profiles unknown (policy CLI)
     assert hidden == []
+
+
+@pytest.mark.parametrize("line", ["reason: ask #platform", "reason: ask    # platform", "description: x #y"])
+def test_a_reason_cut_by_a_yaml_comment_is_said(line):
+    key = line.split(":")[0]
+    text = f"version: 1\nrules:\n  - id: r\n    match: {{tools: [t]}}\n    action: deny\n    {line}\n"
+    rs = Ruleset.parse(text)
+    (w,) = [w for w in rs.warnings if "YAML comment" in w.message]
+    assert w.line == 6 and w.rule == "r" and key in w.message and "quote the value" in w.message
+
+
+@pytest.mark.parametrize("line", ['reason: "ask #platform"', "reason: ask#platform", "reason: ask   ",
+                                  "reason: 'ask #platform' # a real comment"])
+def test_quoted_or_unspaced_hashes_are_kept_quietly(line):
+    text = f"version: 1\nrules:\n  - id: r\n    match: {{tools: [t]}}\n    action: deny\n    {line}\n"
+    rs = Ruleset.parse(text)
+    assert not [w for w in rs.warnings if "YAML comment" in w.message]
+    if "#platform" in line:
+        assert rs.rules[0].decision.reason in ("ask #platform", "ask#platform")

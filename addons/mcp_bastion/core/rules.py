@@ -756,6 +756,7 @@ class _Compiler:
         self.warnings: list[Problem] = []
         self.scalars = yaml.constructor.SafeConstructor()
         self.upstream_names: dict[str, list[str]] = {}
+        self.text: str | None = None  # the source, to see what YAML comments cut
 
     def error(self, node: yaml.Node | None, rule: str | None, message: str) -> None:
         line = node.start_mark.line + 1 if node is not None else None
@@ -817,7 +818,24 @@ class _Compiler:
 
     # --- the document ---
 
+    def prose(self, node: yaml.Node, rule: str | None, what: str) -> Any:
+        """A free-text value (reason, description): a string, and one that a `#` did not cut short.
+
+        In YAML, ` #` after an unquoted value starts a comment, so `reason: ask #platform`
+        reads as "ask": say so (a warning), so the text the client sees is the one meant.
+        """
+        value = self.scalar(node, rule, what, (str,))
+        if isinstance(node, yaml.ScalarNode) and node.style is None and self.text is not None:
+            end = node.end_mark.index
+            line_end = self.text.find("\n", end)
+            rest = self.text[end: len(self.text) if line_end < 0 else line_end]
+            if re.match(r"[ \t]+#", rest):
+                self.warn(node, rule, f"{what}: the text after ' #' is a YAML comment, so {what} is only "
+                          f"{value!r}; quote the value to keep all of it")
+        return value
+
     def compile(self, text: str) -> Ruleset:
+        self.text = text
         try:
             docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
         except yaml.MarkedYAMLError as e:
@@ -841,7 +859,7 @@ class _Compiler:
             default = self.choice(top["default"][1], None, "default", (Action.DENY.value, Action.ALLOW.value))
         default_reason = None
         if "default_reason" in top:
-            default_reason = self.scalar(top["default_reason"][1], None, "default_reason", (str,))
+            default_reason = self.prose(top["default_reason"][1], None, "default_reason")
         if "description" in top:
             self.scalar(top["description"][1], None, "description", (str,))
         if "upstreams" in top:
@@ -921,10 +939,10 @@ class _Compiler:
             self.error(node, label, "action mask needs a 'profile' (the masking profile to apply)")
         reason = None
         if "reason" in keys:
-            reason = self.scalar(keys["reason"][1], label, "reason", (str,))
+            reason = self.prose(keys["reason"][1], label, "reason")
         description = ""
         if "description" in keys:
-            description = self.scalar(keys["description"][1], label, "description", (str,))
+            description = self.prose(keys["description"][1], label, "description")
         conditions: tuple[Condition, ...] = ()
         if "match" in keys:
             conditions = self.match(keys["match"][1], label)

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOW_ALL = str(ROOT / "rulesets" / "allow-all.yaml")
 UPSTREAM = "http://127.0.0.1:8000"
 ACCEPT = "application/json, text/event-stream"
+META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}  # a 2026-07-28 request's _meta
+V2026 = {"mcp-protocol-version": "2026-07-28"}  # ... and its version header
 
 
 def call(method: str = "tools/call", msg_id: object = 1, **params) -> dict:

@@ -12,12 +12,21 @@ from mcp_bastion.core.message import Carrier, Message
 from mcp_bastion.core.pipeline import Context, Pass, Replace
 from mcp_bastion.core.vocab import Direction, Meta
 
-from bundled import bundle_with_stages, bundled, bundled_addons, call, error_of, forwarded, result, stage_name
+from bundled import (
+    META,
+    V2026,
+    bundle_with_stages,
+    bundled,
+    bundled_addons,
+    call,
+    error_of,
+    forwarded,
+    result,
+    stage_name,
+)
 
 pytestmark = pytest.mark.anyio
 
-META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}
-V2026 = {"mcp-protocol-version": "2026-07-28"}
 ALICE = {"sub": "alice", "groups": ["engineering"], "iss": "https://idp"}
 BOB = {"sub": "bob", "groups": ["engineering"], "iss": "https://idp"}
 RULES = """\

@@ -94,3 +94,38 @@ async def test_an_http_sse_session_is_bound_to_the_stream_that_announced_it():
         await b.request(theirs, identity=BOB)
     assert forwarded(mine)
     assert theirs.response.status_code == 404
+
+
+async def test_a_session_check_that_raises_refuses_never_forwards(monkeypatch):
+    """Fail closed: an exception in the session check answers a JSON error naming the stage."""
+    from mcp_bastion.core.sessions import SessionBindings
+
+    def explode(self, *a):
+        raise RuntimeError("store broken")
+
+    with bundled() as b:
+        sid = await initialize(b, ALICE)
+        monkeypatch.setattr(SessionBindings, "check", explode)
+        f = await with_session(b, ALICE, sid)
+    assert not forwarded(f) and f.response.status_code == 500
+    assert error_of(f)["data"] == {"stage": "session", "error": "RuntimeError"}
+
+
+@pytest.mark.parametrize(("module", "cls", "method"), [
+    ("mcp_bastion.core.wire", "ParamHeaders", "of"), ("mcp_bastion.core.tasks", "TaskRegistry", "owned")])
+async def test_a_2026_stage_that_raises_refuses_never_forwards(monkeypatch, module, cls, method):
+    import importlib
+
+    def explode(self, *a):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(getattr(importlib.import_module(module), cls), method, explode)
+    with bundled() as b:
+        if method == "of":
+            body = call("tools/call", 1, name="deploy", arguments={"env": "x"})
+            f = b.flow("POST", body, headers={"mcp-protocol-version": "2026-07-28", "mcp-param-env": "x"})
+        else:
+            f = b.flow("POST", call("tasks/get", 1, taskId="t-1"))
+        await b.request(f, identity=ALICE)
+    assert not forwarded(f) and f.response.status_code == 500
+    assert error_of(f)["data"]["stage"] in ("wire", "tasks")

@@ -11,12 +11,21 @@ from mcp_bastion.core import errors
 from mcp_bastion.core.pipeline import Pass, Replace
 from mcp_bastion.core.vocab import Meta, StageName
 
-from bundled import bundle_with_stages, bundled, bundled_addons, call, error_of, forwarded, result, stage_name
+from bundled import (
+    META,
+    V2026,
+    bundle_with_stages,
+    bundled,
+    bundled_addons,
+    call,
+    error_of,
+    forwarded,
+    result,
+    stage_name,
+)
 
 pytestmark = pytest.mark.anyio
 
-V2026 = {"mcp-protocol-version": "2026-07-28"}
-META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}
 DENY_DROP = """\
 version: 1
 default: allow

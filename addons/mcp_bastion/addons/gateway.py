@@ -70,12 +70,8 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def mode_name(flow: http.HTTPFlow) -> str:
-    return type(getattr(flow.client_conn, "proxy_mode", None)).__name__
-
-
 def _reverse_mode(flow: http.HTTPFlow) -> bool:
-    return mode_name(flow) == "ReverseMode"
+    return fs.mode_name(flow) == "ReverseMode"
 
 
 def _upstream_error(why: str) -> Refusal:

@@ -21,10 +21,6 @@ logger = logging.getLogger("mcp_bastion")
 PROBE_TIMEOUT = 10.0  # seconds UpstreamCheck waits for a TCP connection to the upstream
 
 
-def mode_name(flow: http.HTTPFlow) -> str:
-    return type(getattr(flow.client_conn, "proxy_mode", None)).__name__
-
-
 class UpstreamCheck:
     """Answers a JSON error instead of mitmproxy's HTML page when the upstream cannot be reached.
 
@@ -59,7 +55,7 @@ class UpstreamCheck:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not fs.is_mcp(flow):
             return
-        if mode_name(flow) not in ("ReverseMode", "RegularMode") or flow.server_conn.via:
+        if fs.mode_name(flow) not in ("ReverseMode", "RegularMode") or flow.server_conn.via:
             return  # not a direct connection to the upstream: nothing this check could predict
         key = (flow.client_conn.id, flow.request.host, flow.request.port)
         if key in self._reachable:

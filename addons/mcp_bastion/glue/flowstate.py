@@ -61,6 +61,11 @@ def forget(flow: http.HTTPFlow) -> None:
     _headlines.pop(flow, None)
 
 
+def mode_name(flow: http.HTTPFlow) -> str:
+    """The proxy mode the client reached the gateway through (`ReverseMode`, `RegularMode`, ...)."""
+    return type(getattr(flow.client_conn, "proxy_mode", None)).__name__
+
+
 def refused(flow: http.HTTPFlow) -> bool:
     """The gateway answered this flow itself (a refusal or an error)."""
     return bool(flow.metadata.get(Meta.REFUSED))

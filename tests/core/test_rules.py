@@ -480,6 +480,49 @@ def test_normalisation_is_idempotent(s):
     assert normalize.name(normalize.name(s)) == normalize.name(s)
 
 
+# Spellings of /etc/passwd that a file system or a WHATWG URL parser resolves to it.
+PASSWD_URIS = [
+    "file:///etc/passwd", "file://localhost/etc/passwd", "file://LOCALHOST/etc/passwd", "file:/etc/passwd",
+    "file:etc/passwd", "file:////etc/passwd", "file:///etc//passwd", "file:///etc///passwd",
+    "file:///srv/app/../../etc/passwd", "file:///srv/app/%2e%2e/%2E%2E/etc/passwd", "file:///etc/./passwd",
+    "file:///etc%2fpasswd", "file:%2f%2f%2fetc/passwd", "FILE:///etc/passwd", "File://localhost//etc/passwd",
+    "file:///srv/x%3f/../../etc/passwd", "file:\\\\\\etc\\passwd", "file://localhost\\etc\\passwd",
+    " file:///etc/passwd", "file:///etc/pa\nss\twd", "file:///etc/passwd#fragment",
+    "ｆｉｌｅ:///etc/passwd", "file:///etc/passwd?x", "\x00file:///etc/passwd",
+]
+
+
+@pytest.mark.parametrize("uri", PASSWD_URIS)
+def test_every_spelling_of_a_denied_file_is_denied(uri):
+    deny = one_rule("{resources: ['file:///etc/*']}")
+    assert deny.evaluate(ALICE, msg("resources/read", {"uri": uri})).rule == "r", normalize.uri(uri)
+    allow_srv = one_rule("{resources: ['file:///srv/*']}")
+    assert allow_srv.evaluate(ALICE, msg("resources/read", {"uri": uri})).rule != "r", normalize.uri(uri)
+
+
+@pytest.mark.parametrize("path", [
+    "/etc/passwd", "//etc/passwd", "/etc//passwd", "/srv/app/../../etc/passwd", "/srv/./../etc/passwd",
+    "/srv/x?/../../etc/passwd", "file:///etc/passwd", "file://localhost//etc/passwd",
+])
+def test_every_spelling_of_a_denied_path_argument_is_denied(path):
+    deny = one_rule("{arguments: [{path: p, glob: '/etc/*'}]}")
+    hit = deny.evaluate(ALICE, call("t", p=path)).rule == "r"
+    deny_uri = one_rule("{arguments: [{path: p, glob: 'file:///etc/*'}]}")
+    assert hit or deny_uri.evaluate(ALICE, call("t", p=path)).rule == "r", normalize.pathlike(path)
+    allow_srv = one_rule("{arguments: [{path: p, glob: '/srv/*'}]}")
+    assert allow_srv.evaluate(ALICE, call("t", p=path)).rule != "r", normalize.pathlike(path)
+
+
+def test_what_is_not_the_path_stays_out_of_it():
+    # A query or fragment is not part of the file read; an escaped `?` is.
+    assert normalize.uri("file:///srv/x?/../../etc/passwd") == "file:///srv/x?/../../etc/passwd"
+    assert normalize.uri("file:///srv/x#/../../etc/passwd") == "file:///srv/x"
+    assert normalize.uri("https://Api.Example.com//v1/./a/../b?q=../c") == "https://api.example.com/v1/b?q=../c"
+    assert normalize.uri("file://fileserver/share//x") == "file://fileserver/share/x"  # another host stays
+    assert normalize.pathlike("https://x/a?b=../c") == "https://x/a?b=../c"
+    assert normalize.pathlike("a?b/../c") == "c"  # in a POSIX path `?` is a character
+
+
 def test_uri_normalisation():
     assert normalize.uri("file:///srv/app/../../etc/passwd") == "file:///etc/passwd"
     assert normalize.uri("file:///%2e%2e/etc/%70asswd") == "file:///etc/passwd"

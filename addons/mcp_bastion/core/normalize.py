@@ -57,26 +57,86 @@ def spaced(value: str, fold: bool = False) -> str:
     return _SPACE_RUN.sub(" ", text(value, fold))
 
 
-def uri(value: str, fold: bool = False) -> str:
-    """A resource URI as rules compare it.
+# Schemes a WHATWG URL parser (Node, browsers, undici) treats as "special": `\\` is a
+# path separator there, as it is for a Windows file system.
+_SPECIAL = frozenset({"file", "http", "https", "ws", "wss", "ftp"})
+_URL_NOISE = re.compile(r"[\t\n\r]")  # removed anywhere by WHATWG parsers
+_SLASHES = re.compile(r"/{2,}")
 
-    Percent-escapes are decoded (`%2e%2e` is `..`) and dot segments removed
-    (RFC 3986, 5.2.4), so `file:///srv/app/../../etc/passwd` is compared as
-    `file:///etc/passwd` and cannot slip past a glob on `file:///srv/app/*`.
+
+def uri(value: str, fold: bool = False) -> str:
+    """A resource URI as rules compare it: the form a URL parser or file system resolves it to.
+
+    - tabs and newlines are removed and surrounding control characters and
+      spaces stripped, as WHATWG parsers do; the fragment is dropped;
+    - the query is split off *before* percent-escapes are decoded (an escaped
+      `%3f` is part of the path, as the server reads it), then path and query
+      are decoded (`%2e%2e` is `..`, `%2f` is `/`);
+    - the scheme and the host are lower-cased; in special schemes `\\` is `/`;
+    - `file:` URIs take one form, `file:///path`: `file:/path`,
+      `file://localhost/path` and `file:////path` all name the same file;
+    - runs of `/` in a path are one `/`, and dot segments are removed
+      (RFC 3986, 5.2.4),
+
+    so `file://localhost//srv/app/../../etc//passwd` is compared as
+    `file:///etc/passwd` and cannot slip past a glob on `file:///etc/*`.
     """
-    decoded = text(unquote(text(value)), fold)
-    scheme, sep, rest = decoded.partition(":")
-    if not sep or "/" in scheme:
-        return remove_dot_segments(decoded)
-    if rest.startswith("//"):
-        authority, slash, path = rest[2:].partition("/")
-        return f"{scheme}://{authority}{slash and remove_dot_segments('/' + path)}"
-    return f"{scheme}:{remove_dot_segments(rest)}"
+    raw = _URL_NOISE.sub("", text(value)).strip("\x00- ")
+    raw = raw.split("#", 1)[0]
+    raw, q, query = raw.partition("?")
+    query = q + text(unquote(query), fold)
+    scheme, sep, rest = raw.partition(":")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return path(_decoded(raw, fold)) + query
+    scheme = scheme.lower()
+    special = scheme in _SPECIAL
+    if special:
+        rest = rest.replace("\\", "/")
+    if not rest.startswith("//"):
+        tail = _decoded(rest, fold, special)
+        if scheme == "file":
+            return f"file://{path('/' + tail)}{query}"
+        return f"{scheme}:{path(tail)}{query}"
+    authority, slash, tail = rest[2:].partition("/")
+    authority = _decoded(authority, True)
+    tail = _decoded(slash + tail, fold, special)
+    if scheme == "file" and authority in ("", "localhost"):
+        return f"file://{path('/' + tail)}{query}"
+    return f"{scheme}://{authority}{tail and path('/' + tail)}{query}"
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _decoded(part: str, fold: bool, special: bool = False) -> str:
+    out = text(unquote(part), fold)
+    return out.replace("\\", "/") if special else out
+
+
+def path(value: str) -> str:
+    """A path as a file system resolves it: runs of `/` collapsed, then dot segments removed.
+
+    Give it a path without query (`uri` splits the query off first).
+    """
+    return remove_dot_segments(_SLASHES.sub("/", value))
+
+
+def pathlike(value: str, fold: bool = False) -> str:
+    """A string that names a file or a URL (it has a `/`), as it resolves; others unchanged.
+
+    A value with a scheme (`https://…`, `file:…`) is read as a URI (`uri`);
+    any other as a POSIX path (`path`: `?` and `\\` are ordinary characters there).
+    """
+    if "/" not in value:
+        return text(value, fold)
+    scheme, sep, _ = value.strip("\x00- ").partition(":")
+    if sep and len(scheme) > 1 and _SCHEME.fullmatch(scheme):
+        return uri(value, fold)
+    return path(text(value, fold))
 
 
 def remove_dot_segments(path: str) -> str:
-    """`a/b/../c` -> `a/c` (RFC 3986, 5.2.4); a query after `?` is left alone."""
-    path, q, query = path.partition("?")
+    """`a/b/../c` -> `a/c` (RFC 3986, 5.2.4). Every `?` is part of the path here."""
     segments = path.split("/")
     out: list[str] = []
     for seg in segments:
@@ -87,7 +147,7 @@ def remove_dot_segments(path: str) -> str:
             out.append(seg)
     if segments[-1] in (".", ".."):
         out.append("")
-    return "/".join(out) + q + query
+    return "/".join(out)
 
 
 def strings(value: Any) -> Iterator[str]:

@@ -344,16 +344,14 @@ class ArgumentCondition(Condition):
             wanted = [normalize.text(o, fold) if isinstance(o, str) else o for o in operands]
             return lambda value: any(_equal(value, w, fold) for w in wanted)
         if op == "glob":
-            regex = _glob_regex(normalize.text(p, fold) for p in operands)
+            # Paths and URLs compare as they resolve (see normalize.pathlike), patterns included.
+            regex = _glob_regex(normalize.pathlike(p, fold) for p in operands)
 
             def glob(value: Any) -> bool:
                 text = _as_text(value)
                 if text is None:
                     return False
-                text = normalize.text(text, fold)
-                if "/" in text:
-                    text = normalize.remove_dot_segments(text)
-                return bool(regex.match(text))
+                return bool(regex.match(normalize.pathlike(text, fold)))
 
             return glob
         if op == "regex":

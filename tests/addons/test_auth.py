@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 
@@ -264,17 +265,42 @@ async def test_an_exception_in_verification_fails_closed(issuer):
 
 async def test_derived_audiences(issuer):
     with bundled(oidc_issuer=[issuer.url]) as b:
-        for aud in (ORIGIN, ORIGIN + "/", ORIGIN + "/mcp"):
+        for aud in (ORIGIN, ORIGIN + "/", ORIGIN + "/mcp", "http://localhost:8080", "http://[::1]:8080/mcp"):
             f = await send(b, mcp_post(b, issuer.mint("alice", audience=aud)))
             assert f.response is None, aud
         f = await send(b, mcp_post(b, issuer.mint("alice", audience="http://127.0.0.1:9999")))
         assert f.response.status_code == 401
-        # behind a reverse proxy, the Host the client addressed is what counts
+        # behind a reverse proxy, the Host the client addressed picks which of the gateway's names is announced
         f = await send(b, mcp_post(b, issuer.mint("alice", audience="http://localhost:8080"), host="localhost:8080"))
         assert f.response is None
-        f = await send(b, mcp_post(b, issuer.mint("alice", audience=ORIGIN), host="localhost:8080"))
-        assert f.response.status_code == 401
+        f = await send(b, mcp_post(b, "not-a-token", host="localhost:8080"))
         assert 'resource_metadata="http://localhost:8080/.well-known/oauth-protected-resource"' in challenge(f)
+
+
+@pytest.mark.parametrize("host", [
+    "mcp.other.example", "mcp.other.example:8080", "127.0.0.1:9999", "localhost:443", "LOCALHOST:9999",
+    "evil.example:8080", "[::1]:9999", "127.0.0.1:8080.evil.example",
+])
+async def test_the_accepted_audience_never_comes_from_the_client(issuer, host):
+    """A token minted for another server is refused, whatever Host names that server."""
+    with bundled(oidc_issuer=[issuer.url], allowed_hosts=["*", "*:*"]) as b:
+        for aud in (f"http://{host}", f"http://{host}/mcp", f"https://{host}", f"http://{host.lower()}"):
+            f = await send(b, mcp_post(b, issuer.mint("alice", audience=aud), host=host))
+            assert f.response is not None and f.response.status_code == 401, aud
+            # ... and the challenge names the gateway's own metadata, not the Host it was sent
+            assert re.search(r'resource_metadata="http://(localhost|127\.0\.0\.1|\[::1\]):8080/', challenge(f))
+            assert not re.search(r"evil|other|9999|:443", challenge(f)), challenge(f)
+
+
+async def test_configured_names_are_derived_audiences(issuer):
+    with bundled(oidc_issuer=[issuer.url], allowed_hosts=["mcp.internal:*", "*:*"],
+                 listen_host="10.1.2.3") as b:
+        for aud in ("http://mcp.internal:8080", "http://10.1.2.3:8080/mcp"):
+            f = await send(b, mcp_post(b, issuer.mint("alice", audience=aud), host="mcp.internal:8080"))
+            assert f.response is None, aud
+        f = await send(b, mcp_post(b, issuer.mint("alice", audience="http://a.example:8080"), host="a.example:8080"))
+        assert f.response.status_code == 401  # a wildcard names no host of this gateway
+        assert 'resource_metadata="http://localhost:8080/' in challenge(f)
 
 
 async def test_configured_resource_and_audience(issuer):

@@ -78,7 +78,8 @@ class Auth:
             """
             The MCP server's URL as clients know it (RFC 8707 resource, e.g.
             https://mcp.example.com/mcp), announced in the protected-resource metadata.
-            Empty: derived from each request's scheme and host.
+            Empty: the gateway's own origins (the port clients connect to, with the loopback
+            names, listen_host and literal allowed_hosts), never a name the client sends.
             """,
         )
         loader.add_option(
@@ -146,6 +147,10 @@ class Auth:
                 "and any request is forwarded without a token check"
             )
             return
+        if not (ctx.options.oidc_resource or ctx.options.oidc_audience):
+            logger.warning("mcp-bastion: no oidc_resource set: tokens must name one of this gateway's own origins "
+                           "(http://localhost:PORT, http://127.0.0.1:PORT, listen_host, allowed_hosts names); "
+                           "set oidc_resource to the URL clients use")
         asyncio_utils.create_task(self._prefetch(self.verifier), name="mcp-bastion: fetch issuer keys", keep_ref=True)
 
     async def _prefetch(self, verifier: Verifier) -> None:
@@ -262,37 +267,89 @@ class Auth:
         replies.document(flow, 200, doc, {"cache-control": "public, max-age=300"})
         flow.comment = "OAuth protected-resource metadata (served by mcp-bastion)"
 
-    def _origin(self, flow: http.HTTPFlow) -> str:
-        """scheme://host[:port] as the client addressed the gateway."""
+    def _origins(self, flow: http.HTTPFlow) -> list[str]:
+        """This gateway's own origins (scheme://host:port), the one the client addressed first.
+
+        Never taken from what the client sends: a Host header only picks one of
+        them. In reverse mode the port is the listening socket's and the names
+        are the loopback names, the configured `listen_host` and the literal
+        names of `allowed_hosts`; in a forward mode the origin is the
+        destination the request is actually sent to (see `_audiences`).
+        """
         scheme = "https" if flow.client_conn.tls_established else "http"
-        # In reverse mode the gateway has rewritten Host and kept the client's (already checked).
-        host = (flow.metadata.get(Meta.CLIENT_HOST) or flow.request.host_header
-                or url.hostport(scheme, flow.request.host, flow.request.port))
-        return f"{scheme}://{host.lower()}"
+        if fs.mode_name(flow) != "ReverseMode":
+            req = flow.request
+            return [f"{req.scheme}://{url.hostport(req.scheme, _bracketed(req.host.lower()), req.port)}"]
+        port = _socket_port(flow)
+        names = dict.fromkeys(_LOOPBACK)
+        host = (ctx.options.listen_host or "").strip().lower()
+        if host and host not in _ANY_ADDRESS:
+            names[_bracketed(host)] = None
+        for pattern in ctx.options.allowed_hosts:
+            name = _pattern_name(pattern)
+            if name is not None:
+                names[name] = None
+        addressed = _host_name(flow.metadata.get(Meta.CLIENT_HOST) or flow.request.host_header or "")
+        ordered = ([addressed] if addressed in names else []) + [n for n in names if n != addressed]
+        return [f"{scheme}://{url.hostport(scheme, n, port)}" for n in ordered]
 
     def _resource(self, flow: http.HTTPFlow, suffix: str = "") -> str:
         """The resource identifier: configured, or this origin (plus the well-known suffix, RFC 9728 3.3)."""
-        return ctx.options.oidc_resource or self._origin(flow) + suffix
+        return ctx.options.oidc_resource or self._origins(flow)[0] + suffix
 
     def _metadata_url(self, flow: http.HTTPFlow) -> str:
         """Where the metadata for this request's resource is served (RFC 9728 3.1)."""
         if not ctx.options.oidc_resource:
-            return self._origin(flow) + PRM_PATH
+            return self._origins(flow)[0] + PRM_PATH
         parts = urlsplit(ctx.options.oidc_resource)
         return f"{parts.scheme}://{parts.netloc}{PRM_PATH}{parts.path.rstrip('/')}"
 
     def _audiences(self, flow: http.HTTPFlow) -> list[str]:
-        """Accepted `aud` values: configured ones, or the resource URLs this gateway announces."""
+        """Accepted `aud` values: configured ones, or the resource URLs this gateway announces.
+
+        Derived ones are this gateway's own origins (`_origins`), bare or with
+        the MCP endpoint's path (a path the Gateway let through: one of `mcp_paths`).
+        """
         if ctx.options.oidc_audience:
             values = list(ctx.options.oidc_audience)
         elif ctx.options.oidc_resource:
             values = [ctx.options.oidc_resource]
         else:
-            origin = self._origin(flow)
             path = flow.request.path.split("?", 1)[0]
-            values = [origin, origin + path]
+            values = [v for origin in self._origins(flow) for v in (origin, origin + path)]
         # A URL with an empty path and the same URL ending in "/" name the same resource.
         return list(dict.fromkeys(v for value in values for v in _with_root_slash(value)))
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+_ANY_ADDRESS = ("0.0.0.0", "::", "[::]", "*")
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _host_name(hostport: str) -> str:
+    """The host of a `host[:port]` value, lower-cased (IPv6 in brackets)."""
+    hostport = hostport.strip().lower()
+    if hostport.startswith("["):
+        return hostport.partition("]")[0] + "]"
+    return hostport.rpartition(":")[0] if hostport.count(":") == 1 else hostport
+
+
+def _pattern_name(pattern: str) -> str | None:
+    """The literal host an `allowed_hosts` pattern names, or None for a wildcard."""
+    name = _host_name(pattern)
+    return None if not name or "*" in name else name
+
+
+def _socket_port(flow: http.HTTPFlow) -> int:
+    """The port the client connected to: the listening socket's, else the mode's configured one."""
+    sockname = flow.client_conn.sockname
+    if sockname and len(sockname) > 1 and sockname[1]:
+        return int(sockname[1])
+    mode = flow.client_conn.proxy_mode
+    return mode.listen_port(ctx.options.listen_port) or 8080
 
 
 def _with_root_slash(value: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mitmproxy import exceptions
+from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 
 from mcp_bastion.addons.auditlog import AuditLog
@@ -24,7 +24,6 @@ from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.recording import audit_writer
 from mcp_bastion.glue.recording.audit_writer import DEFAULT_KEY_ENV
 from mcp_bastion.glue.recording.facts import flow_facts
-from mcp_bastion.glue.writes import RETRY_AFTER_FAILURE
 
 KEY = b"k" * 32
 
@@ -463,6 +462,11 @@ def run(addon, f):
 
 
 @pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
 def keyfile(tmp_path):
     path = tmp_path / "audit.key"
     path.write_text("q" * 40)
@@ -501,11 +505,15 @@ def test_addon_writes_verifiable_records_and_continues_the_chain(tmp_path, keyfi
                 assert a.health.failure is None and Meta.ERROR not in f.metadata
             a.done()
     v = audit.verify_file(log, b"q" * 40)
-    assert v.ok and v.records == 4
+    assert v.ok and v.records == 8
     recs = [json.loads(line) for line in log.read_bytes().splitlines()]
-    assert [(r["seq"], r["tool"], r["subject"], r["session"], r["rule"]) for r in recs] == [
-        (1, "read", "alice", "sess-1", "r1"), (2, "write", "alice", "sess-1", "r1"),
-        (3, "read", "alice", "sess-1", "r1"), (4, "write", "alice", "sess-1", "r1")]
+    assert [(r["seq"], r.get("tool"), r.get("subject"), r.get("session"), r.get("rule") or r["action"])
+            for r in recs] == [
+        (1, None, None, None, "start"),
+        (2, "read", "alice", "sess-1", "r1"), (3, "write", "alice", "sess-1", "r1"),
+        (4, None, None, None, "stop"), (5, None, None, None, "start"),
+        (6, "read", "alice", "sess-1", "r1"), (7, "write", "alice", "sess-1", "r1"),
+        (8, None, None, None, "stop")]
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
 
 
@@ -547,11 +555,12 @@ def two_runs_then(tmp_path, keyfile, damage):
 def test_addon_continues_a_log_its_head_cannot_vouch_for_and_says_so(tmp_path, keyfile, damage, caplog):
     log = two_runs_then(tmp_path, keyfile, damage)
     v = audit.verify_file(log, b"q" * 40)
-    assert v.ok and v.records == 4
+    assert v.ok and v.records == 8
     recs = [json.loads(x) for x in log.read_bytes().splitlines()]
     assert [(r["seq"], r.get("tool"), r["action"]) for r in recs] == [
-        (1, "one", "allow"), (2, "two", "allow"), (3, None, "recover"), (4, "three", "allow")]
-    assert recs[2]["kind"] == "audit" and "to seq 2" in recs[2]["reason"]
+        (1, None, "start"), (2, "one", "allow"), (3, "two", "allow"), (4, None, "stop"),
+        (5, None, "recover"), (6, None, "start"), (7, "three", "allow"), (8, None, "stop")]
+    assert recs[4]["kind"] == "audit" and "to seq 4" in recs[4]["reason"]
     assert "recovery record" in caplog.text
 
 
@@ -577,6 +586,8 @@ def test_addon_write_failure_refuses_new_requests_until_writing_works(tmp_path, 
     with taddons.context(a) as tctx:
         tctx.configure(a, audit_log=str(tmp_path / "audit.jsonl"), audit_key_file=str(keyfile))
         assert a.health.refusal() is None
+        clock = [1000.0]
+        a.health._clock = lambda: clock[0]
 
         def full(*args):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -586,28 +597,39 @@ def test_addon_write_failure_refuses_new_requests_until_writing_works(tmp_path, 
         run(a, f)
         assert f.response.status_code == 200  # already recorded as sent: not withheld
         assert "audit" in f.metadata[Meta.ERROR]
-        refusal = a.health.refusal()
-        assert isinstance(refusal, Refusal) and refusal.status == 503
-        assert refusal.headers["retry-after"] == str(int(RETRY_AFTER_FAILURE))
+        for _ in range(3):  # refused for as long as the disk is full: there is no window after which it opens
+            clock[0] += 3600
+            refusal = a.health.refusal()
+            assert isinstance(refusal, Refusal) and refusal.status == 503
+        assert refusal.headers["retry-after"] == "1"
         assert refusal.data == {"reason": "audit"} and "write its audit log" in refusal.message
         g = mcp_flow()
         g.response = None
-        a.requestheaders(g)  # refusing is the Admission addon's job, before the Gate
-        assert g.response is None and a.active[g.id] is g
+        a.requestheaders(g)
+        a.request(g)  # its `forward` record cannot be written: not forwarded
+        assert g.response.status_code == 503 and json.loads(g.response.content)["error"]["data"]["reason"] == "audit"
         monkeypatch.undo()
-        a.health.failed_at -= RETRY_AFTER_FAILURE
-        assert a.health.refusal() is None
+        assert a.health.refusal() is not None  # no retry within a second of the last one
+        clock[0] += 1.5
+        assert a.health.refusal() is None  # the retry wrote f's records: admitted again
         h = mcp_flow("after")
-        run(a, h)
+        h.response = None
+        a.requestheaders(h)
+        a.request(h)
+        assert h.response is None  # its forward record is written
+        h.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
+        a.response(h)
         assert a.health.failure is None
         a.done()
     assert "AUDIT LOG WRITE FAILED" in caplog.text
     v = audit.verify_file(tmp_path / "audit.jsonl", b"q" * 40)
     assert v.ok  # the failed write left nothing half-written
     recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_bytes().splitlines()]
-    # f's record is lost (its write failed); h, then g, still in flight, written at shutdown
-    assert [(r["tool"], r["action"], r["status"]) for r in recs] == [("after", "allow", 200), ("echo", "allow", None)]
-    assert recs[1]["error"].startswith("incomplete")
+    # nothing lost: f's records were written by the retry, then h's forward and final records, then g's refusal
+    assert [(r["kind"], r.get("tool"), r["action"]) for r in recs] == [
+        ("audit", None, "start"), ("request", "echo", "allow"), ("forward", None, "forward"),
+        ("request", "after", "allow"), ("request", "echo", "error"), ("audit", None, "stop")]
+    assert recs[2]["messages"] == [{"kind": "request", "method": "tools/call", "id": 1, "tool": "after"}]
 
 
 def test_addon_is_required_only_when_on_and_audit_required(tmp_path, keyfile):
@@ -619,6 +641,11 @@ def test_addon_is_required_only_when_on_and_audit_required(tmp_path, keyfile):
         tctx.configure(a, audit_required=False)
         assert not a.health.required
         a.health.failed("OSError: disk full")
+
+        def still_full():
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        a.health.probe = still_full
         assert a.health.failing() and a.health.refusal() is None
         tctx.configure(a, audit_required=True)
         assert a.health.refusal() is not None
@@ -645,7 +672,8 @@ def test_addon_writes_in_flight_flows_on_shutdown_once(tmp_path, keyfile):
         a.requestheaders(f)
         a.done()
         a.error(f)
-    (rec,) = [json.loads(x) for x in log.read_bytes().splitlines()]
+    start, rec, stop = [json.loads(x) for x in log.read_bytes().splitlines()]
+    assert (start["action"], stop["action"]) == ("start", "stop")
     assert rec["status"] is None and rec["error"].startswith("incomplete")
 
 
@@ -655,3 +683,78 @@ def test_transport_failure_is_an_error_not_a_decision():
     meta[Meta.DECISIONS] = [{"stage": "transport", "action": "error", "reason": "Client disconnected."}]
     (rec,) = audit.build_records(facts(meta, error="Client disconnected."))
     assert (rec["action"], rec["rpc"], rec["error"]) == ("forward", "result", "Client disconnected.")
+
+
+# --- a gateway killed mid-call ------------------------------------------------------------
+
+
+def forwarded_flow(a: AuditLog, tool: str) -> http.HTTPFlow:
+    """A flow that passed every request hook: its `forward` record is written, its answer never comes."""
+    f = mcp_flow(tool)
+    f.response = None
+    a.requestheaders(f)
+    a.request(f)
+    assert f.response is None
+    return f
+
+
+@pytest.mark.anyio
+async def test_a_call_forwarded_by_a_killed_gateway_is_reported_at_the_next_start(tmp_path, keyfile, caplog):
+    log = tmp_path / "audit.jsonl"
+    a = AuditLog()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, audit_log=str(log), audit_key_file=str(keyfile))
+        ended = forwarded_flow(a, "quick")
+        ended.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
+        a.response(ended)
+        hanging = [forwarded_flow(a, f"slow{i}") for i in range(2)]
+        a.writer.close()  # SIGKILL: no `done`, no `stop` record
+        a.writer = None
+    b = AuditLog()
+    with taddons.context(b) as tctx:
+        tctx.configure(b, audit_log=str(log), audit_key_file=str(keyfile))
+        b.done()
+    assert audit.verify_file(log, b"q" * 40).ok
+    recs = [json.loads(x) for x in log.read_bytes().splitlines()]
+    assert [(r["kind"], r["action"]) for r in recs] == [
+        ("audit", "start"), ("forward", "forward"), ("request", "allow"), ("forward", "forward"),
+        ("forward", "forward"), ("audit", "incomplete"), ("audit", "start"), ("audit", "stop")]
+    assert recs[5]["flows"] == [f.id for f in hanging]
+    assert "2 call(s) were forwarded by a gateway that stopped" in caplog.text
+    # the next restart after a clean stop has nothing to report
+    c = AuditLog()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, audit_log=str(log), audit_key_file=str(keyfile))
+        c.done()
+    assert [json.loads(x)["action"] for x in log.read_bytes().splitlines()][-2:] == ["start", "stop"]
+
+
+def test_a_batch_writes_one_forward_record_of_bounded_size(tmp_path, keyfile):
+    """A huge batch names at most MAX_LISTED messages in its forward record (and counts the rest)."""
+    a = AuditLog()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, audit_log=str(tmp_path / "audit.jsonl"), audit_key_file=str(keyfile))
+        f = mcp_flow()
+        f.metadata[Meta.MCP]["request"] = [{"kind": "request", "id": i, "method": "tools/call", "tool": "t"}
+                                           for i in range(5000)]
+        f.response = None
+        a.requestheaders(f)
+        a.request(f)
+        a.done()
+    fwd = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_bytes().splitlines()][1]
+    assert fwd["kind"] == "forward" and len(fwd["messages"]) == audit.MAX_LISTED
+    assert fwd["more_messages"] == 5000 - audit.MAX_LISTED
+
+
+def test_without_audit_required_a_failed_forward_record_does_not_refuse(tmp_path, keyfile, monkeypatch):
+    a = AuditLog()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, audit_log=str(tmp_path / "audit.jsonl"), audit_key_file=str(keyfile), audit_required=False)
+        monkeypatch.setattr(audit_writer.os, "write", lambda *args: (_ for _ in ()).throw(OSError(28, "full")))
+        f = mcp_flow()
+        f.response = None
+        a.requestheaders(f)
+        a.request(f)
+        assert f.response is None and a.health.failing()
+        monkeypatch.undo()
+        a.done()

@@ -32,7 +32,8 @@ ORDER = ["Gateway", "Auth", "Sessions", "Admission", "Policy", "Pipeline", "Gate
 # mitmproxy calls each hook on the addons in bundle order: this table is the pipeline as it runs.
 HOOKS = {
     "requestheaders": ["Gateway", "Auth", "Recorder", "AuditLog"],
-    "request": ["Gateway", "Sessions", "Admission", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken"],
+    "request": ["Gateway", "Sessions", "Admission", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken", "Recorder",
+                "AuditLog"],
     "responseheaders": ["Gateway", "Sessions", "Pipeline", "UpstreamToken", "Recorder"],
     "response": ["Gateway", "Pipeline", "Gate", "Recorder", "AuditLog"],
     "error": ["Gateway", "UpstreamCheck", "UpstreamToken", "Recorder", "AuditLog"],
@@ -73,21 +74,25 @@ def test_the_gate_requires_every_stage_placed_before_it():
     assert any(isinstance(s, Policy) for s in pipeline.stages)
 
 
-def test_nothing_after_the_gate_handles_a_request_hook_that_could_refuse():
-    """Recorder and AuditLog used to refuse in requestheaders, before the Gate ran: now Admission does, in place."""
+def test_after_the_gate_only_the_upstream_and_the_write_ahead_handle_requests():
+    """A failing writer is refused by Admission before any stage runs; after the Gate, the Recorder and
+    the AuditLog write what is about to be forwarded (and refuse only if that very write fails), last."""
     addons = bundle()
     gate = names(addons).index("Gate")
-    after = addons[gate + 1:]
-    refusing_after = [type(a).__name__ for a in after if hasattr(a, "request")
-                      and type(a).__name__ not in ("UpstreamCheck", "UpstreamToken")]
-    assert refusing_after == []
+    after = [type(a).__name__ for a in addons[gate + 1:] if hasattr(a, "request")]
+    assert after == ["UpstreamCheck", "UpstreamToken", "Recorder", "AuditLog"]
     assert names(addons).index("Admission") < gate
+
+
+def still_full() -> None:
+    raise OSError(28, "No space left on device")
 
 
 async def test_a_failing_recorder_is_refused_by_admission_before_the_gate(tmp_path):
     with bundled(record_dir=str(tmp_path)) as b:
         recorder = b.addon(Recorder)
         recorder.health.failed("disk full")
+        recorder.health.probe = still_full
         f = b.flow("POST", call("tools/call", name="add"))
         await b.request(f)
         assert not forwarded(f) and f.response.status_code == 503
@@ -102,6 +107,7 @@ async def test_a_failing_audit_log_is_refused_by_admission(tmp_path, monkeypatch
     monkeypatch.setenv("BASTION_AUDIT_KEY", "k" * 32)
     with bundled(audit_log=str(tmp_path / "audit.jsonl")) as b:
         b.addon(AuditLog).health.failed("disk full")
+        b.addon(AuditLog).health.probe = still_full
         f = b.flow("POST", call("tools/call", name="add"))
         await b.request(f)
         assert f.response.status_code == 503 and error_of(f)["data"] == {"reason": "audit"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 import tracemalloc
@@ -19,15 +20,19 @@ from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.vocab import Meta
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.recording import files as rfiles
-from mcp_bastion.glue.recording import tnet
+from mcp_bastion.glue.recording import journal, tnet
 from mcp_bastion.glue.recording.files import SessionFiles
 from mcp_bastion.glue.recording.scrub import REDACTED
 from mcp_bastion.glue.recording.sessions import session_of
 from mcp_bastion.glue.recording.spool import Spool
-from mcp_bastion.glue.writes import RETRY_AFTER_FAILURE
 
 CLIENT_TOKEN = "client-secret-token-123"
 UPSTREAM_TOKEN = "upstream-credential-456"
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
 
 
 @pytest.fixture
@@ -446,27 +451,35 @@ def disk_full(*args, **kwargs):
 
 def test_failed_write_withholds_the_response_and_the_health_refuses_new_requests(rec, monkeypatch):
     assert rec.health.refusal() is None
+    clock = [1000.0]
+    rec.health._clock = lambda: clock[0]
     monkeypatch.setattr(rfiles.SessionFile, "append", disk_full)
     f = mcp_flow()
     finish(rec, f)
     assert f.response.status_code == 502 and b"-31010" in f.response.content
     assert "resp:record" in f.metadata[Meta.ERROR]
     assert "No space left on device" in rec.health.failure
-    refusal = rec.health.refusal()
-    assert isinstance(refusal, Refusal) and refusal.status == 503
-    assert refusal.headers["retry-after"] == str(int(RETRY_AFTER_FAILURE))
+    for _ in range(3):  # refused for as long as the disk is full, however long that is
+        clock[0] += 3600
+        refusal = rec.health.refusal()
+        assert isinstance(refusal, Refusal) and refusal.status == 503
+    assert refusal.headers["retry-after"] == "1"
     assert refusal.data == {"reason": "record"} and "record this session" in refusal.message
     g = mcp_flow()
     g.response = None
-    rec.requestheaders(g)  # refusing is the Admission addon's job, before the Gate
-    assert g.response is None and rec.active[g.id] is g
+    rec.requestheaders(g)
+    rec.request(g)  # cannot be journalled: not forwarded
+    assert g.response.status_code == 503 and json.loads(g.response.content)["error"]["data"]["reason"] == "record"
     monkeypatch.undo()
-    rec.health.failed_at -= RETRY_AFTER_FAILURE  # the retry window has passed
-    assert rec.health.refusal() is None
+    assert rec.health.refusal() is not None  # no retry within a second of the last one
+    clock[0] += 1.5
+    assert rec.health.refusal() is None  # the retry wrote f: admitted again, nothing lost
     h = mcp_flow()
     finish(rec, h)
     assert h.response.status_code == 200 and rec.health.failure is None
-    assert len(read(files(rec)[0])) == 1
+    recorded = [x for path in files(rec) for x in read(path)]
+    assert [x.id for x in recorded] == [f.id, h.id], files(rec)
+    assert recorded[0].response.status_code == 502  # what the client got
 
 
 def test_a_successful_write_clears_the_failure_at_once(rec, monkeypatch):
@@ -604,3 +617,92 @@ def test_retention_runs_when_configured(tmp_path):
         assert old.exists()
         tctx.configure(r, record_retention="2d")
         assert not old.exists()
+
+
+# --- a gateway killed mid-call ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_call_forwarded_by_a_killed_gateway_is_recovered_into_its_session_file(tmp_path, caplog):
+    directory = tmp_path / "rec"
+    r = Recorder()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, record_dir=str(directory))
+        quick = mcp_flow(session="sess-q")
+        answer, quick.response = quick.response, None
+        r.requestheaders(quick)
+        r.request(quick)
+        quick.response = answer
+        r.response(quick)
+        hanging = mcp_flow(session="sess-h")
+        hanging.response = None
+        r.requestheaders(hanging)
+        r.request(hanging)  # journalled before it is forwarded
+        assert hanging.response is None
+        assert not any("sess-h" in p.name for p in files(r))  # no session file before it ends
+        r.journal.close(remove=False)  # SIGKILL: the journal stays behind, unlocked
+        r.journal = None
+    survivor = Recorder()
+    with taddons.context(survivor) as tctx:
+        tctx.configure(survivor, record_dir=str(directory))
+        (path,) = [p for p in files(survivor) if "sess-h" in p.name]
+        (flow,) = read(path)
+        assert flow.id == hanging.id and flow.response is None
+        assert "killed or crashed" in flow.metadata[Meta.RECORD]["incomplete"]
+        (q,) = [x for p in files(survivor) if "sess-q" in p.name for x in read(p)]
+        assert q.response.status_code == 200  # the call that ended is recorded once, not recovered again
+        survivor.done()
+    assert "1 call(s) were forwarded by a gateway that stopped" in caplog.text
+    assert not list((directory / ".inflight").iterdir())  # both journals are gone after a clean stop
+
+
+@pytest.mark.anyio
+async def test_a_journal_cut_short_by_the_kill_is_read_up_to_its_last_whole_flow(tmp_path):
+    directory = tmp_path / "rec"
+    r = Recorder()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, record_dir=str(directory))
+        flows = []
+        for sid in ("s1", "s2"):
+            f = mcp_flow(session=sid)
+            f.response = None
+            r.requestheaders(f)
+            r.request(f)
+            flows.append(f)
+        path = r.journal.path
+        r.journal.close(remove=False)
+        r.journal = None
+    with open(path, "r+b") as fo:
+        fo.truncate(path.stat().st_size - 7)
+    survivor = Recorder()
+    with taddons.context(survivor) as tctx:
+        tctx.configure(survivor, record_dir=str(directory))
+        recovered = [x.id for p in files(survivor) for x in read(p)]
+        assert recovered == [flows[0].id]
+        survivor.done()
+
+
+def test_a_journal_another_running_gateway_holds_is_left_alone(tmp_path):
+    directory = tmp_path / "rec"
+    first = Recorder()
+    with taddons.context(first) as tctx:
+        tctx.configure(first, record_dir=str(directory))
+        f = mcp_flow()
+        f.response = None
+        first.requestheaders(f)
+        first.request(f)
+        # a replica sharing the directory starts: f is in flight on the first one, not abandoned
+        assert journal.recover(directory, rfiles.SessionFiles(directory)) == []
+        assert files(first) == []
+        first.done()
+    (flow,) = [x for p in sorted(directory.glob("*.mitm")) for x in read(p)]
+    assert flow.id == f.id and "stopped before" in flow.metadata[Meta.RECORD]["incomplete"]
+
+
+def test_a_request_that_cannot_be_journalled_is_refused(rec, monkeypatch):
+    monkeypatch.setattr(rfiles.SessionFile, "append", disk_full)
+    f = mcp_flow()
+    f.response = None
+    rec.requestheaders(f)
+    rec.request(f)
+    assert f.response.status_code == 503 and rec.health.failing()

@@ -18,11 +18,20 @@ disk into the flow file, so a 100 MB stream never sits in memory. Beyond
 `record_stream_limit` the bytes are counted and hashed but not stored;
 `stream` in the flow's `Meta.RECORD` note says so.
 
+Before a request is forwarded (`request`, after the Gate) the flow is
+appended to the in-flight journal (`glue.recording.journal`); a gateway
+killed mid-call leaves it there, and the next start moves it into its
+session file marked incomplete and says so. A request that cannot be
+journalled is refused (503) when recording is required.
+
 When recording is required (`record_required`, the default) a write failure
 withholds the (buffered) response with a 502, and `health` (a `WriteHealth`)
 makes the Admission addon, before the Gate, refuse new requests with 503
-until a write succeeds again. The pieces (naming, scrubbing, spooling,
-encoding, files) are in `glue.recording`.
+until a write succeeds again. Flows that could not be written are kept (up
+to `MAX_PENDING`) and retried in order by the health's probe, so nothing is
+lost once the disk is back (and a kill in between leaves them in the
+journal). The pieces (naming, scrubbing, spooling, encoding, files,
+journal) are in `glue.recording`.
 """
 
 from __future__ import annotations
@@ -33,20 +42,25 @@ import logging
 import tempfile
 import time
 import weakref
+from collections import deque
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.utils import asyncio_utils, human
 
+from mcp_bastion.core import errors
 from mcp_bastion.core.audit import parse_duration
-from mcp_bastion.core.vocab import Meta, StageName
+from mcp_bastion.core.errors import Refusal
+from mcp_bastion.core.vocab import Action, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.failclosed import fail_closed
+from mcp_bastion.glue.recording import journal
 from mcp_bastion.glue.recording.files import SessionFiles
-from mcp_bastion.glue.recording.flowfile import append_flow
+from mcp_bastion.glue.recording.flowfile import append_flow, encode_flow
 from mcp_bastion.glue.recording.sessions import session_key
 from mcp_bastion.glue.recording.spool import Spool
 from mcp_bastion.glue.recording.tnet import ConnectionStates
+from mcp_bastion.glue.replies import refuse
 from mcp_bastion.glue.stream import SSEStream
 from mcp_bastion.glue.writes import WriteHealth
 
@@ -55,6 +69,8 @@ logger = logging.getLogger("mcp_bastion")
 IDLE_CLOSE = 300.0  # seconds without a flow after which a session file is closed
 MAINTENANCE_EVERY = 30.0  # seconds between idle-close checks
 SWEEP_EVERY = 3600.0  # seconds between retention sweeps
+MAX_PENDING = 256  # finished flows kept for a retry while their session file cannot be written
+IN_FLIGHT = "in flight: forwarded, no answer yet"
 
 
 class Recorder:
@@ -68,6 +84,10 @@ class Recorder:
         self.spools: dict[str, Spool] = {}
         self.written: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self.health = WriteHealth("record this session", "record")
+        self.health.probe = self._probe
+        self.journal: journal.Journal | None = None
+        self.journal_broken = False  # the last journal write failed: a new journal is needed
+        self.pending: deque[tuple[http.HTTPFlow, Spool | None, str | None]] = deque()
         self._task: asyncio.Task | None = None
         self._last_sweep = 0.0
         self.conns = ConnectionStates()
@@ -118,7 +138,7 @@ class Recorder:
             self.stream_limit = limit
         if "record_dir" in updated:
             if self.files is not None:
-                self.files.close_all()
+                self._close(clean=not self.pending)
                 self.files = None
             if ctx.options.record_dir:
                 directory = Path(ctx.options.record_dir).expanduser()
@@ -126,9 +146,16 @@ class Recorder:
                     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                     with tempfile.TemporaryFile(dir=directory, prefix=".probe-"):
                         pass
+                    files = SessionFiles(directory)
+                    recovered = journal.recover(directory, files)
+                    self.journal = journal.Journal(directory)
                 except OSError as e:
                     raise exceptions.OptionsError(f"record_dir {directory} is not writable: {e}") from None
-                self.files = SessionFiles(directory)
+                self.files = files
+                if recovered:
+                    logger.warning("mcp-bastion: RECORDING: %d call(s) were forwarded by a gateway that stopped before "
+                                   "they ended; recovered from its in-flight journal and marked incomplete (flows %s)",
+                                   len(recovered), ", ".join(recovered[:10]))
                 self.health.succeeded()
         self.health.required = self.files is not None and ctx.options.record_required
         if self.files is not None and ({"record_dir", "record_retention"} & updated):
@@ -188,6 +215,59 @@ class Recorder:
 
     # --- writing -------------------------------------------------------------
 
+    @fail_closed(StageName.RECORD)
+    def request(self, flow: http.HTTPFlow) -> None:
+        """Just before the upstream: journal what is about to be forwarded, or refuse it."""
+        if not self._wanted(flow) or flow.response or flow.error or not flow.live:
+            return
+        try:
+            self._begin(flow)
+        except Exception as e:
+            self.health.failed(f"{type(e).__name__}: {e}")
+            logger.error("mcp-bastion: RECORDING FAILED (in-flight journal) for %s: %s", flow.request.pretty_url, e)
+            if ctx.options.record_required:
+                refuse(flow, Refusal(503, errors.GATEWAY_ERROR,
+                                     "mcp-bastion cannot record this session right now; the request was not forwarded",
+                                     {"reason": "record"}, {"retry-after": "1"}),
+                       stage=StageName.RECORD, action=Action.ERROR)
+
+    def _begin(self, flow: http.HTTPFlow) -> None:
+        assert self.files is not None
+        if self.journal is None or self.journal_broken or self.journal.full():
+            self._new_journal(exclude=flow)
+        assert self.journal is not None
+        pieces, _, _ = encode_flow(self.files.directory, self.conns, flow, None, IN_FLIGHT)
+        try:
+            self.journal.begin(pieces)
+        except BaseException:
+            self.journal_broken = True
+            raise
+
+    def _new_journal(self, exclude: http.HTTPFlow | None = None) -> None:
+        """Start a new journal holding the flows still in flight; then drop the old one."""
+        assert self.files is not None
+        fresh = journal.Journal(self.files.directory)
+        try:
+            for other in self.active.values():
+                if other is not exclude and other not in self.written:
+                    fresh.begin(encode_flow(self.files.directory, self.conns, other, None, IN_FLIGHT)[0])
+            for other, _, _ in self.pending:
+                fresh.begin(encode_flow(self.files.directory, self.conns, other, None, IN_FLIGHT)[0])
+        except BaseException:
+            fresh.close(remove=True)
+            raise
+        old, self.journal, self.journal_broken = self.journal, fresh, False
+        if old is not None:
+            old.close(remove=True)
+
+    def _probe(self) -> None:
+        """Retry what could not be written (and the journal); raises while recording still fails."""
+        if self.files is None:
+            return
+        if self.journal_broken or self.journal is None:
+            self._new_journal()
+        self._flush()
+
     @fail_closed(StageName.RESP_RECORD)
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -204,6 +284,21 @@ class Recorder:
             with contextlib.suppress(Exception):  # logged in _finish
                 self._finish(flow, incomplete="the gateway stopped before this exchange ended")
         if self.files is not None:
+            self._close(clean=not self.pending)
+
+    def _close(self, clean: bool) -> None:
+        """Close the files; the journal is removed only if every flow it holds is in its session file."""
+        if self.pending:
+            logger.error("mcp-bastion: RECORDING: stopping with %d flow(s) unwritten; they stay in the in-flight "
+                         "journal for the next start", len(self.pending))
+        for _, spool, _ in self.pending:
+            if spool is not None:
+                spool.close()
+        self.pending.clear()
+        if self.journal is not None:
+            self.journal.close(remove=clean and not self.journal_broken)
+            self.journal = None
+        if self.files is not None:
             self.files.close_all()
 
     def _finish(self, flow: http.HTTPFlow, incomplete: str | None = None) -> None:
@@ -214,19 +309,36 @@ class Recorder:
         self.written.add(flow)
         self.active.pop(flow.id, None)
         spool = self.spools.pop(flow.id, None)
+        if len(self.pending) >= MAX_PENDING:
+            dropped, old_spool, _ = self.pending.popleft()
+            logger.error("mcp-bastion: RECORDING: dropped flow %s: too many flows wait for the disk", dropped.id)
+            if old_spool is not None:
+                old_spool.close()
+        self.pending.append((flow, spool, incomplete))
         try:
-            self.write(flow, spool, incomplete)
+            self._flush()
         except Exception as e:
             self.health.failed(f"{type(e).__name__}: {e}")
-            logger.error("mcp-bastion: RECORDING FAILED for %s (%s): %s", flow.request.pretty_url, session_key(flow), e,
-                         exc_info=e)
+            logger.error("mcp-bastion: RECORDING FAILED for %s (%s): %s; kept for a retry", flow.request.pretty_url,
+                         session_key(flow), e, exc_info=e)
             if ctx.options.record_required:
                 raise
         else:
             self.health.succeeded()
-        finally:
+
+    def _flush(self) -> None:
+        """Write the flows waiting for their session file, oldest first; raise at the first that fails."""
+        while self.pending:
+            flow, spool, incomplete = self.pending[0]
+            self.write(flow, spool, incomplete)
+            self.pending.popleft()
             if spool is not None:
                 spool.close()
+            if self.journal is not None and not self.journal_broken:
+                try:
+                    self.journal.end(flow.id)
+                except OSError:
+                    self.journal_broken = True  # the flow is recorded; the next journal will not list it
 
     def write(self, flow: http.HTTPFlow, spool: Spool | None = None, incomplete: str | None = None) -> Path:
         """Append `flow`, secrets scrubbed, to its session file; return the file's path."""

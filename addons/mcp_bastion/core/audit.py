@@ -251,6 +251,110 @@ def build_records(facts: FlowFacts) -> list[dict[str, Any]]:
     return records
 
 
+MAX_LISTED = 32  # messages (or flows) a begin or incomplete record lists by name; the rest are counted
+
+
+def forward_record(facts: FlowFacts) -> dict[str, Any]:
+    """The record written *before* a request is forwarded: what is about to reach the upstream.
+
+    `kind: "forward"`, one per forwarded flow, naming its messages (at most
+    `MAX_LISTED`, then a count). The flow's ordinary records follow when it
+    ends; a `forward` record with none after it is a call the gateway
+    forwarded and never saw end (killed): `open_flows` finds them at restart.
+    """
+    meta = facts.metadata
+    state = meta.get(Meta.MCP) if isinstance(meta.get(Meta.MCP), dict) else {}
+    ident = meta.get(Meta.IDENTITY) if isinstance(meta.get(Meta.IDENTITY), dict) else {}
+    requests = [s for s in state.get("request") or () if isinstance(s, dict)]
+    listed = []
+    for msg in requests[:MAX_LISTED]:
+        item = {k: msg[k] for k in ("kind", "method", "id") if msg.get(k) is not None}
+        item.update(_target_fields(msg))
+        listed.append(item)
+    rec: dict[str, Any] = {
+        "time": iso_time(facts.started),
+        "flow": facts.flow_id,
+        "session": facts.session,
+        "subject": ident.get("sub"),
+        "groups": _groups(ident.get("groups")),
+        "upstream": meta.get(Meta.UPSTREAM),
+        "direction": "client_to_server",
+        "kind": "forward",
+        "method": requests[0].get("method") if len(requests) == 1 else facts.http_method,
+        "action": "forward",
+        "stage": "audit",
+        "messages": listed or [{"kind": "http", "method": facts.http_method}],
+    }
+    if len(requests) > MAX_LISTED:
+        rec["more_messages"] = len(requests) - MAX_LISTED
+    if ident.get("client_id"):
+        rec["client_id"] = ident["client_id"]
+    return rec
+
+
+def lifecycle_record(action: str, reason: str, flows: list[str] | None = None) -> dict[str, Any]:
+    """A record about the gateway itself: `start`, `stop`, or `incomplete` (calls a dead gateway left)."""
+    rec: dict[str, Any] = {"time": iso_time(time.time()), "kind": "audit", "stage": "audit", "action": action,
+                           "reason": reason, "pid": os.getpid()}
+    if flows is not None:
+        rec["flows"] = flows[:MAX_LISTED * 32]
+        if len(flows) > len(rec["flows"]):
+            rec["more_flows"] = len(flows) - len(rec["flows"])
+    return rec
+
+
+def open_flows(path: str | os.PathLike, block: int = 1024 * 1024) -> list[str]:
+    """Flows of the last run that were forwarded (a `forward` record) and never ended, oldest first.
+
+    Read from the end of the log back to the last `start` record: a log
+    whose last record is a `stop` (the gateway ended cleanly) costs one
+    read. Each ordinary record of a flow, and the `incomplete` records of a
+    clean stop, end it.
+    """
+    ended: set[str] = set()
+    opened: list[str] = []
+    for line in _lines_backwards(path, block):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        kind, action = rec.get("kind"), rec.get("action")
+        if kind == "audit" and action in ("start", "stop"):
+            break
+        flow = rec.get("flow")
+        if kind == "forward" and isinstance(flow, str):
+            if flow not in ended:
+                opened.append(flow)
+        elif isinstance(flow, str):
+            ended.add(flow)
+    return opened[::-1]
+
+
+def _lines_backwards(path: str | os.PathLike, block: int) -> Iterator[bytes]:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        f.seek(0, os.SEEK_END)
+        pos = f.tell()
+        rest = b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            chunk = f.read(step) + rest
+            lines = chunk.split(b"\n")
+            rest = lines[0]
+            for line in reversed(lines[1:]):
+                if line.strip():
+                    yield line
+        if rest.strip():
+            yield rest
+
+
 # --- the chain ----------------------------------------------------------------
 
 

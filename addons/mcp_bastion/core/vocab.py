@@ -61,6 +61,8 @@ class StageName(StrEnum):
     RESP_POLICY = "resp:policy"
     RESP_SSE = "resp:sse"
     RESP_RECORD = "resp:record"
+    RECORD = "record"  # Recorder: what is forwarded is journalled first (else 503)
+    AUDIT = "audit"  # AuditLog: what is forwarded is audited first (else 503)
     TRANSPORT = "transport"  # not a stage: a connection failed (client gone, upstream reset)
 
     @property

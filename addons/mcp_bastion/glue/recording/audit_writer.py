@@ -22,6 +22,10 @@ logger = logging.getLogger("mcp_bastion")
 DEFAULT_KEY_ENV = "BASTION_AUDIT_KEY"  # environment variable holding the audit key, unless configured otherwise
 
 
+class HeadNotMoved(OSError):
+    """The records were appended but the head file could not be rewritten (they must not be written again)."""
+
+
 class AuditWriter:
     """An open, chained audit log file and its head file."""
 
@@ -93,6 +97,13 @@ class AuditWriter:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, start)
             raise
+        try:
+            self.move_head()
+        except OSError as e:
+            raise HeadNotMoved(e) from e
+
+    def move_head(self) -> None:
+        """Rewrite the head file for the chain's last record."""
         self.head.write(audit.make_head(self.key, self.chain.seq, self.chain.prev))
 
     def close(self) -> None:

@@ -24,7 +24,16 @@ from mcp_bastion.glue.recording.tnet import (
 
 def append_flow(files: SessionFiles, conns: ConnectionStates, flow: http.HTTPFlow, spool: Spool | None = None,
                 incomplete: str | None = None) -> Path:
-    """Append `flow`, secrets scrubbed, to its session file; return the file's path.
+    """Append `flow`, secrets scrubbed, to its session file; return the file's path."""
+    pieces, subject, session = encode_flow(files.directory, conns, flow, spool, incomplete)
+    target = files.get(subject, session, flow.request.timestamp_start or time.time())
+    target.append(pieces)
+    return target.path
+
+
+def encode_flow(directory: Path, conns: ConnectionStates, flow: http.HTTPFlow, spool: Spool | None = None,
+                incomplete: str | None = None) -> tuple[list[bytes | Blob], str, str]:
+    """`flow`, secrets scrubbed, as the pieces of one flow-file record; and its subject and session.
 
     The flow is serialised once (`flow_state`: fresh containers, the
     connections' states reused while unchanged) and the secrets are
@@ -48,7 +57,7 @@ def append_flow(files: SessionFiles, conns: ConnectionStates, flow: http.HTTPFlo
         note["incomplete"] = incomplete
     response = state["response"]
     if spool is None and response is not None and callable(flow.response.stream):
-        spool = Spool(files.directory, 0)  # a stream that sent nothing: record an empty body
+        spool = Spool(directory, 0)  # a stream that sent nothing: record an empty body
     blob = None
     if spool is not None and response is not None:
         note["stream"] = spool.summary()
@@ -63,6 +72,4 @@ def append_flow(files: SessionFiles, conns: ConnectionStates, flow: http.HTTPFlo
     else:  # the spooled body is copied from disk between the two halves
         at = parts.index(blob)
         pieces = [b"".join(parts[:at]), blob, b"".join(parts[at + 1:])]  # type: ignore[arg-type]
-    target = files.get(subject, session, flow.request.timestamp_start or time.time())
-    target.append(pieces)
-    return target.path
+    return pieces, subject, session

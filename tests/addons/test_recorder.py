@@ -706,3 +706,22 @@ def test_a_request_that_cannot_be_journalled_is_refused(rec, monkeypatch):
     rec.requestheaders(f)
     rec.request(f)
     assert f.response.status_code == 503 and rec.health.failing()
+
+
+def test_a_removed_record_directory_is_recreated_before_anything_is_forwarded(rec, caplog):
+    import shutil
+
+    first = mcp_flow(session="s-open")
+    finish(rec, first)  # its session file is open
+    shutil.rmtree(rec.files.directory)
+    for sid in ("s-open", "s-new"):
+        f = mcp_flow(session=sid)
+        answer, f.response = f.response, None
+        rec.requestheaders(f)
+        rec.request(f)
+        assert f.response is None  # journalled in the recreated directory, then forwarded
+        f.response = answer
+        rec.response(f)
+        assert f.response.status_code == 200
+    assert sorted(len(read(p)) for p in files(rec)) == [1, 1]  # both recorded where the directory is now
+    assert "was removed or replaced; recreating it" in caplog.text

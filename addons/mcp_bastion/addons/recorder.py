@@ -88,6 +88,7 @@ class Recorder:
         self.journal: journal.Journal | None = None
         self.journal_broken = False  # the last journal write failed: a new journal is needed
         self.pending: deque[tuple[http.HTTPFlow, Spool | None, str | None]] = deque()
+        self.directory_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the record directory
         self._task: asyncio.Task | None = None
         self._last_sweep = 0.0
         self.conns = ConnectionStates()
@@ -149,6 +150,7 @@ class Recorder:
                     files = SessionFiles(directory)
                     recovered = journal.recover(directory, files)
                     self.journal = journal.Journal(directory)
+                    self.directory_id = _identity(directory)
                 except OSError as e:
                     raise exceptions.OptionsError(f"record_dir {directory} is not writable: {e}") from None
                 self.files = files
@@ -231,8 +233,34 @@ class Recorder:
                                      {"reason": "record"}, {"retry-after": "1"}),
                        stage=StageName.RECORD, action=Action.ERROR)
 
+    def _check_directory(self) -> None:
+        """Make sure writes land in the record directory, not in files of one removed or replaced.
+
+        An open file of a removed directory still takes writes, which are then
+        lost: if the directory is gone (or another stands in its place), it is
+        recreated and every file reopened there; the flows in flight are
+        journalled again in the new journal.
+        """
+        assert self.files is not None
+        directory = self.files.directory
+        try:
+            if _identity(directory) == self.directory_id:
+                return
+        except FileNotFoundError:
+            pass
+        logger.error("mcp-bastion: RECORDING: the record directory %s was removed or replaced; recreating it "
+                     "(flows written there before are in the old one, if it still exists)", directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.files.close_all()
+        if self.journal is not None:
+            self.journal.close(remove=False)
+            self.journal = None
+        self.directory_id = _identity(directory)
+        self._new_journal()
+
     def _begin(self, flow: http.HTTPFlow) -> None:
         assert self.files is not None
+        self._check_directory()
         if self.journal is None or self.journal_broken or self.journal.full():
             self._new_journal(exclude=flow)
         assert self.journal is not None
@@ -321,13 +349,17 @@ class Recorder:
             self.health.failed(f"{type(e).__name__}: {e}")
             logger.error("mcp-bastion: RECORDING FAILED for %s (%s): %s; kept for a retry", flow.request.pretty_url,
                          session_key(flow), e, exc_info=e)
-            if ctx.options.record_required:
+            # Withhold an upstream's answer that cannot be recorded; the gateway's own refusal (nothing
+            # was forwarded, e.g. Admission's 503 while writes fail) stays what the client gets.
+            if ctx.options.record_required and not fs.refused(flow):
                 raise
         else:
             self.health.succeeded()
 
     def _flush(self) -> None:
         """Write the flows waiting for their session file, oldest first; raise at the first that fails."""
+        if self.pending:
+            self._check_directory()
         while self.pending:
             flow, spool, incomplete = self.pending[0]
             self.write(flow, spool, incomplete)
@@ -344,3 +376,8 @@ class Recorder:
         """Append `flow`, secrets scrubbed, to its session file; return the file's path."""
         assert self.files is not None
         return append_flow(self.files, self.conns, flow, spool, incomplete)
+
+
+def _identity(directory: Path) -> tuple[int, int]:
+    st = directory.stat()
+    return st.st_dev, st.st_ino

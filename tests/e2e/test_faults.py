@@ -417,10 +417,6 @@ def test_upstream_down_gets_a_json_rpc_error_and_the_records_verify(tmp_path):
     assert all(f.response.status_code == 502 for f in flows)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: when the upstream dies between two requests of one client connection, UpstreamCheck (which "
-    "probes only a connection's first request) lets the next one through and the client gets mitmproxy's "
-    "HTML 502 page, which names the upstream's address, instead of the JSON-RPC -31011 error"))
 def test_upstream_dying_between_two_requests_of_one_connection_gets_a_json_rpc_error():
     with upstream() as up, gateway(up.url) as gw, httpx.Client(timeout=GUARD) as client:
         assert call(client, gw.url, "echo", 1).status_code == 200
@@ -511,16 +507,8 @@ def test_a_hanging_upstream_does_not_hold_up_other_sessions(stack, tool):
 # --- malformed answers ------------------------------------------------------------------------------------
 
 
-JSON_FAULTS = ["bad_json", "duplicate_keys", "not_json_type",
-               pytest.param("not_jsonrpc", marks=pytest.mark.xfail(strict=True, reason=(
-                   "finding: a JSON response body that is valid JSON but not a JSON-RPC message "
-                   "({\"text\": ...}) is forwarded to the client as-is (200) instead of being withheld; "
-                   "the same content in an SSE event fails closed")))]
-SSE_FAULTS = ["sse_not_json", "sse_not_jsonrpc", "sse_blank_line_inside", "sse_huge",
-              pytest.param("sse_u2028", marks=pytest.mark.xfail(strict=True, reason=(
-                  "finding: an SSE field holding U+2028 (or U+2029, U+0085, \\x0b, \\x0c, \\x1c-\\x1e) is "
-                  "forwarded unread; a client splitting lines like str.splitlines() (httpx iter_lines, "
-                  "httpx-sse before 0.4.2) reads a JSON-RPC message the gateway never checked")))]
+JSON_FAULTS = ["bad_json", "duplicate_keys", "not_json_type", "not_jsonrpc"]
+SSE_FAULTS = ["sse_not_json", "sse_not_jsonrpc", "sse_blank_line_inside", "sse_huge", "sse_u2028"]
 
 
 def splitlines_client(raw: bytes) -> list[dict]:

@@ -120,9 +120,38 @@ def test_events_without_messages_pass_untouched_without_the_stages():
     f = streamed_flow()
     stages = Stages()
     stream = sse_stream(f, stages)
-    wire = b": comment\n\nevent: ping\ndata: hello\n\nretry: 100\n\n"
+    wire = b": comment\n\nretry: 100\n\nid: 7\n\n"
     assert sent(stream, wire) == wire
     assert stages.calls == []
+
+
+@pytest.mark.parametrize("wire", [
+    b"event: ping\ndata: hello\n\n",
+    b"event: x\xe2\x80\xa8event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n",
+    b"event: MESSAGE\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n",
+])
+def test_an_event_type_mcp_does_not_use_ends_the_stream_with_an_error(wire):
+    """No stage reads it, and a client may read it as something else: it fails the stream closed."""
+    stream = sse_stream(streamed_flow())
+    out = sent(stream, wire)
+    assert b"hello" not in out and b'"result"' not in out and b"-31010" in out
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_no_forwarded_line_splits_differently_for_another_line_splitter(sep):
+    """What the gateway sends reads the same to a client that splits lines like str.splitlines()."""
+    wires = [f": keep{sep}data: {{}}\n\n", f"id: 1{sep}data: {{}}\n\n"]
+    in_json = sep not in "\x0b\x0c\x1c\x1d\x1e"  # JSON strings may hold these raw; control characters not
+    text = json.dumps({"jsonrpc": "2.0", "id": 5, "result": {"t": f"a{sep}data: x"}}, ensure_ascii=False)
+    if in_json:
+        wires.append(f"data: {text}\n\n")
+    for wire in wires:
+        out = sent(sse_stream(streamed_flow(), Stages()), wire.encode()).decode()
+        assert sep not in out, (wire, out)
+        assert out.splitlines() == out.split("\n")[:len(out.splitlines())]
+    if in_json:  # the value is kept, written as an escape
+        out = sent(sse_stream(streamed_flow(), Stages()), f"data: {text}\n\n".encode()).decode()
+        assert json.loads(out[len("data: "):])["result"]["t"] == f"a{sep}data: x"
 
 
 def test_an_unterminated_tail_is_discarded_at_the_end_of_the_stream():

@@ -485,6 +485,14 @@ class Gateway:
             except ParseError as e:
                 self._withhold(flow, f"upstream sent an unreadable response ({e.reason})")
                 return
+            if any(m.kind == "invalid" for m in body.messages):
+                # JSON, but no JSON-RPC message: nothing any stage could read, so nothing the client gets.
+                if resp.status_code >= 300:
+                    self._replace_error_page(flow, ctype)
+                    fs.mark_stage(flow, StageName.RESP_PARSE)
+                else:
+                    self._withhold(flow, "upstream answered JSON that is not a JSON-RPC 2.0 message")
+                return
             if "content-encoding" in resp.headers:
                 del resp.headers["content-encoding"]
                 resp.content = raw  # what was checked, with its own Content-Length

@@ -30,9 +30,11 @@ class UpstreamCheck:
     So, before the first request of each client connection is forwarded,
     this addon opens (and closes) a TCP connection to the upstream itself; if
     that fails the client gets a JSON-RPC error with the request's id.
-    Later requests on the same client connection are not checked again until
-    a flow on it fails. Sits after the Gate, so only requests that will be
-    forwarded are checked. Forces `connection_strategy=lazy`: with the
+    Later requests on the same client connection are not checked again while
+    its connection to the upstream stays open: once the upstream closes it (it
+    may have died) or a flow on it fails, the next request is checked again.
+    Sits after the Gate, so only requests that will be forwarded are checked.
+    Forces `connection_strategy=lazy`: with the
     default (eager) a dead upstream in reverse mode makes mitmproxy drop the
     client's connection before it has read a request.
     """
@@ -81,6 +83,12 @@ class UpstreamCheck:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._reachable.discard((flow.client_conn.id, flow.request.host, flow.request.port))
+
+    def server_disconnected(self, data) -> None:
+        """The upstream closed a connection: the next request on that client connection is checked again."""
+        client = getattr(data, "client", None)
+        if client is not None:
+            self._reachable = {k for k in self._reachable if k[0] != client.id}
 
     def client_disconnected(self, client) -> None:
         self._reachable = {k for k in self._reachable if k[0] != client.id}

@@ -16,10 +16,28 @@ larger than `max_event_bytes`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_EVENT = 16 * 1024 * 1024
+
+# Characters the SSE grammar does not treat as line ends but other line splitters do (Python's
+# str.splitlines(), and SSE clients built on it): a block holding one is read differently there.
+_LOOSE_BREAKS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_LOOSE_BREAK_BYTES = re.compile(rb"[\x0b\x0c\x1c-\x1e]|\xc2\x85|\xe2\x80[\xa8\xa9]")
+_LOOSE_BREAK_CHARS = re.compile(f"[{_LOOSE_BREAKS}]")
+_JSON_ESCAPES = {c: f"\\u{ord(c):04x}" for c in _LOOSE_BREAKS}
+
+
+def has_loose_breaks(raw: bytes) -> bool:
+    """True if some line splitter other than the SSE grammar would cut `raw` into other lines."""
+    return _LOOSE_BREAK_BYTES.search(raw) is not None
+
+
+def json_without_loose_breaks(text: str) -> str:
+    """Serialised JSON with every such character written as a `\\uXXXX` escape (same value)."""
+    return _LOOSE_BREAK_CHARS.sub(lambda m: _JSON_ESCAPES[m.group()], text)
 
 
 class SSEError(ValueError):
@@ -62,10 +80,20 @@ def format_event(
     retry: int | None = None,
     comments: list[str] | None = None,
 ) -> bytes:
-    """Write one SSE block with LF line endings."""
+    """Write one SSE block with LF line endings.
+
+    Every line of it is one line for any line splitter: comments holding a
+    character some splitter takes for a line end are left out, and such
+    characters are removed from the other fields (escape JSON data first
+    with `json_without_loose_breaks` to keep its value).
+    """
     lines: list[str] = []
     for c in comments or ():
-        lines.extend(":" + part for part in _split_lines(c))
+        if not _LOOSE_BREAK_CHARS.search(c):
+            lines.extend(":" + part for part in _split_lines(c))
+    event = _LOOSE_BREAK_CHARS.sub("", event) if event is not None else None
+    id = _LOOSE_BREAK_CHARS.sub("", id) if id is not None else None
+    data = _LOOSE_BREAK_CHARS.sub("", data) if data is not None else None
     if event is not None:
         _check_field("event", event)
         lines.append(f"event: {event}")

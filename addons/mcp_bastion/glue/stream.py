@@ -33,7 +33,7 @@ from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import DEFAULT_MAX_DEPTH, ParseError, dumps, parse_body, placed
 from mcp_bastion.core.message import Carrier, Message
 from mcp_bastion.core.pipeline import StageError
-from mcp_bastion.core.sse import SSEError, SSEEvent, SSEParser
+from mcp_bastion.core.sse import SSEError, SSEEvent, SSEParser, has_loose_breaks, json_without_loose_breaks
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
@@ -130,16 +130,22 @@ class SSEStream:
         if messages and len(self.state["events"]) < MAX_SUMMARIES:
             self.state["events"].extend(m.summary() for m in messages)
         sent: list[Any] = []
+        # Forwarded byte for byte only when every line splitter reads it as the gateway did.
+        loose = has_loose_breaks(event.raw)
+        if event.has_data and event.event not in ("message", "endpoint"):
+            # An event type MCP does not use: no stage can read it, and a client may read it otherwise.
+            raise SSEError(f"upstream sent an event of type {event.event[:40]!r}, which MCP does not use")
         if event.has_data and event.event == "endpoint" and self._check_endpoint(event):
             out = event.encode()  # the announced endpoint was rewritten
         elif not messages:
-            out = event.raw
+            out = event.encode() if loose else event.raw
         else:
             values = sent = self.stages(self.flow, messages, batch)
-            if len(values) == len(messages) and all(v is m.raw for v, m in zip(values, messages, strict=True)):
+            if (not loose and len(values) == len(messages)
+                    and all(v is m.raw for v, m in zip(values, messages, strict=True))):
                 out = event.raw  # unchanged: byte for byte
             elif values:
-                event.data = dumps(values if batch else values[0]).decode("utf-8")
+                event.data = json_without_loose_breaks(dumps(values if batch else values[0]).decode("utf-8"))
                 event.has_data = True
                 out = event.encode()
             else:

@@ -480,3 +480,30 @@ async def test_a_replayed_flow_that_was_refused_is_enforced_again(ruleset, tmp_p
         assert forwarded(f)
         out = await b.response(f, answer(1, TOOLS))
     assert leaked(out) == []
+
+
+# --- what one request can cost ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("members", [10, 1000])
+async def test_a_batch_costs_audit_records_linear_in_its_size(tmp_path, monkeypatch, members):
+    """A batch of N denied notifications once wrote N records that each repeated all N decisions."""
+    monkeypatch.setenv("BASTION_AUDIT_KEY", "k" * 32)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\ndefault: allow\nrules:\n"
+                     "  - id: no-progress\n    match: {methods: [notifications/progress]}\n    action: deny\n")
+    log = tmp_path / "audit.jsonl"
+    with bundled(ruleset=str(rules), audit_log=str(log)) as b:
+        body = [{"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": i, "progress": 1}}
+                for i in range(members)]
+        f = b.flow("POST", body)
+        await b.request(f)
+        assert f.response is not None and not forwarded(f)
+        await b.response(f)
+    records = [r for r in map(json.loads, log.read_bytes().splitlines()) if r.get("method") == "notifications/progress"
+               and r["kind"] != "forward"]
+    assert len(records) == members  # one each (beyond the summaries kept on the flow, from its decision alone)
+    assert all(r["action"] == "deny" and r["rule"] == "no-progress" for r in records)
+    assert max(len(r["decisions"]) for r in records) <= 3
+    per_record = log.stat().st_size / members
+    assert per_record < 2048, per_record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import time
@@ -17,7 +18,7 @@ from mitmproxy.test import taddons, tflow
 
 from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.vocab import Meta
+from mcp_bastion.core.vocab import Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.recording import files as rfiles
 from mcp_bastion.glue.recording import journal, tnet
@@ -725,3 +726,38 @@ def test_a_removed_record_directory_is_recreated_before_anything_is_forwarded(re
         assert f.response.status_code == 200
     assert sorted(len(read(p)) for p in files(rec)) == [1, 1]  # both recorded where the directory is now
     assert "was removed or replaced; recreating it" in caplog.text
+
+
+# --- what an unidentified caller can cost -------------------------------------------------
+
+
+def refused_unknown(body: bytes) -> http.HTTPFlow:
+    f = mcp_flow(session=None, body=body)
+    fs.add_decision(f, stage=StageName.AUTH, action="deny", reason="missing_token")
+    return f
+
+
+def test_an_unidentified_callers_refused_body_is_recorded_by_its_head_size_and_digest(rec):
+    body = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"p":"' + b"A" * 3_000_000 + b'"}}'
+    f = refused_unknown(body)
+    finish(rec, f)
+    (path,) = files(rec)
+    assert path.stat().st_size < 8 * 1024  # not 3 MB
+    (flow,) = read(path)
+    note = flow.metadata[Meta.RECORD]["request_body"]
+    assert note["bytes"] == len(body) and note["sha256"] == hashlib.sha256(body).hexdigest()
+    assert flow.request.content == body[:note["kept"]]
+    known = mcp_flow(body=body)  # a caller the Auth stage let in is recorded whole
+    fs.add_decision(known, stage=StageName.AUTH, action="allow", reason="token")
+    finish(rec, known)
+    assert max(p.stat().st_size for p in files(rec)) > len(body)
+
+
+def test_refusals_of_unidentified_callers_are_recorded_a_bounded_number_of_times(rec, caplog):
+    from mcp_bastion.addons import recorder as recorder_mod
+
+    for _ in range(recorder_mod.UNKNOWN_CALLERS_PER_MINUTE + 25):
+        finish(rec, refused_unknown(b"{}"))
+    recorded = [x for p in files(rec) for x in read(p)]
+    assert len(recorded) == recorder_mod.UNKNOWN_CALLERS_PER_MINUTE
+    assert rec.unknown[next(iter(rec.unknown))][2] == 25

@@ -673,3 +673,27 @@ def test_quoted_or_unspaced_hashes_are_kept_quietly(line):
     assert not [w for w in rs.warnings if "YAML comment" in w.message]
     if "#platform" in line:
         assert rs.rules[0].decision.reason in ("ask #platform", "ask#platform")
+
+
+@pytest.mark.parametrize("ch", ["\ufdfa", "\ufdfb", "\u3300", "\u2474"])
+def test_text_that_grows_too_much_under_normalisation_is_refused_not_normalised(ch):
+    """U+FDFA is 18 characters in NFKC: a few MB of it took seconds of the event loop."""
+    r = one_rule("{keywords: [secret]}")
+    d = r.evaluate(ALICE, call("t", q=ch * 500_000))
+    if ch in ("\ufdfa", "\ufdfb"):
+        assert d.rule == MALFORMED_RULE and "normalisation" in d.reason
+    else:  # 3 to 5 characters each: within the allowed growth
+        assert d.rule == DEFAULT_RULE
+    steps, explained = r.explain(ALICE, call("t", q=ch * 500_000))
+    assert explained.rule == d.rule
+
+
+def test_a_few_expanding_characters_are_normalised_as_usual():
+    assert normalize.text("ﬁle \ufdfa", fold=True).startswith("file ")
+    r = one_rule("{keywords: ['file']}")
+    assert r.evaluate(ALICE, call("t", q="ﬁle")).rule == "r"
+
+
+def test_text_already_in_normal_form_is_not_rewritten():
+    s = "é" * 1000 + "日本語"
+    assert normalize.text(s) is s

@@ -179,6 +179,22 @@ class Handler(BaseHTTPRequestHandler):
         self.chunk(event(result(id_, "released")))
         self.end()
 
+    def tool_huge_chunked(self, id_) -> None:
+        """A JSON answer with no length that never ends: 64 MiB of one string, sent chunked."""
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        try:
+            self.chunk(b'{"jsonrpc":"2.0","id":%d,"result":{"text":"LEAK-huge' % id_)
+            piece = b"x" * (1 << 20)
+            for _ in range(64):
+                self.chunk(piece)
+            self.chunk(b'"}}')
+            self.end()
+        except OSError:
+            self.close_connection = True  # the gateway gave up on it: the point of the test
+
     # malformed answers: each carries a LEAK marker that must never reach the client
 
     def tool_bad_json(self, id_) -> None:
@@ -1002,3 +1018,23 @@ def test_a_broken_ruleset_file_keeps_the_last_good_ruleset(tmp_path, edit):
         assert until(lambda: gw.output().count("reloaded") >= 1), gw.output()[-2000:]
         assert check(7, "echo")["error"]["data"]["rule"] == "bastion:default"
         assert up.calls() == [1, 4]
+
+
+def test_a_chunked_answer_without_end_is_cut_at_the_limit_not_buffered_whole(stack):
+    """mitmproxy would buffer the whole body before any hook runs: the bundle bounds it (body_size_limit)."""
+    id_ = next_id()
+    peak_before = rss_mib(stack.gw.proc.pid, "VmHWM")
+    with httpx.Client(timeout=GUARD) as client:
+        r = call(client, stack.url, "huge_chunked", id_)
+        assert r.status_code == 502 and b"LEAK" not in r.content
+        assert len(r.content) < 64 * 1024
+        assert call(client, stack.url, "echo", next_id()).status_code == 200  # and it keeps serving
+    # 64 MiB were sent; buffering them whole would raise the peak by at least that much
+    assert rss_mib(stack.gw.proc.pid, "VmHWM") - peak_before < 32
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")

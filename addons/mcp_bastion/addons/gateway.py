@@ -183,6 +183,11 @@ class Gateway:
                     self.max_body = size
                 else:
                     self.max_event = size
+        if ({"max_body_size", "body_size_limit"} & updated) and ctx.options.body_size_limit is None:
+            # mitmproxy buffers a body it does not stream before any hook sees it, and a chunked one has no
+            # length to refuse early: its own limit ends the exchange instead of buffering without bound.
+            # Twice max_body_size, so that a body a little over it still gets the gateway's JSON-RPC error.
+            ctx.options.body_size_limit = str(2 * self.max_body)
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
             # mitmproxy would forward a large body before any hook has read it.
             raise exceptions.OptionsError(

@@ -27,7 +27,7 @@ from typing import Optional
 from mitmproxy import ctx, exceptions
 from mitmproxy.utils import asyncio_utils
 
-from mcp_bastion.core import errors
+from mcp_bastion.core import errors, normalize
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.message import Carrier, Message
 from mcp_bastion.core.pipeline import Context, Drop, Outcome, Pass, Refuse, Replace, Verdict
@@ -127,6 +127,7 @@ class Policy:
             logger.warning("mcp-bastion: %s", w)
 
     def running(self) -> None:
+        normalize.prepare()  # its Unicode tables, before the first request rather than during it
         if self._watch is None:
             self._watch = asyncio_utils.create_task(self._watch_file(), name="bastion ruleset reload", keep_ref=True)
 

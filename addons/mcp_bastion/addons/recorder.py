@@ -56,7 +56,7 @@ from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.recording import journal
 from mcp_bastion.glue.recording.files import SessionFiles
-from mcp_bastion.glue.recording.flowfile import append_flow, encode_flow
+from mcp_bastion.glue.recording.flowfile import append_flow, authenticated, encode_flow
 from mcp_bastion.glue.recording.sessions import session_key
 from mcp_bastion.glue.recording.spool import Spool
 from mcp_bastion.glue.recording.tnet import ConnectionStates
@@ -71,6 +71,7 @@ MAINTENANCE_EVERY = 30.0  # seconds between idle-close checks
 SWEEP_EVERY = 3600.0  # seconds between retention sweeps
 MAX_PENDING = 256  # finished flows kept for a retry while their session file cannot be written
 IN_FLIGHT = "in flight: forwarded, no answer yet"
+UNKNOWN_CALLERS_PER_MINUTE = 60  # refusals of unidentified callers recorded per client address and minute
 
 
 class Recorder:
@@ -89,6 +90,7 @@ class Recorder:
         self.journal_broken = False  # the last journal write failed: a new journal is needed
         self.pending: deque[tuple[http.HTTPFlow, Spool | None, str | None]] = deque()
         self.directory_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the record directory
+        self.unknown: dict[str, list[float]] = {}  # client address -> [minute, recorded, skipped]
         self._task: asyncio.Task | None = None
         self._last_sweep = 0.0
         self.conns = ConnectionStates()
@@ -337,6 +339,10 @@ class Recorder:
         self.written.add(flow)
         self.active.pop(flow.id, None)
         spool = self.spools.pop(flow.id, None)
+        if not authenticated(flow) and not self._may_record_unknown(flow):
+            if spool is not None:
+                spool.close()
+            return
         if len(self.pending) >= MAX_PENDING:
             dropped, old_spool, _ = self.pending.popleft()
             logger.error("mcp-bastion: RECORDING: dropped flow %s: too many flows wait for the disk", dropped.id)
@@ -355,6 +361,27 @@ class Recorder:
                 raise
         else:
             self.health.succeeded()
+
+    def _may_record_unknown(self, flow: http.HTTPFlow) -> bool:
+        """A refusal of a caller the gateway could not identify is recorded at most
+        UNKNOWN_CALLERS_PER_MINUTE times a minute per client address (its audit record is always
+        written): anyone who can connect must not be able to fill the disk with refusals."""
+        address = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
+        minute = time.time() // 60
+        entry = self.unknown.get(address)
+        if entry is None or entry[0] != minute:
+            if entry is not None and entry[2]:
+                logger.warning("mcp-bastion: RECORDING: %d refusal(s) of unidentified callers from %s were not "
+                               "recorded (over %d a minute); their audit records were written",
+                               int(entry[2]), address, UNKNOWN_CALLERS_PER_MINUTE)
+            if len(self.unknown) > 10_000:
+                self.unknown.clear()
+            entry = self.unknown[address] = [minute, 0, 0]
+        if entry[1] >= UNKNOWN_CALLERS_PER_MINUTE:
+            entry[2] += 1
+            return False
+        entry[1] += 1
+        return True
 
     def _flush(self) -> None:
         """Write the flows waiting for their session file, oldest first; raise at the first that fails."""

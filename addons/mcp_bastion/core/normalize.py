@@ -23,28 +23,79 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
-_format_chars: dict[int, None] | None = None
 _SPACE_RUN = re.compile(r"\s+")
 
+MAX_GROWTH = 4  # normalised text may be this many times longer than the text (plus GROWTH_SLACK characters)
+GROWTH_SLACK = 4096
 
-def _cf_table() -> dict[int, None]:
-    """Translation table deleting every Cf code point (built once, on first non-ASCII text)."""
-    global _format_chars
-    if _format_chars is None:
-        _format_chars = {
-            cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"
-        }
-    return _format_chars
+
+class TooCostly(ValueError):
+    """Text that would grow too much under normalisation to be checked at the cost of its own size."""
+
+
+class _Tables:
+    """Built once, on the first text that is not already in normal form (about a second of CPU)."""
+
+    def __init__(self) -> None:
+        format_chars: list[str] = []
+        self.expansion: dict[str, int] = {}  # characters whose NFKC form is longer than 2: that length
+        for cp in range(sys.maxunicode + 1):
+            c = chr(cp)
+            if unicodedata.category(c) == "Cf":
+                format_chars.append(c)
+            if not unicodedata.is_normalized("NFKC", c):
+                n = len(unicodedata.normalize("NFKC", c))
+                if n > 2:
+                    self.expansion[c] = n
+        self.format = re.compile("[" + "".join(map(re.escape, format_chars)) + "]")
+        self.expanding = re.compile("[" + "".join(map(re.escape, self.expansion)) + "]")
+
+
+_tables: _Tables | None = None
+
+
+def prepare() -> None:
+    """Build the tables now (at start) rather than on the first text that needs them."""
+    _get_tables()
+
+
+def _get_tables() -> _Tables:
+    global _tables
+    if _tables is None:
+        _tables = _Tables()
+    return _tables
+
+
+def _check_growth(value: str, t: _Tables) -> None:
+    """Refuse text whose normal form could be much longer than itself (U+FDFA is 18 characters in NFKC)."""
+    found = t.expanding.findall(value)
+    if not found:
+        return  # at most twice as long
+    bound = 2 * len(value) + sum(t.expansion[c] - 2 for c in found)
+    if bound > MAX_GROWTH * len(value) + GROWTH_SLACK:
+        raise TooCostly(f"text of {len(value)} characters would grow to about {bound} under Unicode "
+                        f"normalisation (more than {MAX_GROWTH}x): refused rather than checked at that cost")
 
 
 def text(value: str, fold: bool = False) -> str:
-    """NFKC, without format characters, case-folded if `fold`."""
-    if not value.isascii():
-        value = unicodedata.normalize("NFKC", value).translate(_cf_table())
-        if fold:
-            value = unicodedata.normalize("NFKC", value.casefold())
-        return value
-    return value.lower() if fold else value
+    """NFKC, without format characters, case-folded if `fold`.
+
+    Text already in NFKC without format characters is not rewritten (a cheap
+    check); text that would grow more than MAX_GROWTH times raises `TooCostly`.
+    """
+    if value.isascii():
+        return value.lower() if fold else value
+    t = _get_tables()
+    if not unicodedata.is_normalized("NFKC", value):
+        _check_growth(value, t)
+        value = unicodedata.normalize("NFKC", value)
+    if t.format.search(value):
+        value = t.format.sub("", value)
+    if fold:
+        value = value.casefold()
+        if not unicodedata.is_normalized("NFKC", value):
+            value = unicodedata.normalize("NFKC", value)
+    return value
 
 
 def name(value: str) -> str:

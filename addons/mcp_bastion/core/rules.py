@@ -638,19 +638,33 @@ class Ruleset:
 
     def evaluate(self, identity: Identity | None, message: Message,
                  direction: str = Direction.C2S.value, upstream: str | None = None) -> Decision:
-        """The decision for one message: the first matching rule's, or the default."""
-        v = View(identity or ANONYMOUS, message, direction, upstream)
-        why = v.malformed()
-        if why:
-            return Decision(Action.DENY.value, MALFORMED_RULE, why)
-        for rule in self.rules:
-            if rule.matches(v):
-                return rule.decision
+        """The decision for one message: the first matching rule's, or the default.
+
+        A message whose text would cost far more than its size to normalise is
+        refused as malformed (`normalize.TooCostly`), never evaluated at that cost.
+        """
+        try:
+            v = View(identity or ANONYMOUS, message, direction, upstream)
+            why = v.malformed()
+            if why:
+                return Decision(Action.DENY.value, MALFORMED_RULE, why)
+            for rule in self.rules:
+                if rule.matches(v):
+                    return rule.decision
+        except normalize.TooCostly as e:
+            return Decision(Action.DENY.value, MALFORMED_RULE, str(e))
         return self.default_decision
 
     def explain(self, identity: Identity | None, message: Message,
                 direction: str = Direction.C2S.value, upstream: str | None = None) -> tuple[list[Step], Decision]:
         """`evaluate()`, showing each rule tried until one matched and why the others did not."""
+        try:
+            return self._explain(identity, message, direction, upstream)
+        except normalize.TooCostly as e:
+            return [Step(MALFORMED_RULE, None, True, str(e))], Decision(Action.DENY.value, MALFORMED_RULE, str(e))
+
+    def _explain(self, identity: Identity | None, message: Message,
+                 direction: str, upstream: str | None) -> tuple[list[Step], Decision]:
         v = View(identity or ANONYMOUS, message, direction, upstream)
         why = v.malformed()
         if why:
@@ -681,6 +695,13 @@ class Ruleset:
         template = item == "template"
         method, param = _probe(TargetKind.RESOURCE if template else TargetKind(item))
         msg = classify({"jsonrpc": "2.0", "id": 0, "method": method, "params": {param: name}})
+        try:
+            return self._visible(identity, upstream, msg, template, masking_profiles)
+        except normalize.TooCostly:
+            return False  # a name that cannot be checked at the cost of its size is not shown
+
+    def _visible(self, identity: Identity | None, upstream: str | None, msg: Message, template: bool,
+                 masking_profiles: Collection[str] | None) -> bool:
         v = View(identity or ANONYMOUS, msg, Direction.C2S, upstream)
         if v.malformed():
             return False

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import http
 
-from mcp_bastion.core.vocab import Meta
+from mcp_bastion.core.vocab import Action, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.recording.files import SessionFiles
 from mcp_bastion.glue.recording.scrub import scrub
@@ -53,6 +54,10 @@ def encode_flow(directory: Path, conns: ConnectionStates, flow: http.HTTPFlow, s
     redacted = scrub(state, flow.metadata.get(Meta.SECRET_HEADERS))
     if redacted:
         note["redacted"] = redacted
+    if not authenticated(flow):
+        cut = _keep_head(state["request"])
+        if cut:
+            note["request_body"] = cut
     if incomplete:
         note["incomplete"] = incomplete
     response = state["response"]
@@ -73,3 +78,27 @@ def encode_flow(directory: Path, conns: ConnectionStates, flow: http.HTTPFlow, s
         at = parts.index(blob)
         pieces = [b"".join(parts[:at]), blob, b"".join(parts[at + 1:])]  # type: ignore[arg-type]
     return pieces, subject, session
+
+
+UNAUTHENTICATED_KEEP = 1024  # bytes of the body kept in the recording of a request from an unknown caller
+
+
+def authenticated(flow: http.HTTPFlow) -> bool:
+    """The Auth stage let this caller in (a verified token, or identity checks off)."""
+    return any(d.get("stage") == StageName.AUTH and d.get("action") == Action.ALLOW
+               for d in flow.metadata.get(Meta.DECISIONS) or () if isinstance(d, dict))
+
+
+def _keep_head(request: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Keep only the first bytes of a request body (and its size and SHA-256): what it was, not all of it.
+
+    A caller the gateway could not identify is refused, and its request is
+    recorded as evidence; but anyone who can connect could otherwise fill the
+    disk with it, one full body per refused request.
+    """
+    content = request.get("content") if request else None
+    if not isinstance(content, bytes) or len(content) <= UNAUTHENTICATED_KEEP:
+        return None
+    request["content"] = content[:UNAUTHENTICATED_KEEP]
+    return {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest(), "kept": UNAUTHENTICATED_KEEP,
+            "why": "refused before the caller was identified: only the first bytes are kept"}

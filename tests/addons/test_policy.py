@@ -807,3 +807,58 @@ def test_streamed_responses_pass_the_gate(ruleset_file):
     f = run(scenario, ruleset_file)
     assert fs.passed(f, "resp:policy")
     assert not any(d["stage"] == "gate" for d in f.metadata.get(Meta.DECISIONS, []))
+
+
+# --- names that differ only in case or Unicode form ---------------------------------------------------
+
+
+CLASH_RULES = """\
+version: 1
+default: deny
+rules:
+  - id: lists
+    match: {methods: [tools/list, initialize]}
+    action: allow
+  - id: readers
+    match: {tools: [read_file]}
+    action: allow
+"""
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("twin", ["Read_File", "READ_FILE", "ｒｅａｄ＿ｆｉｌｅ", "read\u200b_file", "read_\ufb01le"])
+async def test_tools_whose_names_read_the_same_to_rules_are_hidden_and_refused(tmp_path, twin):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(CLASH_RULES)
+    with bundled(ruleset=str(rules)) as b:
+        f = b.flow("POST", rpc("tools/list", {}, 1))
+        await b.request(f)
+        await b.response(f, answer(1, {"tools": [{"name": "read_file", "inputSchema": {}},
+                                                 {"name": twin, "inputSchema": {}},
+                                                 {"name": "other", "inputSchema": {}}]}))
+        listed = json.loads(f.response.content)["result"]["tools"]
+        assert [t["name"] for t in listed] == []  # both twins hidden; `other` by the default deny
+        for name in ("read_file", twin):
+            g = b.flow("POST", call(name, 2))
+            await b.request(g)
+            assert not forwarded(g), name
+            assert error_of(g)["data"]["reason"] == "name_clash"
+
+
+@pytest.mark.anyio
+async def test_a_single_spelling_is_not_a_clash(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(CLASH_RULES)
+    with bundled(ruleset=str(rules)) as b:
+        f = b.flow("POST", rpc("tools/list", {}, 1))
+        await b.request(f)
+        await b.response(f, answer(1, {"tools": [{"name": "read_file", "inputSchema": {}}]}))
+        assert [t["name"] for t in json.loads(f.response.content)["result"]["tools"]] == ["read_file"]
+        g = b.flow("POST", call("READ_FILE", 2))  # one tool: every spelling of it is that tool
+        await b.request(g)
+        assert forwarded(g)

@@ -29,14 +29,15 @@ from mitmproxy.utils import asyncio_utils
 
 from mcp_bastion.core import errors, normalize
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.message import Carrier, Message
+from mcp_bastion.core.message import Carrier, Message, TargetKind
 from mcp_bastion.core.pipeline import Context, Drop, Outcome, Pass, Refuse, Replace, Verdict
-from mcp_bastion.core.rules import Decision, ReloadingRuleset, Ruleset, RulesetError
-from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
+from mcp_bastion.core.rules import Decision, ReloadingRuleset, Ruleset, RulesetError, name_clashes
+from mcp_bastion.core.vocab import MALFORMED_RULE, Action, Direction, Kind, StageName
 
 logger = logging.getLogger("mcp_bastion")
 
 RELOAD_INTERVAL = 1.0
+MAX_CLASHES = 10_000  # clashing names remembered across upstreams
 
 NO_RULESET = Ruleset.deny_all(
     "mcp-bastion has no ruleset (option 'ruleset' is unset), so every message is denied"
@@ -95,6 +96,7 @@ class Policy:
     def __init__(self) -> None:
         self.source: ReloadingRuleset | None = None
         self._watch: asyncio.Task | None = None
+        self.clashes: dict[str, set[tuple[TargetKind, str]]] = {}  # upstream -> (kind, folded name) seen clashing
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -152,6 +154,9 @@ class Policy:
     def check(self, m: Message, cx: Context) -> Outcome:
         if m.direction == Direction.S2C:
             return self._server_message(m, cx)
+        clash = self._clash(m, cx)
+        if clash is not None:
+            return clash
         d = enforceable(self.ruleset().evaluate(cx.identity, m, Direction.C2S, cx.upstream), cx.masking_profiles)
         v = verdict(StageName.POLICY, d)
         if d.blocks:
@@ -170,12 +175,41 @@ class Policy:
             return Pass((v, verdict(StageName.POLICY, call))) if call.action == Action.MASK else Pass((v,))
         return Pass((v,))
 
+    def _clash(self, m: Message, cx: Context) -> Outcome | None:
+        """Refuse a call to a tool or prompt whose name another of the upstream's spells the same to rules."""
+        target = m.target
+        if target is None or m.kind != Kind.REQUEST or not self.clashes.get(cx.upstream or ""):
+            return None
+        try:
+            folded = normalize.name(target.name)
+        except normalize.TooCostly:
+            return None  # the ruleset refuses it as malformed
+        if (target.kind, folded) not in self.clashes[cx.upstream or ""]:
+            return None
+        why = (f"{target} refused: the upstream lists several {target.kind}s named {target.name!r} up to case or "
+               "Unicode form, and no rule can tell them apart")
+        v = Verdict(StageName.POLICY, Action.DENY, MALFORMED_RULE, why)
+        return Refuse(Refusal(403, errors.DENIED, why, {"rule": MALFORMED_RULE, "reason": "name_clash"}), (v,),
+                      Action.DENY)
+
+    def _learn_clashes(self, upstream: str | None, result: object, method: str | None) -> None:
+        clashes = name_clashes(result, method)
+        if clashes:
+            known = self.clashes.setdefault(upstream or "", set())
+            new = clashes - known
+            if new and sum(map(len, self.clashes.values())) < MAX_CLASHES:
+                known.update(new)
+                logger.warning("mcp-bastion: upstream %s lists items whose names differ only in case or Unicode "
+                               "form: %s; they are hidden and calls to them refused",
+                               upstream, ", ".join(sorted(f"{k} {n}" for k, n in new)))
+
     def _server_message(self, m: Message, cx: Context) -> Outcome:
         ruleset = self.ruleset()
         if m.kind == Kind.RESPONSE:
             # What a list answer lists comes from the request it answers; an answer to anything else
             # (or to no known request) is filtered by its shape, so a list cannot hide behind another method.
             method = m.answers if m.listing is not None else None
+            self._learn_clashes(cx.upstream, m.params, method)
             result, hidden = ruleset.filter_list(cx.identity, cx.upstream, method, m.params, cx.masking_profiles)
             decisions: tuple[Verdict, ...] = ()
             if hidden:

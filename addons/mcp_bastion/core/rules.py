@@ -739,6 +739,7 @@ class Ruleset:
             listings = [LISTS[method]] if method in LISTS else []
         hidden: list[str] = []
         out = result
+        clashes = {name for _, name in name_clashes(result, method)}
         for listing in listings:
             items = result.get(listing.key)
             if not isinstance(items, list):
@@ -747,7 +748,8 @@ class Ruleset:
             kept = []
             for entry in items:
                 target = entry.get(listing.field) if isinstance(entry, dict) else None
-                if isinstance(target, str) and self.visible(identity, upstream, item, target, masking_profiles):
+                if (isinstance(target, str) and not (clashes and listing.kind in _NAMED and _folded(target) in clashes)
+                        and self.visible(identity, upstream, item, target, masking_profiles)):
                     kept.append(entry)
                 else:
                     hidden.append(target if isinstance(target, str) else "<unnamed>")
@@ -755,6 +757,42 @@ class Ruleset:
                 out = dict(out)
                 out[listing.key] = kept
         return out, hidden
+
+
+_NAMED = (TargetKind.TOOL, TargetKind.PROMPT)  # compared by `normalize.name`: case and Unicode forms folded
+
+
+def _folded(name: str) -> str | None:
+    try:
+        return normalize.name(name)
+    except normalize.TooCostly:
+        return None
+
+
+def name_clashes(result: Any, method: str | None = None) -> set[tuple[TargetKind, str]]:
+    """Tools or prompts of one list result whose names differ but read the same to rules.
+
+    Rules compare tool and prompt names case-folded and in Unicode normal
+    form, so `read_file` and `Read_File` (or a full-width spelling) are one
+    name to a rule: a rule allowing one would allow both. Returns the
+    (kind, folded name) of every such clash; the gateway hides those items and
+    refuses calls to them, since no rule can say which one it means.
+    """
+    if not isinstance(result, dict):
+        return set()
+    listings = [LISTS[method]] if method in LISTS else [lst for lst in LISTS.values() if method is None]
+    out: set[tuple[TargetKind, str]] = set()
+    for listing in listings:
+        items = result.get(listing.key)
+        if listing.kind not in _NAMED or listing.template or not isinstance(items, list):
+            continue
+        spellings: dict[str, set[str]] = {}
+        for entry in items:
+            name = entry.get(listing.field) if isinstance(entry, dict) else None
+            if isinstance(name, str):
+                spellings.setdefault(_folded(name) or name, set()).add(name)
+        out.update((listing.kind, folded) for folded, names in spellings.items() if len(names) > 1)
+    return out
 
 
 # --- loading: YAML nodes -> compiled rules ---------------------------------------

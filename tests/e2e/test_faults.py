@@ -1038,3 +1038,47 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+# --- the gateway killed mid-call ---------------------------------------------------------------------------
+
+
+def test_a_call_in_flight_when_the_gateway_is_killed_is_reported_at_the_next_start(tmp_path):
+    """SIGKILL while the upstream works on a call: the next start names it in the audit log and the recording."""
+    with upstream() as up:
+        port = free_port()
+        args = mitmdump_args(up.url, port, recording_options(tmp_path))
+        env = {"BASTION_AUDIT_KEY": AUDIT_KEY}
+        outcome: dict = {}
+        with running(args, port, env=env) as gw:
+            with httpx.Client(timeout=GUARD) as client:
+                assert call(client, gw.url, "echo", 1).status_code == 200
+
+            def hanging_client() -> None:
+                try:
+                    with httpx.Client(timeout=GUARD) as c:
+                        outcome["response"] = call(c, gw.url, "hang", 2)
+                except httpx.HTTPError as e:
+                    outcome["error"] = repr(e)
+
+            t = threading.Thread(target=hanging_client, daemon=True)
+            t.start()
+            assert up.hung.wait(GUARD), "the call never reached the upstream"
+            os.kill(gw.proc.pid, signal.SIGKILL)  # no shutdown hook runs
+            gw.proc.wait(10)
+            t.join(GUARD)
+        assert "error" in outcome  # the client lost its connection, not an answer
+        forward = [r for r in audit_records(tmp_path / "audit.jsonl") if r["kind"] == "forward"]
+        assert [m["id"] for r in forward for m in r["messages"]] == [1, 2]  # written before it was forwarded
+        assert 2 not in recorded_ids(tmp_path / "sessions")  # a session file gets a flow only when it ends
+        with running(args, port, env=env) as gw, httpx.Client(timeout=GUARD) as client:
+            assert call(client, gw.url, "echo", 3).status_code == 200
+        up.release.set()
+    records = audit_records(tmp_path / "audit.jsonl")
+    (incomplete,) = [r for r in records if r["action"] == "incomplete"]
+    hung_flow = forward[1]["flow"]
+    assert incomplete["flows"] == [hung_flow]
+    assert audit_verify(tmp_path / "audit.jsonl").returncode == 0
+    (flow,) = [f for f in recorded_flows(tmp_path / "sessions") if request_id(f) == 2]
+    assert flow.id == hung_flow and flow.response is None
+    assert "killed or crashed" in flow.metadata["bastion.record"]["incomplete"]

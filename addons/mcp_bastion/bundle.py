@@ -12,7 +12,8 @@ the order a flow meets them:
 3. Admission: refuses new requests while a required recording or audit write fails.
 4. Policy: a message stage (the ruleset); it decides, the Pipeline applies.
 5. Pipeline: runs the message stages over every message, both directions, every SSE event:
-   Wire (2026-07-28 headers agree with the body), Tasks (a task is its creator's), then Policy.
+   Wire (2026-07-28 headers agree with the body), Tasks (a task is its creator's), Policy, then
+   Masking (the profiles `mask` rules chose, applied to the request and what comes back).
 6. Gate: nothing leaves unless every enforcement stage above marked the flow.
 7. UpstreamCheck, UpstreamToken: only for requests really forwarded: a JSON error for a
    dead upstream; the upstream's own credential.
@@ -30,6 +31,7 @@ from mcp_bastion.addons.auth import Auth
 from mcp_bastion.addons.contentview import ContentView
 from mcp_bastion.addons.gate import Gate
 from mcp_bastion.addons.gateway import Gateway
+from mcp_bastion.addons.masking import Masking
 from mcp_bastion.addons.mitmweb import Mitmweb
 from mcp_bastion.addons.pipeline import Pipeline
 from mcp_bastion.addons.policy import Policy
@@ -51,8 +53,9 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     """
     recorder, auditlog = Recorder(), AuditLog()
     policy = Policy()
-    # masking, approval and tool pinning join after the Policy, in that order
-    stages = Pipeline([Wire(), Tasks(), policy, *extra_stages])
+    masking = Masking(policy.ruleset)
+    # approval and tool pinning join after masking, in that order
+    stages = Pipeline([Wire(), Tasks(), policy, masking, *extra_stages])
     gate = Gate(
         request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],
@@ -63,6 +66,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         Sessions(),
         Admission([recorder.health, auditlog.health]),
         policy,
+        masking,
         stages,
         gate,
         UpstreamCheck(),

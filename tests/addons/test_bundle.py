@@ -26,7 +26,8 @@ def anyio_backend():
     return "asyncio"
 
 
-ORDER = ["Gateway", "Auth", "Sessions", "Admission", "Policy", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken",
+ORDER = ["Gateway", "Auth", "Sessions", "Admission", "Policy", "Masking", "Pipeline", "Gate", "UpstreamCheck",
+         "UpstreamToken",
          "Recorder", "AuditLog", "Mitmweb", "ContentView"]
 
 # mitmproxy calls each hook on the addons in bundle order: this table is the pipeline as it runs.
@@ -70,7 +71,7 @@ def test_the_gate_requires_every_stage_placed_before_it():
     assert gate.request_stages == (StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION,
                                    *pipeline.request_stages)
     assert gate.response_stages == (StageName.RESP_PARSE, *pipeline.response_stages)
-    assert [s.name for s in pipeline.stages] == [StageName.WIRE, StageName.TASKS, StageName.POLICY]
+    assert [s.name for s in pipeline.stages] == [StageName.WIRE, StageName.TASKS, StageName.POLICY, StageName.MASK]
     assert any(isinstance(s, Policy) for s in pipeline.stages)
 
 

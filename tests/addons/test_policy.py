@@ -19,6 +19,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
+from mcp_bastion.addons.masking import Masking
 from mcp_bastion.addons.policy import Policy
 from mcp_bastion.core import errors
 from mcp_bastion.core.identity import ANONYMOUS, Identity
@@ -226,8 +227,10 @@ def test_approve_refuses_with_approval_required(policy):
 
 
 def test_mask_passes_naming_its_profile_when_a_masking_stage_applies_it(policy):
-    out = policy.check(c2s(call("lookup", q="c-1")), cx(CAROL, profiles={"pii"}))
-    assert isinstance(out, Pass)
+    m = c2s(call("lookup", q="c-1"))
+    out = policy.check(m, cx(CAROL, profiles={"pii"}))
+    assert isinstance(out, Replace) and out.message.masks == ("pii",)  # for the masking stage
+    assert out.message.raw is m.raw  # the content is the masking stage's to change
     (v,) = out.decisions
     assert (v.action, v.rule, v.extra) == (Action.MASK, "contractors-mask", {"profile": "pii"})
 
@@ -530,6 +533,7 @@ def test_mask_selects_the_profile_and_forwards(ruleset_file):
 
 def test_mask_without_a_masking_stage_is_refused_not_forwarded_unmasked(ruleset_file):
     async def scenario(b: Bundled):
+        b.addon(Masking).profiles = dict  # the stage can apply no profile (as if it were not loaded)
         f = b.flow("POST", call("lookup", q="c-1"))
         await b.request(f, identity=CAROL)
         return f

@@ -47,10 +47,14 @@ def test_engineer_reads_but_secrets_and_destruction_are_stopped(demo_output):
 
 def test_contractor_sees_a_filtered_catalogue_and_no_unmasked_customers(demo_output):
     carol = rows(demo_output, "carol")
-    # the customer tools are only reachable through the 'pii' masking profile, which this wave has not got
-    assert any("tools/list │ ok │ search_logs" in r for r in carol)
-    assert any("lookup_customer(c-1001) │ denied" in r and "masking profile" in r for r in carol)
-    assert not any("Dana Whitfield" in r for r in carol)
+    # the customer tools are reachable through the 'pii' masking profile: the record, its identifiers masked
+    assert any("tools/list │ ok │" in r and "lookup_customer" in r and "read_file" not in r for r in carol)
+    (lookup,) = [r for r in carol if "lookup_customer(c-1001) │ ok" in r]
+    assert "Dana Whitfield" in lookup and "[MASKED:card]" in lookup and "[MASKED:email]" in lookup
+    assert "4111" not in lookup and "dana.whitfield@" not in lookup and "555 0142" not in lookup
+    alice = rows(demo_output, "alice")
+    (plain,) = [r for r in alice if "lookup_customer(c-1001) │ ok" in r]
+    assert "dana.whitfield@example.com" in plain  # engineers see the record as it is
 
 
 def test_anonymous_is_refused_and_everything_is_recorded(demo_output):

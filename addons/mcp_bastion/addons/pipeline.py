@@ -66,7 +66,6 @@ class Pipeline:
             raise ValueError(f"a stage is listed twice: {names}")
         self.stages = tuple(stages)
         self._guarded = tuple(_Guarded(s) for s in stages)
-        self._profiles = frozenset().union(*(getattr(s, "masking_profiles", ()) or () for s in stages))
         self._streams: weakref.WeakKeyDictionary[http.HTTPFlow, Context] = weakref.WeakKeyDictionary()
         self.answers = replies.UpstreamAnswers()
 
@@ -79,9 +78,9 @@ class Pipeline:
         return [s.name.response for s in self.stages]
 
     def masking_profiles(self) -> frozenset[str]:
-        """The masking profiles the stages can apply (a `mask` rule needs one): a stage declares
-        them as `masking_profiles`."""
-        return self._profiles
+        """The masking profiles the stages can apply now (a `mask` rule needs one): a stage declares
+        them as `masking_profiles` (the Masking stage's follow the ruleset in force)."""
+        return frozenset().union(*(getattr(s, "masking_profiles", ()) or () for s in self.stages))
 
     def done(self) -> None:
         self.answers.close()
@@ -94,7 +93,7 @@ class Pipeline:
             return
         body = fs.request_body(flow)
         messages = body.messages if body is not None else [http_request(flow.request.method)]
-        run = await pipeline.run(self._guarded, messages, fs.context(flow, self._profiles))
+        run = await pipeline.run(self._guarded, messages, fs.context(flow, self.masking_profiles()))
         self._record(flow, run)
         if flow.response or flow.error:  # the client went away (or was answered) while a stage held
             return
@@ -135,7 +134,7 @@ class Pipeline:
         if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
             return
         if isinstance(flow.response.stream, SSEStream):
-            self._streams[flow] = fs.context(flow, self._profiles)  # who and where do not change mid-stream
+            self._streams[flow] = fs.context(flow, self.masking_profiles())  # who and where do not change mid-stream
             flow.response.stream.stages = self.on_event
             for name in self.response_stages:
                 fs.mark_stage(flow, name)
@@ -149,7 +148,7 @@ class Pipeline:
             return  # streamed: handled event by event
         body = fs.response_body(flow)
         if body is not None:
-            run = await pipeline.run(self._guarded, body.messages, fs.context(flow, self._profiles))
+            run = await pipeline.run(self._guarded, body.messages, fs.context(flow, self.masking_profiles()))
             self._record(flow, run)
             if run.changed:
                 values = self._deliver(flow, run)
@@ -165,7 +164,7 @@ class Pipeline:
 
     def on_event(self, flow: http.HTTPFlow, messages: list[Message], batch: bool) -> list[Any]:
         """The stages over one SSE event's messages; returns the JSON values the client gets."""
-        cx = self._streams.get(flow) or fs.context(flow, self._profiles)
+        cx = self._streams.get(flow) or fs.context(flow, self.masking_profiles())
         run = pipeline.run_now(self._guarded, messages, cx)
         self._record(flow, run)
         if not run.changed:

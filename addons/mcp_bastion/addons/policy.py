@@ -33,6 +33,7 @@ from mcp_bastion.core.message import Carrier, Message, TargetKind
 from mcp_bastion.core.pipeline import Context, Drop, Outcome, Pass, Refuse, Replace, Verdict
 from mcp_bastion.core.rules import Decision, ReloadingRuleset, Ruleset, RulesetError, name_clashes
 from mcp_bastion.core.vocab import MALFORMED_RULE, Action, Direction, Kind, StageName
+from mcp_bastion.core.wire import private
 
 logger = logging.getLogger("mcp_bastion")
 
@@ -75,17 +76,12 @@ def refusal(m: Message, d: Decision) -> Refusal:
                    {"rule": d.rule, "reason": d.reason})
 
 
-def private(result: object) -> object:
-    """A 2026-07-28 result as the client may cache it: for this caller only.
-
-    What passed the policy depends on who asked (a list filtered for this caller,
-    a result another caller would be refused), so a shared cache must not serve it
-    to anyone else: `cacheScope: "public"` (or any value but "private") becomes
-    "private". A result without the field (the 2025 era) is left as it is.
-    """
-    if isinstance(result, dict) and "cacheScope" in result and result["cacheScope"] != "private":
-        return {**result, "cacheScope": "private"}
-    return result
+def _masked(m: Message, d: Decision, decisions: tuple[Verdict, ...]) -> Outcome:
+    """Let the message pass; a `mask` decision names the profile the masking stage applies to it (and,
+    for a client's request, to everything that comes back for it: see `Context.mask_profiles`)."""
+    if d.action == Action.MASK and d.profile:
+        return Replace(m.with_masks(d.profile), decisions)
+    return Pass(decisions)
 
 
 class Policy:
@@ -172,8 +168,10 @@ class Policy:
                               f"{'denied' if call.action == Action.DENY else 'held for approval'} by rule "
                               f"'{call.rule}': {call.reason}", {"rule": call.rule, "reason": call.reason})
                 return Refuse(why, (v, verdict(StageName.POLICY, call)), Action(call.action))
-            return Pass((v, verdict(StageName.POLICY, call))) if call.action == Action.MASK else Pass((v,))
-        return Pass((v,))
+            if call.action == Action.MASK:
+                return Replace(m.with_masks(call.profile), (v, verdict(StageName.POLICY, call)))
+            return _masked(m, d, (v,))
+        return _masked(m, d, (v,))
 
     def _clash(self, m: Message, cx: Context) -> Outcome | None:
         """Refuse a call to a tool or prompt whose name another of the upstream's spells the same to rules."""
@@ -224,7 +222,7 @@ class Policy:
             return Pass()
         d = enforceable(ruleset.evaluate(cx.identity, m, Direction.S2C, cx.upstream), cx.masking_profiles)
         if not d.blocks:
-            return Pass((verdict(StageName.RESP_POLICY, d),))
+            return _masked(m, d, (verdict(StageName.RESP_POLICY, d),))
         if m.kind == Kind.REQUEST:
             # On a 2025 stream the upstream gets an error in the client's place; inside an
             # input_required result the call itself ends with this refusal.

@@ -67,7 +67,7 @@ MIN_KEY_BYTES = 16
 
 _SEVERITY = {"error": 0, "deny": 1, "approve": 3, "mask": 4, "allow": 5}
 _OTHER = 2  # actions this module does not know (e.g. "hold") rank between deny and approve
-_DECISION_FIELDS = ("stage", "direction", "action", "rule", "reason", "code", "profile")
+_DECISION_FIELDS = ("stage", "direction", "action", "rule", "reason", "code", "profile", "profiles", "masked")
 
 
 class AuditError(ValueError):

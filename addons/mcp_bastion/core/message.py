@@ -118,6 +118,7 @@ class Message:
     request: Message | None = field(default=None, repr=False)  # what a response answers
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # Mcp-* request headers (2026-07-28)
     ref: str | None = None  # where its summary is kept on the flow ("request/0", "events/3"): links decisions to it
+    masks: tuple[str, ...] = ()  # masking profiles a rule chose for this message (the masking stage applies them)
 
     # --- what it is about ---
 
@@ -178,7 +179,11 @@ class Message:
         """A new message with `raw` as its content, keeping where it travels and what it answers."""
         fresh = _bare(raw, self.kind, self.id) if self.carried else classify(raw)
         return replace(fresh, direction=self.direction, carrier=self.carrier, request=self.request,
-                       headers=self.headers, ref=self.ref)
+                       headers=self.headers, ref=self.ref, masks=self.masks)
+
+    def with_masks(self, *profiles: str) -> Message:
+        """The same message, with masking profiles to apply (content unchanged)."""
+        return replace(self, masks=tuple(dict.fromkeys((*self.masks, *profiles))))
 
     def placed(self, *, direction: Direction | None = None, carrier: Carrier | None = None,
                request: Message | None = None, ref: str | None = None,

@@ -101,6 +101,7 @@ class Context:
     http_method: str = "POST"
     protocol_version: str | None = None  # the MCP-Protocol-Version request header
     masking_profiles: frozenset[str] = frozenset()  # what the loaded masking stages can apply
+    mask_profiles: tuple[str, ...] = ()  # profiles rules chose for this flow's requests: their answers are masked
 
 
 @runtime_checkable

@@ -40,6 +40,18 @@ from typing import Any
 import yaml
 
 from . import normalize
+from .detectors import (
+    BUILTIN,
+    BUILTIN_PROFILES,
+    STYLES,
+    Detector,
+    PatternError,
+    card_number,
+    compile_pattern,
+    iban,
+    luhn,
+    us_ssn,
+)
 from .identity import ANONYMOUS, Identity
 from .message import (
     LISTS,
@@ -105,6 +117,20 @@ class Problem:
         what = f"rule '{self.rule}': " if self.rule else ""
         kind = "warning: " if self.warning else ""
         return f"{where}: {kind}{what}{self.message}"
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    """A ruleset's `masking:` section: its own detectors and profiles (names of detectors and styles)."""
+
+    detectors: dict[str, Detector] = field(default_factory=dict)
+    profiles: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+
+    def profile_entries(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """Every profile this ruleset can apply: the built-in ones (unless redefined) and its own."""
+        out = {name: tuple((d, "redact") for d in dets) for name, dets in BUILTIN_PROFILES.items()}
+        out.update(self.profiles)
+        return out
 
 
 class RulesetError(ValueError):
@@ -355,8 +381,7 @@ class ArgumentCondition(Condition):
 
             return glob
         if op == "regex":
-            flags = re.IGNORECASE if fold else 0
-            regexes = [re.compile(p, flags) for p in operands]
+            regexes = [compile_pattern(p, ignore_case=fold) for p in operands]
 
             def search(value: Any) -> bool:
                 text = _as_text(value)
@@ -486,9 +511,9 @@ def _read_patterns(c: _Compiler, node: yaml.Node, rule: str, key: str, fold: boo
         return _BAD
     for p in values:
         try:
-            re.compile(p, re.IGNORECASE if fold else 0)
-        except re.error as e:
-            c.error(node, rule, f"patterns: {p!r} is not a valid regular expression: {e}")
+            compile_pattern(p, ignore_case=fold)
+        except PatternError as e:
+            c.error(node, rule, f"patterns: {p!r}: {e}")
             return _BAD
     return values
 
@@ -527,7 +552,7 @@ def _keywords(key: str, values: list[str], fold: bool) -> Condition:
 
 
 def _patterns(key: str, values: list[str], fold: bool) -> Condition:
-    return KeywordCondition(key, values, [re.compile(p, re.IGNORECASE if fold else 0) for p in values], fold)
+    return KeywordCondition(key, values, [compile_pattern(p, ignore_case=fold) for p in values], fold)
 
 
 # Every key `match` accepts, in the order its conditions are tested: cheap identity
@@ -599,8 +624,9 @@ class Ruleset:
 
     def __init__(self, rules: list[Rule], default: str = Action.DENY.value, default_reason: str | None = None,
                  source: str = "<ruleset>", warnings: list[Problem] | None = None,
-                 default_rule: str = DEFAULT_RULE):
+                 default_rule: str = DEFAULT_RULE, masking: MaskingSpec | None = None):
         self.rules = rules
+        self.masking = masking or MaskingSpec()
         self.default = default
         self.source = source
         self.warnings = warnings or []
@@ -797,7 +823,11 @@ def name_clashes(result: Any, method: str | None = None) -> set[tuple[TargetKind
 
 # --- loading: YAML nodes -> compiled rules ---------------------------------------
 
-_TOP_KEYS = ("version", "description", "default", "default_reason", "upstreams", "rules")
+_TOP_KEYS = ("version", "description", "default", "default_reason", "upstreams", "masking", "rules")
+_MASKING_KEYS = ("detectors", "profiles")
+_DETECTOR_KEYS = ("pattern", "validate", "keep", "case_insensitive", "description")
+_PROFILE_KEYS = ("detectors", "style", "description")
+_VALIDATORS = {"luhn": luhn, "card": card_number, "iban": iban, "us_ssn": us_ssn}
 _RULE_KEYS = ("id", "description", "match", "action", "reason", "profile")
 _ARG_KEYS = ("path", "equals", "glob", "regex", "lt", "le", "gt", "ge")
 _DEFAULT_REASONS = {Action.DENY: "denied by policy", Action.APPROVE: "needs a person's approval"}
@@ -814,6 +844,8 @@ class _Compiler:
         self.scalars = yaml.constructor.SafeConstructor()
         self.upstream_names: dict[str, list[str]] = {}
         self.text: str | None = None  # the source, to see what YAML comments cut
+        self.detectors: dict[str, Detector] = {}  # masking.detectors
+        self.profiles: dict[str, tuple[tuple[str, str], ...]] = {}  # masking.profiles: (detector, style)
 
     def error(self, node: yaml.Node | None, rule: str | None, message: str) -> None:
         line = node.start_mark.line + 1 if node is not None else None
@@ -921,6 +953,8 @@ class _Compiler:
             self.scalar(top["description"][1], None, "description", (str,))
         if "upstreams" in top:
             self.read_upstreams(top["upstreams"][1])
+        if "masking" in top:
+            self.read_masking(top["masking"][1])
         rules: list[Rule] = []
         if "rules" not in top:
             self.error(root, None, "missing 'rules' (a list; it may be empty)")
@@ -935,7 +969,117 @@ class _Compiler:
         if self.problems:
             raise RulesetError(sorted(self.problems, key=lambda p: p.line or 0))
         self.check_shadowing(rules)
-        return Ruleset(rules, default, default_reason, self.source, self.warnings)
+        return Ruleset(rules, default, default_reason, self.source, self.warnings,
+                       masking=MaskingSpec(self.detectors, self.profiles))
+
+    def read_masking(self, node: yaml.Node) -> None:
+        """`masking:` custom detectors (RE2 patterns) and profiles (which detectors, which style)."""
+        keys = self.mapping(node, None, "masking", _MASKING_KEYS)
+        if keys is None:
+            return
+        if "detectors" in keys:
+            dnode = keys["detectors"][1]
+            if not isinstance(dnode, yaml.MappingNode):
+                self.error(dnode, None, "masking.detectors must be a mapping of name: {pattern: ...}")
+            else:
+                for k, v in dnode.value:
+                    self.read_detector(k, v)
+        if "profiles" in keys:
+            pnode = keys["profiles"][1]
+            if not isinstance(pnode, yaml.MappingNode):
+                self.error(pnode, None, "masking.profiles must be a mapping of name: {detectors: [...]}")
+            else:
+                for k, v in pnode.value:
+                    self.read_profile(k, v)
+
+    def read_detector(self, knode: yaml.Node, node: yaml.Node) -> None:
+        name = self.scalar(knode, None, "detector names", (str,))
+        if name is _BAD:
+            return
+        where = f"masking.detectors.{name}"
+        if not _NAME_RE.match(name):
+            self.error(knode, None, f"{where}: a name is letters, digits, '.', '_' or '-'")
+            return
+        keys = self.mapping(node, None, where, _DETECTOR_KEYS)
+        if keys is None:
+            return
+        if "pattern" not in keys:
+            self.error(node, None, f"{where}: missing 'pattern'")
+            return
+        pattern = self.scalar(keys["pattern"][1], None, f"{where}.pattern", (str,))
+        fold = False
+        if "case_insensitive" in keys:
+            fold = self.scalar(keys["case_insensitive"][1], None, f"{where}.case_insensitive", (bool,)) is True
+        validate = None
+        if "validate" in keys:
+            which = self.choice(keys["validate"][1], None, f"{where}.validate", tuple(_VALIDATORS))
+            validate = _VALIDATORS.get(which) if which is not _BAD else None
+        keep = 4
+        if "keep" in keys:
+            keep = self.scalar(keys["keep"][1], None, f"{where}.keep", (int,))
+            if keep is not _BAD and not 0 <= keep <= 16:
+                self.error(keys["keep"][1], None, f"{where}.keep must be 0 to 16")
+        description = ""
+        if "description" in keys:
+            description = self.prose(keys["description"][1], None, f"{where}.description")
+        if pattern is _BAD or keep is _BAD:
+            return
+        try:
+            compile_pattern(pattern, ignore_case=fold)
+        except PatternError as e:
+            self.error(keys["pattern"][1], None, f"{where}.pattern {pattern!r}: {e}")
+            return
+        if not pattern.strip():
+            self.error(keys["pattern"][1], None, f"{where}.pattern is empty")
+            return
+        if name in self.detectors:
+            self.error(knode, None, f"{where}: defined twice")
+            return
+        self.detectors[name] = Detector(name, pattern, validate, keep, fold, description or "")
+
+    def read_profile(self, knode: yaml.Node, node: yaml.Node) -> None:
+        name = self.scalar(knode, None, "profile names", (str,))
+        if name is _BAD:
+            return
+        where = f"masking.profiles.{name}"
+        if not _NAME_RE.match(name):
+            self.error(knode, None, f"{where}: a name is letters, digits, '.', '_' or '-'")
+            return
+        keys = self.mapping(node, None, where, _PROFILE_KEYS)
+        if keys is None:
+            return
+        style = "redact"
+        if "style" in keys:
+            style = self.choice(keys["style"][1], None, f"{where}.style", STYLES)
+        if "description" in keys:
+            self.prose(keys["description"][1], None, f"{where}.description")
+        if "detectors" not in keys or not isinstance(keys["detectors"][1], yaml.SequenceNode) \
+                or not keys["detectors"][1].value:
+            self.error(node, None, f"{where}: 'detectors' must be a non-empty list (names, or name: style)")
+            return
+        entries: list[tuple[str, str]] = []
+        for item in keys["detectors"][1].value:
+            if isinstance(item, yaml.MappingNode) and len(item.value) == 1:
+                det = self.scalar(item.value[0][0], None, f"{where}.detectors", (str,))
+                det_style = self.choice(item.value[0][1], None, f"{where}.detectors.{det}", STYLES)
+            else:
+                det = self.scalar(item, None, f"{where}.detectors entries", (str,))
+                det_style = style
+            if det is _BAD or det_style is _BAD:
+                continue
+            if det in BUILTIN_PROFILES:  # a profile's detectors, e.g. [pii, employee_id]
+                entries.extend((d, det_style) for d in BUILTIN_PROFILES[det])
+            elif det not in self.detectors and det not in BUILTIN:
+                known = sorted(set(BUILTIN) | set(self.detectors))
+                self.error(item, None, f"{where}: unknown detector {det!r} (known: {', '.join(known)})")
+            else:
+                entries.append((det, det_style))
+        if style is _BAD:
+            return
+        if name in self.profiles:
+            self.error(knode, None, f"{where}: defined twice")
+            return
+        self.profiles[name] = tuple(dict((d, (d, st)) for d, st in entries).values())
 
     def read_upstreams(self, node: yaml.Node) -> None:
         if not isinstance(node, yaml.MappingNode):
@@ -992,6 +1136,11 @@ class _Compiler:
             profile = self.scalar(keys["profile"][1], label, "profile", (str,))
             if action not in (Action.MASK, _BAD, None):
                 self.error(keys["profile"][0], label, "profile is only for action: mask")
+            elif profile is not _BAD and profile not in self.profiles and profile not in BUILTIN_PROFILES:
+                known = ", ".join(sorted(set(BUILTIN_PROFILES) | set(self.profiles)))
+                self.error(keys["profile"][1], label,
+                           f"masking profile {profile!r} is defined nowhere (known: {known}); define it under "
+                           "masking.profiles")
         elif action == Action.MASK:
             self.error(node, label, "action mask needs a 'profile' (the masking profile to apply)")
         reason = None
@@ -1106,9 +1255,9 @@ class _Compiler:
         if op == "regex":
             for p in values:
                 try:
-                    re.compile(p)
-                except re.error as e:
-                    self.error(node, rule, f"regex {p!r} is not a valid regular expression: {e}")
+                    compile_pattern(p)
+                except PatternError as e:
+                    self.error(node, rule, f"regex {p!r}: {e}")
                     return _BAD
         return values
 

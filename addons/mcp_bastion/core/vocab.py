@@ -49,6 +49,7 @@ class StageName(StrEnum):
     AUTH = "auth"  # Auth: bearer token verified, identity on the flow
     SESSION = "session"  # Sessions: a presented session id belongs to this caller
     POLICY = "policy"  # Policy: the ruleset over each message
+    MASK = "mask"  # Masking: the profiles rules chose, applied
     ADMISSION = "admission"  # recording and audit can write (else 503)
     WIRE = "wire"  # Wire: a 2026-07-28 request's headers say what its body says
     TASKS = "tasks"  # Tasks: a task belongs to the caller whose call created it
@@ -59,6 +60,7 @@ class StageName(StrEnum):
     RESP_WIRE = "resp:wire"
     RESP_TASKS = "resp:tasks"
     RESP_POLICY = "resp:policy"
+    RESP_MASK = "resp:mask"
     RESP_SSE = "resp:sse"
     RESP_RECORD = "resp:record"
     RECORD = "record"  # Recorder: what is forwarded is journalled first (else 503)

@@ -224,3 +224,16 @@ def check_headers(m: Message, headers: dict[str, str], params: ParamHeaders | No
         argument = _lookup(m.arguments, path)
         if argument is None or not _same(decode(value), argument):
             raise Mismatch(f"Mcp-Param-{header} header does not match the request's argument {'.'.join(path)!r}")
+
+
+def private(result: object) -> object:
+    """A 2026-07-28 result as the client may cache it: for this caller only.
+
+    What passed the policy depends on who asked (a list filtered for this caller,
+    a result another caller would be refused), so a shared cache must not serve it
+    to anyone else: `cacheScope: "public"` (or any value but "private") becomes
+    "private". A result without the field (the 2025 era) is left as it is.
+    """
+    if isinstance(result, dict) and "cacheScope" in result and result["cacheScope"] != "private":
+        return {**result, "cacheScope": "private"}
+    return result

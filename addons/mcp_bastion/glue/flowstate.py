@@ -131,6 +131,7 @@ def context(flow: http.HTTPFlow, masking_profiles: frozenset[str] = frozenset())
         http_method=flow.request.method,
         protocol_version=flow.request.headers.get("mcp-protocol-version"),
         masking_profiles=masking_profiles,
+        mask_profiles=tuple((flow.metadata.get(Meta.MASK) or {}).get("profiles") or ()),
     )
 
 

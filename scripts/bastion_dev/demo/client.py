@@ -5,6 +5,7 @@ each step recorded as a row (what was asked, what came back).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,13 @@ class Row:
 def _text(result: Any) -> str:
     parts = []
     for item in getattr(result, "content", None) or []:
-        parts.append(getattr(item, "text", None) or f"<{getattr(item, 'type', '?')}>")
+        text = getattr(item, "text", None)
+        if text is not None:
+            try:  # a JSON record on one line, so the table shows its fields (masked ones included)
+                text = json.dumps(json.loads(text), ensure_ascii=False)
+            except ValueError:
+                pass
+        parts.append(text or f"<{getattr(item, 'type', '?')}>")
     if getattr(result, "structured_content", None) and not parts:
         parts.append(str(result.structured_content))
     return "\n".join(parts)

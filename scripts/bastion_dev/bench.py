@@ -745,8 +745,54 @@ def micro_rules(seconds: float) -> tuple[float, str]:
     return per_op * 1e6, f"µs/message ({len(ruleset.rules)} rules, decided by {decision.rule})"
 
 
-def micro_masking(seconds: float) -> tuple[float, str]:
-    raise Unavailable("no masking module yet (a later wave)")
+def _pii_profile():
+    require("mcp_bastion.core.masking")
+    from mcp_bastion.core.detectors import BUILTIN_PROFILES
+    from mcp_bastion.core.masking import build_profile
+
+    return build_profile("pii", BUILTIN_PROFILES["pii"], {})
+
+
+_PROSE = ("The deployment of billing-api to staging finished at 09:12 without errors; 42 pods were restarted "
+          "and the cache hit rate recovered to 97.4% within five minutes of the rollout. ")
+
+
+def _payload(kind: str) -> Any:
+    """Realistic MCP results: large text (a log or document read), many small strings, nested records."""
+    if kind == "large text":
+        text = (_PROSE * 40 + "Contact jane.doe@example.com about invoice 88231. ") * 25
+        return {"content": [{"type": "text", "text": text * 4}]}
+    if kind == "many small strings":
+        return {"content": [{"type": "text", "text": f"row {i}: status ok, region eu-west-{i % 3}"}
+                            for i in range(20_000)]}
+    return {"structuredContent": {"customers": [
+        {"id": f"c-{i}", "name": "Dana Whitfield", "plan": "enterprise", "region": "eu-west-1",
+         "address": {"street": "1 Main St", "city": "Springfield", "zip": "12345"},
+         "notes": [_PROSE, "renewal due", "prefers email"], "card": "4111 1111 1111 1111" if i % 50 == 0 else None}
+        for i in range(3000)]}}
+
+
+def micro_masking_kind(kind: str) -> Callable[[float], tuple[float, str]]:
+    """MB/s of JSON scanned with every detector of `pii` (the size is the payload's JSON text)."""
+
+    def run(seconds: float) -> tuple[float, str]:
+        profile = _pii_profile()
+        payload = _payload(kind)
+        size = len(json.dumps(payload))
+        return size / 1e6 / time_per_op(lambda: profile.mask(payload), seconds), "MB/s"
+
+    return run
+
+
+def micro_masking_small_call(seconds: float) -> tuple[float, str]:
+    """Time added to a small tools/call answer by masking it with `pii` (the p50 share of masking)."""
+    profile = _pii_profile()
+    payload = {"content": [{"type": "text", "text": "deployment of billing-api to staging started"}],
+               "structuredContent": {"status": "started", "env": "staging", "id": 7}}
+    return time_per_op(lambda: profile.mask(payload), seconds) * 1e6, "µs/answer"
+
+
+micro_masking = micro_masking_kind("large text")
 
 
 MICRO: list[tuple[str, Callable[[float], tuple[float, str]]]] = [
@@ -756,6 +802,9 @@ MICRO: list[tuple[str, Callable[[float], tuple[float, str]]]] = [
     ("token verification, cached", micro_tokens(cached=True)),
     ("rule evaluation per message", micro_rules),
     ("masking, all detectors", micro_masking),
+    ("masking, many small strings", micro_masking_kind("many small strings")),
+    ("masking, nested structured content", micro_masking_kind("nested structured content")),
+    ("masking, a small call's answer", micro_masking_small_call),
 ]
 
 
@@ -996,7 +1045,7 @@ def targets(result: Result) -> list[dict[str, Any]]:
          diff(m("bundle", "ttfe.p50"), m("bare", "ttfe.p50")), lambda v: v < 2.0, "ms"),
         ("RSS growth across the stream (bundle)", "< 64 MiB",
          m("bundle", "stream.rss_growth"), lambda v: v < 64, "MiB"),
-        ("masking throughput, all detectors", ">= 50 MB/s", masking, lambda v: v >= 50, "MB/s"),
+        ("masking throughput, all detectors (large text)", ">= 100 MB/s", masking, lambda v: v >= 100, "MB/s"),
     ]
     return [{"target": name, "goal": goal, "measured": value, "unit": unit,
              "status": "n/a" if value is None else ("met" if ok(value) else "missed")}

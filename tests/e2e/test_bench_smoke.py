@@ -87,7 +87,7 @@ def test_ratios_and_targets_from_figures():
     assert status["p50 added at concurrency 1 (small JSON)"] == ("missed", 1.5)
     assert status["SSE time to first event vs bare (p50)"] == ("met", 0.5)
     assert status["RSS growth across the stream (bundle)"] == ("missed", 80.0)
-    assert status["masking throughput, all detectors"] == ("n/a", None)
+    assert status["masking throughput, all detectors (large text)"] == ("n/a", None)
 
 
 def test_markdown_has_one_line_per_figure():

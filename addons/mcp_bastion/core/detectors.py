@@ -38,7 +38,7 @@ def _options() -> re2.Options:
     return opts
 
 
-def compile_pattern(pattern: str, *, ignore_case: bool = False) -> re2._Regexp:
+def compile_pattern(pattern: str | bytes, *, ignore_case: bool = False) -> re2._Regexp:
     """Compile with RE2 (linear time); PatternError says why it cannot be."""
     opts = _options()
     opts.case_sensitive = not ignore_case

@@ -20,6 +20,7 @@ A replacement is never detected again, so masking is idempotent.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import re
@@ -70,58 +71,78 @@ class Profile:
                 body = f"(?i:{body})"
             parts.append(f"(?P<d{i}>{body})")
         try:
-            self.regex = compile_pattern("|".join(parts)) if parts else None
+            self.regex = compile_pattern("|".join(parts)).pattern if parts else None
+            # Scanned as UTF-8 bytes: the engine then needs no character offsets (several times faster).
+            self._bytes = compile_pattern(self.regex.encode()) if self.regex is not None else None
         except PatternError as e:
             raise MaskingError(f"profile {name!r}: {e}") from None
-        index = self.regex.groupindex if self.regex is not None else {}
+        index = {(k.decode() if isinstance(k, bytes) else k): v
+                 for k, v in (self._bytes.groupindex if self._bytes is not None else {}).items()}
         self._groups = [(index[f"d{i}"], index.get(f"v{i}"), det, style) for i, (det, style) in enumerate(self.entries)]
 
     @property
     def detectors(self) -> list[str]:
         return [d.name for d, _ in self.entries]
 
-    # --- one string ---------------------------------------------------------------
+    # --- replacing ----------------------------------------------------------------
 
     def _replacement(self, det: Detector, style: str, value: str) -> str:
         if style == "partial" and det.keep and len(value) > det.keep * 2:
             return f"{MASK_PREFIX}{det.name} …{value[-det.keep:]}]"
         if style == "hash":
             assert self.key is not None
-            digest = hmac.new(self.key, f"{det.name}:{value}".encode(), hashlib.sha256).hexdigest()[:12]
+            digest = hmac.new(self.key, f"{det.name}:{value}".encode("utf-8", "surrogatepass"),
+                              hashlib.sha256).hexdigest()[:12]
             return f"{MASK_PREFIX}{det.name}:{digest}]"
         return f"{MASK_PREFIX}{det.name}]"
 
-    def mask_text(self, text: str) -> tuple[str, dict[str, int]]:
-        """`text` with every detected value replaced, and how many of each detector."""
-        if self.regex is None or not text:
-            return text, {}
-        counts: dict[str, int] = {}
-        out: list[str] = []
-        pos = 0
-        for m in self.regex.finditer(text):
-            hit = self._which(m)
-            if hit is None:
-                continue
-            det, style, start, end = hit
-            value = text[start:end]
-            if value.startswith(MASK_PREFIX) or (det.validate is not None and not det.validate(value)):
-                continue
-            out.append(text[pos:start])
-            out.append(self._replacement(det, style, value))
-            pos = end
-            counts[det.name] = counts.get(det.name, 0) + 1
-        if not counts:
-            return text, {}
-        out.append(text[pos:])
-        return "".join(out), counts
-
-    def _which(self, m: Any) -> tuple[Detector, str, int, int] | None:
+    def _hit(self, m: Any, base: int, data: bytes) -> tuple[Detector, str, int, int] | None:
+        """The detector a match is from and the value's span in `data` (offset by `base`), if it holds."""
         for group, value_group, det, style in self._groups:
             if m.start(group) >= 0:
                 if value_group is not None and m.start(value_group) >= 0:
-                    return det, style, m.start(value_group), m.end(value_group)
-                return det, style, m.start(group), m.end(group)
+                    start, end = m.start(value_group) - base, m.end(value_group) - base
+                else:
+                    start, end = m.start(group) - base, m.end(group) - base
+                value = data[start:end]
+                if value.startswith(_PREFIX_BYTES):
+                    return None
+                if det.validate is not None and not det.validate(value.decode("utf-8", "surrogatepass")):
+                    return None
+                return det, style, start, end
         return None
+
+    def _apply(self, data: bytes, hits: list[tuple[Detector, str, int, int]],
+               counts: dict[str, int]) -> str:
+        out: list[str] = []
+        pos = 0
+        for det, style, start, end in hits:
+            out.append(data[pos:start].decode("utf-8", "surrogatepass"))
+            out.append(self._replacement(det, style, data[start:end].decode("utf-8", "surrogatepass")))
+            pos = end
+            counts[det.name] = counts.get(det.name, 0) + 1
+        out.append(data[pos:].decode("utf-8", "surrogatepass"))
+        return "".join(out)
+
+    def _scan_one(self, data: bytes) -> list[tuple[Detector, str, int, int]]:
+        assert self._bytes is not None
+        hits = []
+        for m in self._bytes.finditer(data):
+            hit = self._hit(m, 0, data)
+            if hit is not None:
+                hits.append(hit)
+        return hits
+
+    def mask_text(self, text: str) -> tuple[str, dict[str, int]]:
+        """`text` with every detected value replaced, and how many of each detector."""
+        if self._bytes is None or not text:
+            return text, {}
+        data = text.encode("utf-8", "surrogatepass")
+        hits = self._scan_one(data)
+        if not hits:
+            return text, {}
+        counts: dict[str, int] = {}
+        return self._apply(data, hits, counts), counts
 
     def _whole(self, value: str) -> str:
         """A string stored under a secret-named key: masked whole, as the `password` detector."""
@@ -132,58 +153,139 @@ class Profile:
     def mask(self, value: Any, path: str = "$") -> tuple[Any, list[Finding]]:
         """A copy of `value` (decoded JSON) with detected values replaced; the findings.
 
-        Containers are copied only where something changed; the input is never mutated.
+        Every string of the value is scanned in one pass of the engine (joined
+        with a separator no match may cross; a match that does is scanned
+        again string by string). Containers are copied only where something
+        changed; the input is never mutated; with nothing found, `value` itself
+        is returned.
         """
+        leaves = list(_strings(value, path))
+        if not leaves:
+            return value, []
         found: dict[tuple[str, str], int] = {}
-        result = self._walk(value, path, found)
+        new: dict[int, str] = {}
+        scan: list[int] = []
+        for i, (parent, key, text) in enumerate(leaves):
+            if (self.keys_are_secrets and isinstance(key, str) and text and not text.startswith(MASK_PREFIX)
+                    and _secret_key(key)):
+                new[i] = self._whole(text)
+                _count(found, "password", _leaf_path(parent, key), 1)
+            elif text:
+                scan.append(i)
+        if scan and self._bytes is not None:
+            self._scan_many(leaves, scan, new, found)
         findings = [Finding(d, p, n) for (d, p), n in found.items()]
-        return result, findings
+        if not new:
+            return value, findings
+        return _rebuild(value, new), findings
 
-    def _walk(self, root: Any, path: str, found: dict[tuple[str, str], int]) -> Any:
-        # Iterative: (container, key or index, value, path) frames; rebuilt bottom-up.
-        if isinstance(root, str):
-            return self._string(root, path, found, None)
-        if not isinstance(root, (dict, list)):
-            return root
-        return self._container(root, path, found)
-
-    def _container(self, root: dict | list, path: str, found: dict[tuple[str, str], int]) -> dict | list:
-        # Depth-first with an explicit stack; each frame holds the new copy (made lazily).
-        stack: list[list[Any]] = [[root, iter(_items(root)), None, path, None, None]]
-        result: Any = root
-        while stack:
-            frame = stack[-1]
-            node, items, copy, node_path, parent_frame_key, _ = frame
-            try:
-                key, child = next(items)
-            except StopIteration:
-                stack.pop()
-                new = copy if copy is not None else node
-                if stack:
-                    parent = stack[-1]
-                    if new is not node:
-                        _set(parent, parent_frame_key, new)
-                else:
-                    result = new
+    def _scan_many(self, leaves: list[tuple[str, Any, str]], scan: list[int], new: dict[int, str],
+                   found: dict[tuple[str, str], int]) -> None:
+        assert self._bytes is not None
+        encoded = [leaves[i][2].encode("utf-8", "surrogatepass") for i in scan]
+        starts = []
+        pos = 0
+        for data in encoded:
+            starts.append(pos)
+            pos += len(data) + len(_SEPARATOR)
+        joined = _SEPARATOR.join(encoded)
+        hits: dict[int, list[tuple[Detector, str, int, int]]] = {}
+        alone: set[int] = set()  # positions in `scan` to scan on their own (a match crossed their end)
+        for m in self._bytes.finditer(joined):
+            at = bisect.bisect_right(starts, m.start()) - 1
+            if m.end() > starts[at] + len(encoded[at]):
+                last = bisect.bisect_right(starts, m.end() - 1) - 1
+                alone.update(range(at, last + 1))
                 continue
-            child_path = _join(node_path, key)
-            if isinstance(child, str):
-                secret_key = isinstance(key, str) and self.keys_are_secrets and SECRET_KEYS.search(key) is not None
-                new_child = self._string(child, child_path, found, secret_key)
-                if new_child is not child:
-                    _set(frame, key, new_child)
-            elif isinstance(child, (dict, list)):
-                stack.append([child, iter(_items(child)), None, child_path, key, None])
-        return result
+            if at in alone:
+                continue
+            hit = self._hit(m, starts[at], encoded[at])
+            if hit is not None:
+                hits.setdefault(at, []).append(hit)
+        for at in alone:
+            hits[at] = self._scan_one(encoded[at])
+        for at, leaf_hits in hits.items():
+            if not leaf_hits:
+                continue
+            counts: dict[str, int] = {}
+            i = scan[at]
+            new[i] = self._apply(encoded[at], leaf_hits, counts)
+            leaf_path = _leaf_path(leaves[i][0], leaves[i][1])
+            for name, n in counts.items():
+                _count(found, name, leaf_path, n)
 
-    def _string(self, value: str, path: str, found: dict[tuple[str, str], int], secret_key: bool | None) -> str:
-        if secret_key and value and not value.startswith(MASK_PREFIX):
-            _count(found, "password", path, 1)
-            return self._whole(value)
-        new, counts = self.mask_text(value)
-        for name, n in counts.items():
-            _count(found, name, path, n)
-        return new if counts else value
+
+_SEPARATOR = b"\n\x00\n"
+_ROOT = object()  # the key of a string that is the whole value
+_PREFIX_BYTES = MASK_PREFIX.encode()
+
+
+def _strings(root: Any, path: str) -> Iterable[tuple[str, Any, str]]:
+    """(path, key in its container, string) of every string in `root`, depth first, in order."""
+    if isinstance(root, str):
+        yield path, _ROOT, root
+        return
+    if not isinstance(root, (dict, list)):
+        return
+    stack: list[tuple[Any, str]] = [(iter(_items(root)), path)]
+    while stack:
+        items, node_path = stack[-1]
+        try:
+            key, child = next(items)
+        except StopIteration:
+            stack.pop()
+            continue
+        if isinstance(child, str):
+            yield node_path, key, child  # the leaf's own path is made only if something is found in it
+        elif isinstance(child, (dict, list)):
+            stack.append((iter(_items(child)), _join(node_path, key)))
+
+
+_secret_keys: dict[str, bool] = {}
+
+
+def _secret_key(key: str) -> bool:
+    """Whether a JSON key names a secret (`password`, `api_key`, ...); remembered, keys repeat."""
+    known = _secret_keys.get(key)
+    if known is None:
+        known = SECRET_KEYS.search(key) is not None
+        if len(_secret_keys) < 4096:
+            _secret_keys[key] = known
+    return known
+
+
+def _leaf_path(parent: str, key: Any) -> str:
+    return parent if key is _ROOT else _join(parent, key)
+
+
+def _rebuild(root: Any, new: dict[int, str]) -> Any:
+    """`root` with its i-th string (in `_strings` order) replaced by `new[i]`, copying only what changes."""
+    if isinstance(root, str):
+        return new.get(0, root)
+    counter = 0
+    # frames: [node, items, copy, key in parent]
+    stack: list[list[Any]] = [[root, iter(_items(root)), None, None]]
+    result: Any = root
+    while stack:
+        frame = stack[-1]
+        try:
+            key, child = next(frame[1])
+        except StopIteration:
+            stack.pop()
+            done = frame[2] if frame[2] is not None else frame[0]
+            if stack:
+                if done is not frame[0]:
+                    _set(stack[-1], frame[3], done)
+            else:
+                result = done
+            continue
+        if isinstance(child, str):
+            if counter in new:
+                _set(frame, key, new[counter])
+            counter += 1
+        elif isinstance(child, (dict, list)):
+            stack.append([child, iter(_items(child)), None, key])
+    return result
 
 
 def _items(node: dict | list):
@@ -199,9 +301,12 @@ def _set(frame: list[Any], key: Any, value: Any) -> None:
 def _join(path: str, key: Any) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+    if _IDENT.fullmatch(key):
         return f"{path}.{key}"
     return f"{path}[{key!r}]"
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _count(found: dict[tuple[str, str], int], detector: str, path: str, n: int) -> None:

@@ -207,3 +207,15 @@ async def test_masking_that_fails_withholds_the_answer(rules):
         out = await b.response(f, answer(11, customers()))
         assert CARD.encode() not in out and EMAIL.encode() not in out
         assert f.response.status_code >= 500 or error_of(f)["code"]
+
+
+async def test_the_timeline_says_what_was_masked(rules):
+    from mcp_bastion.cli import forensics
+
+    with bundled(ruleset=rules) as b:
+        f = b.flow("POST", call("customers", 12))
+        await b.request(f, identity=CAROL)
+        await b.response(f, answer(12, customers()))
+    (row,) = forensics.timeline_rows([f])
+    detail = forensics._detail(row)
+    assert "masked card x2, email x2 (pii)" in detail and CARD not in detail

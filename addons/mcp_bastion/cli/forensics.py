@@ -115,7 +115,15 @@ def _detail(rec: dict[str, Any]) -> str:
     parts = []
     if rec.get("reason") and rec.get("action") not in ("allow", "forward"):
         parts.append(str(rec["reason"]))
-    if rec.get("masking") is not None:
+    masked: dict[str, int] = {}
+    for d in rec.get("decisions") or ():
+        for f in d.get("masked") or ():
+            masked[f["detector"]] = masked.get(f["detector"], 0) + int(f.get("count") or 0)
+    if masked:
+        profile = (rec.get("masking") or {}).get("profile")
+        parts.append("masked " + ", ".join(f"{name} x{n}" for name, n in sorted(masked.items()))
+                     + (f" ({profile})" if profile else ""))
+    elif rec.get("masking") is not None:
         parts.append(f"masking {json.dumps(rec['masking'], sort_keys=True)}")
     if rec.get("approval") is not None:
         parts.append(f"approval {json.dumps(rec['approval'], sort_keys=True)}")

@@ -146,7 +146,7 @@ async def test_a_ruleset_profile_with_partial_and_hash_styles(rules):
         text = outs[0]["result"]["content"][0]["text"]
         assert "EMP-123456" not in text and EMAIL not in text
         assert "[MASKED:email …com]" not in text  # keep=0 for e-mail: partial shows nothing of it
-        pseudonyms = [t for t in text.split() if t.startswith("[MASKED:employee_id:")]
+        pseudonyms = [t for t in text.split() if t.startswith("[MASKED:employee_id#")]
         assert len(set(pseudonyms)) == 2  # two employees, two pseudonyms
         assert outs[1] == outs[0]  # the same value, the same pseudonym: an analyst can correlate
 

@@ -11,7 +11,7 @@ whatever it looks like) but not rewritten. Replacements:
 
 - `redact`:  `[MASKED:card]`
 - `partial`: `[MASKED:card …1111]` (the detector's last `keep` characters)
-- `hash`:    `[MASKED:card:3f9a1c2b7d4e]`, HMAC-SHA256 of the value under the mask key:
+- `hash`:    `[MASKED:card#3f9a1c2b7d4e]`, HMAC-SHA256 of the value under the mask key:
   the same value gets the same pseudonym, so an analyst can correlate
   without seeing it; without the key nobody can test a guess.
 
@@ -32,7 +32,8 @@ from .detectors import BUILTIN, SECRET_KEYS, STYLES, Detector, PatternError, com
 
 MASK_PREFIX = "[MASKED:"
 MAX_FINDINGS = 100  # (detector, path) pairs listed per message; the rest are counted
-_VALUE_GROUP = re.compile(r"\(\?P<v>")
+_VALUE_GROUPS = (re.compile(r"\(\?P<v>"), re.compile(r"\(\?P<w>"))  # a detector's value (one of two forms)
+_SEPARATORS = b" -"  # where a value that fails its checksum may be cut into a shorter candidate
 
 
 class MaskingError(ValueError):
@@ -66,7 +67,7 @@ class Profile:
         self._password_style = next((s for d, s in self.entries if d.name == "password"), "redact")
         parts = []
         for i, (det, _) in enumerate(self.entries):
-            body = _VALUE_GROUP.sub(f"(?P<v{i}>", det.pattern)
+            body = _VALUE_GROUPS[1].sub(f"(?P<w{i}>", _VALUE_GROUPS[0].sub(f"(?P<v{i}>", det.pattern))
             if det.ignore_case:
                 body = f"(?i:{body})"
             parts.append(f"(?P<d{i}>{body})")
@@ -78,7 +79,8 @@ class Profile:
             raise MaskingError(f"profile {name!r}: {e}") from None
         index = {(k.decode() if isinstance(k, bytes) else k): v
                  for k, v in (self._bytes.groupindex if self._bytes is not None else {}).items()}
-        self._groups = [(index[f"d{i}"], index.get(f"v{i}"), det, style) for i, (det, style) in enumerate(self.entries)]
+        self._groups = [(index[f"d{i}"], (index.get(f"v{i}"), index.get(f"w{i}")), det, style)
+                        for i, (det, style) in enumerate(self.entries)]
 
     @property
     def detectors(self) -> list[str]:
@@ -93,24 +95,42 @@ class Profile:
             assert self.key is not None
             digest = hmac.new(self.key, f"{det.name}:{value}".encode("utf-8", "surrogatepass"),
                               hashlib.sha256).hexdigest()[:12]
-            return f"{MASK_PREFIX}{det.name}:{digest}]"
+            return f"{MASK_PREFIX}{det.name}#{digest}]"  # `#`, not `:`: "password:..." would read as one
         return f"{MASK_PREFIX}{det.name}]"
 
     def _hit(self, m: Any, base: int, data: bytes) -> tuple[Detector, str, int, int] | None:
         """The detector a match is from and the value's span in `data` (offset by `base`), if it holds."""
-        for group, value_group, det, style in self._groups:
-            if m.start(group) >= 0:
-                if value_group is not None and m.start(value_group) >= 0:
-                    start, end = m.start(value_group) - base, m.end(value_group) - base
-                else:
-                    start, end = m.start(group) - base, m.end(group) - base
-                value = data[start:end]
-                if value.startswith(_PREFIX_BYTES):
+        for group, value_groups, det, style in self._groups:
+            if m.start(group) < 0:
+                continue
+            start, end = m.start(group) - base, m.end(group) - base
+            for vg in value_groups:
+                if vg is not None and m.start(vg) >= 0:
+                    start, end = m.start(vg) - base, m.end(vg) - base
+                    break
+            if _inside_mask(data, start):
+                return None
+            if det.validate is not None:
+                span = _valid_span(det, data, start, end)
+                if span is None:
                     return None
-                if det.validate is not None and not det.validate(value.decode("utf-8", "surrogatepass")):
-                    return None
-                return det, style, start, end
+                start, end = span
+            if det.name in _GENERIC:
+                det, style = self._specific(det, style, data[start:end])
+            return det, style, start, end
         return None
+
+    def _specific(self, det: Detector, style: str, value: bytes) -> tuple[Detector, str]:
+        """A value a generic detector found (`API_KEY=AIza...`) named by the specific one it also is."""
+        assert self._bytes is not None
+        m = self._bytes.search(value)
+        if m is not None and m.start() == 0:
+            for group, _, other, other_style in self._groups:
+                if m.start(group) >= 0 and other.name not in _GENERIC and m.end(group) == len(value):
+                    if other.validate is None or other.validate(value.decode("utf-8", "surrogatepass")):
+                        return other, other_style
+                    break
+        return det, style
 
     def _apply(self, data: bytes, hits: list[tuple[Detector, str, int, int]],
                counts: dict[str, int]) -> str:
@@ -215,6 +235,35 @@ class Profile:
                 _count(found, name, leaf_path, n)
 
 
+def _inside_mask(data: bytes, start: int) -> bool:
+    """`start` lies inside a replacement already made (`[MASKED:...]`): masking twice changes nothing."""
+    opened = data.rfind(_PREFIX_BYTES, max(0, start - 64), start + len(_PREFIX_BYTES))
+    return opened >= 0 and data.find(b"]", opened, start) < 0
+
+
+def _valid_span(det: Detector, data: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """The longest part of a candidate that passes its detector's check (a card number followed by an expiry
+    date, an IBAN followed by a word), cut at its separators; None if no part does."""
+    assert det.validate is not None
+    value = data[start:end].decode("utf-8", "surrogatepass")
+    if det.validate(value):
+        return start, end
+    cuts = [0] + [i + 1 for i, c in enumerate(data[start:end]) if c in _SEPARATORS] + [end - start]
+    if len(cuts) > 24:
+        return None
+    spans = sorted(((a, b) for a in cuts for b in cuts if b > a), key=lambda ab: ab[0] - ab[1])
+    for a, b in spans[1:]:
+        piece = data[start + a:start + b].rstrip(_SEPARATORS)
+        try:
+            ok = bool(piece) and det.validate(piece.decode("utf-8", "surrogatepass"))
+        except ValueError:
+            ok = False
+        if ok:
+            return start + a, start + a + len(piece)
+    return None
+
+
+_GENERIC = frozenset({"password", "url_password", "bearer", "basic_auth"})  # may hold a specific kind of value
 _SEPARATOR = b"\n\x00\n"
 _ROOT = object()  # the key of a string that is the whole value
 _PREFIX_BYTES = MASK_PREFIX.encode()

@@ -20,7 +20,7 @@ JSON escapes, dot segments, inside a batch, with extra fields, any id type, as a
 notification, named by the 2026 routing headers only).
 
 Inputs that hit a known finding are kept out of the strategies (each says where); the
-findings are the `xfail(strict=True)` tests at the end, with a minimal reproduction.
+findings are the `test_finding_*` tests at the end (each failed until its fix), with a minimal reproduction.
 
 BASTION_FUZZ_EXAMPLES=N raises the number of examples (and explores new inputs) for a
 longer local run; without it every run tries the same inputs (`derandomize`).
@@ -648,9 +648,6 @@ async def test_the_same_messages_with_an_allowed_spelling_control(member):
 # --- findings ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding: an integer literal of more than 4300 digits makes json.loads raise "
-                   "ValueError (Python's int conversion limit), which loads_strict does not turn into a ParseError: "
-                   "the request is answered 500 -31010 (parse failed closed) instead of 400 -32700")
 @pytest.mark.parametrize("where", ["id", "params"])
 async def test_finding_a_4300_digit_integer_is_an_internal_error(where):
     big = "1" * 4301
@@ -662,9 +659,6 @@ async def test_finding_a_4300_digit_integer_is_an_internal_error(where):
     assert_outcome(b, f, body.encode())
 
 
-@pytest.mark.xfail(strict=True, reason="finding: an argument beyond a float's range under a rule comparing it "
-                   "(lt/le/gt/ge, numeric equals) raises OverflowError in the Policy stage: 500 -31010 instead of a "
-                   "decision")
 async def test_finding_a_huge_integer_argument_is_an_internal_error(tmp_path):
     rules = tmp_path / "rules.yaml"
     rules.write_text("version: 1\ndefault: allow\nrules:\n  - id: small\n    match: {tools: [pay], arguments: "
@@ -677,10 +671,6 @@ async def test_finding_a_huge_integer_argument_is_an_internal_error(tmp_path):
     assert_outcome(b, f, body)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a GET/DELETE/HEAD/OPTIONS with a body and a Content-Encoding "
-                   "mitmproxy cannot decode (br that is not brotli, 'gzip, gzip', compress) is answered 500 -31010: "
-                   "the Gateway tests `req.content` (decoded by mitmproxy, raises ValueError) instead of "
-                   "`req.raw_content`, so the parse step fails closed instead of refusing the body (400)")
 @pytest.mark.parametrize("verb", ["GET", "DELETE"])
 @pytest.mark.parametrize("coding", ["br", "gzip, gzip", "gzip"])
 async def test_finding_a_body_less_verb_with_an_undecodable_body_is_an_internal_error(verb, coding):
@@ -690,9 +680,6 @@ async def test_finding_a_body_less_verb_with_an_undecodable_body_is_an_internal_
     assert_outcome(b, f, b"[]")
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a subscriptions/listen sent as a notification (no id) is forwarded "
-                   "without its resourceSubscriptions/taskIds meeting the rules (message.embedded only unpacks a "
-                   "listen request), while resources/subscribe of the same URI, request or notification, is denied")
 async def test_finding_a_listen_notification_subscribes_past_the_rules(deny_rules):
     body = json.dumps({"jsonrpc": "2.0", "method": "subscriptions/listen", "params": {
         "notifications": {"resourceSubscriptions": ["file:///etc/passwd"]}, "_meta": {VERSION_META: "2026-07-28"}}})

@@ -19,7 +19,7 @@ Never upstream bytes nobody parsed; never the gateway's internal error (-31010) 
 an event stream that fails closed on input made to be refused.
 
 Inputs that hit a known finding are kept out of the strategies (each says where); the
-findings are the `xfail(strict=True)` tests at the end, with a minimal reproduction.
+findings are the `test_finding_*` tests at the end (each failed until its fix), with a minimal reproduction.
 
 BASTION_FUZZ_EXAMPLES=N raises the number of examples (and explores new inputs) for a
 longer local run; without it every run tries the same inputs (`derandomize`).
@@ -538,10 +538,6 @@ async def streamed(b: Bundled, ask_name: str, wire: bytes) -> tuple[http.HTTPFlo
     return f, got
 
 
-@pytest.mark.xfail(strict=True, reason="finding: an endpoint event whose URL has an invalid port "
-                   "(http://host:PORT:1/x, http://host:99999/x) makes SSEStream._origin raise ValueError: the stream "
-                   "fails closed as an internal error (logged as a crash) instead of the designed refusal "
-                   "'message endpoint on another origin'")
 @pytest.mark.parametrize("endpoint", ["{origin}:1/x", "http://127.0.0.1:99999/x"])
 async def test_finding_an_endpoint_with_an_invalid_port_crashes_the_stream(rules, endpoint):
     async with gateway(ruleset=rules) as b:
@@ -550,10 +546,6 @@ async def test_finding_an_endpoint_with_an_invalid_port_crashes_the_stream(rules
     assert f.metadata[Meta.ERROR].startswith("sse: upstream announced a message endpoint")
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the endpoint check resolves the announced URL with Python's urljoin, "
-                   "a client with a WHATWG URL parser (browsers, Node, the TypeScript SDK) reads `\\` as `/`: "
-                   "`/\\evil.example/x` passes as a same-origin path and is forwarded as is, and the client resolves "
-                   "it to http://evil.example/x (its messages would go around the gateway)")
 @pytest.mark.parametrize("endpoint", ["/\\evil.example/x", "\\\\evil.example\\x", "http:\\\\evil.example/x"])
 async def test_finding_a_backslash_endpoint_sends_a_whatwg_client_elsewhere(rules, endpoint):
     async with gateway(ruleset=rules) as b:
@@ -562,9 +554,6 @@ async def test_finding_a_backslash_endpoint_sends_a_whatwg_client_elsewhere(rule
         assert kind != "endpoint" or client_origin(data) == CLIENT, data
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a 2xx answer to an OPTIONS request reaches the client unread, "
-                   "whatever its Content-Type (gateway.py exempts OPTIONS from withholding an unreadable 2xx body), "
-                   "while the same page under any other verb, or under a non-2xx status, is withheld")
 async def test_finding_an_options_answer_is_forwarded_unread(rules):
     async with gateway(ruleset=rules) as b:
         f = b.flow("OPTIONS", None, path="/mcp")
@@ -575,10 +564,6 @@ async def test_finding_an_options_answer_is_forwarded_unread(rules):
     assert_received(f, a, got)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: an endpoint is checked with its characters that other line splitters "
-                   "cut at (U+2028, VT, NEL, ...), then re-encoded without them: `/\\u2028/evil.example/x` passes "
-                   "as a same-origin path and leaves as `//evil.example/x`, which every client resolves to "
-                   "http://evil.example/x")
 @pytest.mark.parametrize("endpoint", ["/\u2028/evil.example/x", "/\x0b/evil.example/x", "http:/\x85/evil.example/x"])
 async def test_finding_an_endpoint_rewritten_after_its_check_sends_the_client_elsewhere(rules, endpoint):
     async with gateway(ruleset=rules) as b:
@@ -587,10 +572,6 @@ async def test_finding_an_endpoint_rewritten_after_its_check_sends_the_client_el
         assert kind != "endpoint" or client_origin(data) == CLIENT, data
 
 
-@pytest.mark.xfail(strict=True, reason="finding: an upstream error page (status >= 300) sent with a Content-Encoding "
-                   "mitmproxy can write (gzip, br, deflate) is replaced by the gateway's JSON error written in that "
-                   "coding (`resp.content = ...` encodes), and then the Content-Encoding header is removed: the client "
-                   "gets compressed bytes it cannot read instead of the error")
 @pytest.mark.parametrize("coding", ["gzip", "br", "deflate"])
 @pytest.mark.parametrize("status", [404, 500])
 async def test_finding_a_compressed_error_page_is_replaced_by_an_unreadable_body(rules, coding, status):
@@ -605,9 +586,6 @@ async def test_finding_a_compressed_error_page_is_replaced_by_an_unreadable_body
     assert_received(f, a, got)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a compressed event stream (Content-Encoding: gzip, br, ...) fails "
-                   "closed as designed, but the error events for the pending requests go out as plain text under the "
-                   "upstream's Content-Encoding header, so the client cannot read them (it waits or fails to decode)")
 @pytest.mark.parametrize("coding", ["gzip", "br", "x-unknown"])
 async def test_finding_a_compressed_stream_answers_in_a_coding_it_does_not_use(rules, coding):
     wire = b'data: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'

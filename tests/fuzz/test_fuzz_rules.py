@@ -17,7 +17,7 @@ directions, linked answers, body-less HTTP requests, with hostile strings
   hides every listed item; a deny rule put first wins over everything below it.
 
 Inputs that hit a known finding are kept out of the strategies (each says where); the
-findings are the `xfail(strict=True)` tests at the end, with a minimal reproduction.
+findings are the `test_finding_*` tests at the end (each failed until its fix), with a minimal reproduction.
 
 BASTION_FUZZ_EXAMPLES=N raises the number of examples (and explores new inputs) for a
 longer local run; without it every run tries the same inputs (`derandomize`).
@@ -389,9 +389,6 @@ def test_a_deny_rule_put_first_wins(doc, match, cases):
 HUGE = "1" + "0" * 400  # a JSON or YAML integer beyond a float's range
 
 
-@pytest.mark.xfail(strict=True, reason="finding: an integer argument beyond a float's range makes evaluate() raise "
-                   "OverflowError (float(int) in _number) under any rule with lt/le/gt/ge or a numeric equals; "
-                   "through the gateway the request fails closed with -31010 instead of being decided")
 @pytest.mark.parametrize("op", ["lt: 5", "ge: 5", "equals: 5"])
 def test_finding_a_huge_integer_argument_breaks_evaluation(op):
     rs = Ruleset.parse(f"version: 1\ndefault: allow\nrules:\n  - id: small\n    match: {{tools: [pay], "
@@ -412,18 +409,12 @@ LOADER_FINDINGS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="finding: Ruleset.parse raises OverflowError/ValueError/ConstructorError "
-                   "instead of RulesetError for a bound beyond a float's range, a date-like value that is no date "
-                   "(reason: 2026-02-30) and scalar tags that do not construct")
 @pytest.mark.parametrize("text", LOADER_FINDINGS.values(), ids=LOADER_FINDINGS.keys())
 def test_finding_some_invalid_rulesets_raise_something_else_than_ruleset_error(text):
     with pytest.raises(RulesetError):
         Ruleset.parse(text, "bad.yaml")
 
 
-@pytest.mark.xfail(strict=True, reason="finding: such an edit escapes the hot reload (ReloadingRuleset.check catches "
-                   "only RulesetError): Policy.check raises, so requests fail closed with -31010 about once a "
-                   "second instead of the edit being refused and the previous ruleset kept")
 @pytest.mark.parametrize("text", [LOADER_FINDINGS["date-typo"], LOADER_FINDINGS["huge-bound"]],
                          ids=["date-typo", "huge-bound"])
 def test_finding_an_invalid_edit_escapes_the_hot_reload(tmp_path, text):

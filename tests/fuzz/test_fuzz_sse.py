@@ -12,7 +12,7 @@ Fuzzing the incremental SSE parser (core/sse.py) with hypothesis.
   same event.
 
 Inputs that hit a known finding are kept out of the strategies (each says where); the
-findings are the `xfail(strict=True)` tests at the end, with a minimal reproduction.
+findings are the `test_finding_*` tests at the end (each failed until its fix), with a minimal reproduction.
 
 BASTION_FUZZ_EXAMPLES=N raises the number of examples (and explores new inputs) for a
 longer local run; without it every run tries the same inputs (`derandomize`).
@@ -293,9 +293,6 @@ def test_format_event_refuses_a_line_break_in_a_field_with_sse_error(value, name
 # --- findings -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a block larger than max_event_bytes is yielded when it arrives "
-                   "complete in one chunk (the limit is only checked on the unfinished remainder), so whether "
-                   "sse_max_event_size refuses an event depends on how the network cut the stream")
 def test_finding_the_event_size_limit_depends_on_the_chunking():
     event = b": " + b"x" * 100 + b"\ndata: {}\n\n"  # 111 bytes, limit 32
     byte_by_byte = SSEParser(32)

@@ -12,6 +12,7 @@ bypass: its mark is missing and the flow is refused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -38,16 +39,13 @@ class Gate:
             return
         missing = [str(s) for s in self.request_stages if not fs.passed(flow, s)] if fs.is_mcp(flow) else ["claim"]
         if missing:
-            logger.error("mcp-bastion: refusing %s: enforcement stages not passed: %s",
-                         flow.request.pretty_url, missing)
-            refuse(
-                flow,
-                Refusal(500, errors.GATEWAY_ERROR,
-                        "mcp-bastion could not complete its checks; the request was not forwarded",
-                        {"missing": missing}),
-                stage=StageName.GATE,
-                action=Action.ERROR,
-            )
+            # Refuse first, then say so: nothing (not even a logging failure) may come between.
+            _last_line(flow, Refusal(500, errors.GATEWAY_ERROR,
+                                     "mcp-bastion could not complete its checks; the request was not forwarded",
+                                     {"missing": missing}))
+            with contextlib.suppress(Exception):
+                logger.error("mcp-bastion: refused %s: enforcement stages not passed: %s",
+                             flow.request.pretty_url, missing)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
@@ -61,12 +59,17 @@ class Gate:
             fs.add_decision(flow, stage=StageName.GATE, direction=Direction.S2C, action=Action.ERROR,
                             reason=f"stages not passed: {', '.join(missing)}")
         elif missing:
-            logger.error("mcp-bastion: withholding response of %s: stages not passed: %s",
-                         flow.request.pretty_url, missing)
-            refuse(
-                flow,
-                Refusal(502, errors.GATEWAY_ERROR, "mcp-bastion could not check the upstream's answer; it was withheld",
-                        {"missing": missing}),
-                stage=StageName.GATE,
-                action=Action.ERROR,
-            )
+            _last_line(flow, Refusal(502, errors.GATEWAY_ERROR,
+                                     "mcp-bastion could not check the upstream's answer; it was withheld",
+                                     {"missing": missing}))
+            with contextlib.suppress(Exception):
+                logger.error("mcp-bastion: withheld the response of %s: stages not passed: %s",
+                             flow.request.pretty_url, missing)
+
+
+def _last_line(flow: http.HTTPFlow, refusal: Refusal) -> None:
+    """Answer `refusal`; if even that fails, kill the flow: the Gate never lets one through."""
+    try:
+        refuse(flow, refusal, stage=StageName.GATE, action=Action.ERROR)
+    except Exception:
+        flow.kill()

@@ -314,7 +314,7 @@ class Gateway:
         if req.method == "POST":
             self._parse_post(flow)
         elif req.method in ("GET", "DELETE", "HEAD", "OPTIONS"):
-            if req.content:
+            if req.raw_content:
                 refuse(
                     flow,
                     Refusal(400, errors.REFUSED_INPUT, f"request refused: {req.method} with a body",
@@ -433,6 +433,8 @@ class Gateway:
         charset = charset_problem(resp.headers.get("content-type"))
         broken = f"compressed event stream ({coding})" if coding not in ("", "identity") else (
             f"event stream declaring {charset}" if charset else None)
+        if "content-encoding" in resp.headers:
+            del resp.headers["content-encoding"]  # what the client gets (events or the error) is plain text
         resp.stream = SSEStream(
             flow,
             self.max_event,
@@ -508,8 +510,14 @@ class Gateway:
             # "Accepted" carries no message (the old SSE transport's POSTs answer
             # with a text body): the client gets the status, not unread content.
             state["discarded_body_bytes"] = len(resp.raw_content)
+            resp.headers.pop("content-encoding", None)
             resp.content = b""
-        elif resp.raw_content and 200 <= resp.status_code < 300 and flow.request.method != "OPTIONS":
+        elif resp.raw_content and flow.request.method == "OPTIONS" and 200 <= resp.status_code < 300:
+            # A preflight's answer is its headers; a body nobody reads is not forwarded.
+            state["discarded_body_bytes"] = len(resp.raw_content)
+            resp.headers.pop("content-encoding", None)
+            resp.content = b""
+        elif resp.raw_content and 200 <= resp.status_code < 300:
             self._withhold(flow, f"upstream answered {resp.status_code} with content-type {ctype or 'missing'}")
             return
         elif resp.raw_content and resp.status_code >= 300:
@@ -527,9 +535,9 @@ class Gateway:
                           f"the upstream answered HTTP {resp.status_code} ({ctype or 'no content-type'}); "
                           "mcp-bastion does not forward bodies it cannot read",
                           {"reason": "upstream_status", "status": resp.status_code})
-        resp.content = refusal.body_for_parsed(body)
         for name in ("content-type", "content-encoding", "content-language"):
-            resp.headers.pop(name, None)
+            resp.headers.pop(name, None)  # first: `content` would otherwise be encoded in the upstream's coding
+        resp.content = refusal.body_for_parsed(body)
         resp.headers["content-type"] = "application/json"
 
     def _withhold(self, flow: http.HTTPFlow, why: str) -> None:

@@ -117,6 +117,8 @@ def loads_strict(
         raise ParseError("too_deep", "nesting too deep to decode") from None
     except json.JSONDecodeError as e:
         raise ParseError("invalid_json", f"{e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (Python's int conversion limit)
+        raise ParseError("invalid_json", f"unreadable number: {str(e)[:120]}") from None
     if depth_of(value) > max_depth:
         raise ParseError("too_deep", f"nesting deeper than {max_depth}")
     _check_surrogates(value)

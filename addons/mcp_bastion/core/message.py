@@ -286,7 +286,8 @@ def embedded(m: Message) -> list[Message]:
 
     Their `id` is their key in the map; `carrier` says they travel inside another message.
     """
-    if m.kind == Kind.REQUEST and m.method == "subscriptions/listen" and isinstance(m.params, dict):
+    if m.kind in (Kind.REQUEST, Kind.NOTIFICATION) and m.method == "subscriptions/listen" \
+            and isinstance(m.params, dict):
         return _subscriptions(m)
     if m.kind == Kind.RESPONSE and isinstance(m.params, dict) and m.params.get("resultType") == INPUT_REQUIRED:
         member, kind = "inputRequests", Kind.REQUEST

@@ -320,12 +320,17 @@ def _number(value: Any) -> float | None:
     """A JSON number, or a string that reads as one (`"100"`, `"１e3"`); never a bool or NaN."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        num = float(value)
+    if isinstance(value, int):
+        try:
+            num = float(value)
+        except OverflowError:  # beyond a float's range: infinitely large, for every comparison
+            num = math.inf if value > 0 else -math.inf
+    elif isinstance(value, float):
+        num = value
     elif isinstance(value, str):
         try:
             num = float(normalize.text(value).strip())
-        except ValueError:
+        except (ValueError, OverflowError):
             return None
     else:
         return None
@@ -653,7 +658,17 @@ class Ruleset:
 
     @classmethod
     def parse(cls, text: str, source: str = "<ruleset>") -> Ruleset:
-        return _Compiler(source).compile(text)
+        try:
+            return _Compiler(source).compile(text)
+        except RulesetError:
+            raise
+        except (yaml.YAMLError, ValueError, OverflowError, TypeError, RecursionError) as e:
+            # A YAML tag or value the loader cannot construct (`!!python/name:`, a date that does not
+            # exist, a number out of range): the ruleset is refused, like any other error in it.
+            mark = getattr(e, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            raise RulesetError([Problem(source, line, None, f"cannot be read: {type(e).__name__}: "
+                                                            f"{getattr(e, 'problem', None) or e}")]) from None
 
     @classmethod
     def deny_all(cls, reason: str) -> Ruleset:

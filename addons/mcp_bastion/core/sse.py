@@ -174,6 +174,9 @@ class SSEParser:
                 self._lines.append(line)
                 continue
             # blank line: the block is complete
+            if pos - self._block_start - 1 > self.max_event_bytes:
+                # the same limit as for a block still arriving, however the network cut the stream
+                raise SSEError(f"SSE event larger than {self.max_event_bytes} bytes")
             raw = bytes(buf[self._block_start : pos])
             lines = self._lines
             self._lines = []

@@ -22,6 +22,7 @@ which the client resolves against the gateway.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -165,8 +166,16 @@ class SSEStream:
     def _check_endpoint(self, event: SSEEvent) -> bool:
         """Check (and in reverse mode rewrite) an announced message endpoint; True if rewritten."""
         announced = event.data.strip()
-        target = urlsplit(urljoin(self.flow.request.url, announced))
-        if _origin(target) != _origin(urlsplit(self.flow.request.url)):
+        # Only printable ASCII without `\`: URL parsers differ on the rest (a WHATWG parser reads `/\host`
+        # as `//host`; a line separator dropped later turns `/<LS>/host` into `//host`).
+        if not _ENDPOINT_CHARS.fullmatch(announced):
+            raise SSEError(f"upstream announced a message endpoint that is not a plain URL: {announced[:80]!r}")
+        try:
+            target = urlsplit(urljoin(self.flow.request.url, announced))
+            same = _origin(target) == _origin(urlsplit(self.flow.request.url))
+        except ValueError:  # an invalid port, say
+            same = False
+        if not same:
             raise SSEError(f"upstream announced a message endpoint on another origin: {announced!r}")
         self.state["endpoint"] = target.path + (f"?{target.query}" if target.query else "")
         sid = parse_qs(target.query).get("session_id")
@@ -200,6 +209,9 @@ class SSEStream:
             self.shown += out[: SHOW_LIMIT - len(self.shown)]
         for sink in self.outputs:
             sink(self.flow, out)
+
+
+_ENDPOINT_CHARS = re.compile(r"[!#-\[\]-~]+")  # printable ASCII but space, `"` and `\`
 
 
 def _origin(parts) -> tuple[str, str, int | None]:

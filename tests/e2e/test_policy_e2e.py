@@ -222,12 +222,9 @@ def test_contractor_gets_a_filtered_list_masking_and_no_sampling(groups_gateway)
         ("count", "count", {"steps": 2}),
         ("summarize", "summarize", {"text": "secret plans"}),
     ]))
-    assert seen.tools == ["summarize"]  # `add` is only ever masked, and no masking addon provides 'pii'
+    assert seen.tools == ["add", "summarize"]  # `add` is allowed through the 'pii' masking profile
 
-    # No masking addon provides 'pii' in this bundle: refused rather than sent unmasked.
-    assert seen.calls["add"] == (f"error {errors.DENIED}: tools/call add denied by rule 'contractors-tools': "
-                                 "masking profile 'pii' is not available in this gateway, so the data is "
-                                 "refused rather than sent unmasked")
+    assert seen.calls["add"] == "ok: 2"  # masked: nothing in "2" is sensitive, so nothing changed
     assert seen.calls["count"] == (f"error {errors.DENIED}: tools/call count denied by rule 'bastion:default': "
                                    "no rule allows this message")
     # The server's sampling request was answered by the gateway with an error; the client never saw it.
@@ -236,7 +233,7 @@ def test_contractor_gets_a_filtered_list_masking_and_no_sampling(groups_gateway)
 
     carol = [f for f in saved_flows(groups_gateway) if (f.metadata.get("bastion.identity") or {}).get("sub") == "carol"]
     adds = [d for f in carol for d in f.metadata.get("bastion.decisions", []) if d.get("target") == "add"]
-    assert adds and adds[0]["action"] == "deny" and adds[0]["profile"] == "pii"
+    assert adds and adds[0]["action"] == "mask" and adds[0]["profile"] == "pii"
     denied = [d for f in carol for d in f.metadata.get("bastion.decisions", [])
               if d.get("method") == "sampling/createMessage"]
     assert denied and denied[0]["action"] == "deny" and denied[0]["answered"] == "error sent to upstream"

@@ -97,9 +97,15 @@ async def sse_session(url: str) -> Session:
     return seen
 
 
+MASKING_TOOLS = {"customer", "customers", "failing_lookup", "noisy"}
+
+
 def assert_full_session(seen: Session) -> None:
     assert seen.server_name == "bastion-sdk-test-server"
-    assert seen.tools == ["add", "ask_name", "confirm_deploy", "count", "summarize"]
+    # The server's tools, apart from those it offers the masking tests (tests/e2e/test_masking_e2e.py).
+    assert [t for t in seen.tools if t not in MASKING_TOOLS] == ["add", "ask_name", "confirm_deploy", "count",
+                                                                  "summarize"]
+    assert set(seen.tools) >= MASKING_TOOLS
     assert seen.progress == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
     assert seen.counted == "counted to 3"
     assert seen.elicitations == ["What is your name?"] and seen.elicited == "hello Ada"

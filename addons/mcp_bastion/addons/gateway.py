@@ -79,6 +79,9 @@ def _upstream_error(why: str) -> Refusal:
                    {"reason": "upstream"})
 
 
+BODY_SIZE_FLOOR = 32 * 1024 * 1024  # least body_size_limit the Gateway sets when none is configured
+
+
 class Gateway:
     """Accepts MCP traffic for enforcement and keeps it readable end to end."""
 
@@ -186,8 +189,10 @@ class Gateway:
         if ({"max_body_size", "body_size_limit"} & updated) and ctx.options.body_size_limit is None:
             # mitmproxy buffers a body it does not stream before any hook sees it, and a chunked one has no
             # length to refuse early: its own limit ends the exchange instead of buffering without bound.
-            # Twice max_body_size, so that a body a little over it still gets the gateway's JSON-RPC error.
-            ctx.options.body_size_limit = str(2 * self.max_body)
+            # mitmproxy checks a declared Content-Length against it before any hook runs (and answers with
+            # its own HTML page), so it stays well above max_body_size: up to there, the gateway refuses
+            # with its JSON-RPC error without reading the body.
+            ctx.options.body_size_limit = str(max(2 * self.max_body, BODY_SIZE_FLOOR))
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
             # mitmproxy would forward a large body before any hook has read it.
             raise exceptions.OptionsError(

@@ -98,6 +98,13 @@ class Masking:
             self._built = (id(spec), built)
         return self._built[1]
 
+    def sensitive(self, names: tuple[str, ...], text: str) -> bool:
+        """Whether any of the profiles `names` would mask something in `text` (for fields that are not
+        messages: an SSE comment, `id:` or `retry:` on a masked stream, which are dropped, not rewritten)."""
+        profiles = self.profiles()
+        return any(profiles[n].mask_text(text)[1] for n in names if n in profiles) or any(
+            n not in profiles for n in names)
+
     # --- the stage ----------------------------------------------------------------
 
     def check(self, m: Message, cx: Context) -> Outcome:

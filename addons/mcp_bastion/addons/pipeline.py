@@ -21,6 +21,7 @@ outcome (see `core.pipeline`); a body is serialised once, after all stages.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Sequence
@@ -134,8 +135,15 @@ class Pipeline:
         if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
             return
         if isinstance(flow.response.stream, SSEStream):
-            self._streams[flow] = fs.context(flow, self.masking_profiles())  # who and where do not change mid-stream
+            cx = self._streams[flow] = fs.context(flow, self.masking_profiles())  # who and where stay the same
             flow.response.stream.stages = self.on_event
+            if cx.mask_profiles:
+                # A masked call's stream: what no stage reads (comments, `id:`, `retry:`) must not carry
+                # what the masking stage would have masked.
+                for stage in self.stages:
+                    sensitive = getattr(stage, "sensitive", None)
+                    if sensitive is not None:
+                        flow.response.stream.sensitive = functools.partial(sensitive, cx.mask_profiles)
             for name in self.response_stages:
                 fs.mark_stage(flow, name)
 

@@ -64,6 +64,7 @@ class SSEStream:
         self.sent = 0
         self.shown = bytearray()  # the first SHOW_LIMIT bytes sent, for the flow's body in mitmweb
         self.stages: EventStages | None = None  # attached by the Pipeline addon
+        self.sensitive: Callable[[str], bool] | None = None  # on a masked stream: text a profile would mask
         self.outputs: list[Callable[[http.HTTPFlow, bytes], None]] = []  # attached by the Recorder
         self.on_endpoint: list[Callable[[http.HTTPFlow, str | None], object]] = []  # an HTTP+SSE endpoint event
         self.parser = SSEParser(max_event)
@@ -131,8 +132,10 @@ class SSEStream:
         if messages and len(self.state["events"]) < MAX_SUMMARIES:
             self.state["events"].extend(m.summary() for m in messages)
         sent: list[Any] = []
-        # Forwarded byte for byte only when every line splitter reads it as the gateway did.
-        loose = has_loose_breaks(event.raw)
+        # Forwarded byte for byte only when every line splitter reads it as the gateway did, and
+        # (on a masked stream) when no field that is not a message holds what would be masked.
+        scrubbed = self._scrubbed(event)
+        loose = has_loose_breaks(event.raw) or scrubbed
         if event.has_data and event.event not in ("message", "endpoint"):
             # An event type MCP does not use: no stage can read it, and a client may read it otherwise.
             raise SSEError(f"upstream sent an event of type {event.event[:40]!r}, which MCP does not use")
@@ -162,6 +165,21 @@ class SSEStream:
                     if not self.pending:
                         self.state["answered"] = True  # every request of this POST got its answer
         return out
+
+    def _scrubbed(self, event: SSEEvent) -> bool:
+        """Drop comments, `id:` and `retry:` values a masking profile would mask; True if any was."""
+        if self.sensitive is None or not (event.comments or event.id or event.retry is not None):
+            return False
+        kept = [c for c in event.comments if not self.sensitive(c)]
+        changed = len(kept) != len(event.comments)
+        event.comments = kept
+        if event.id and self.sensitive(event.id):
+            event.id, changed = None, True
+        if event.retry is not None and self.sensitive(str(event.retry)):
+            event.retry, changed = None, True
+        if changed:
+            self.state["scrubbed_fields"] = self.state.get("scrubbed_fields", 0) + 1
+        return changed
 
     def _check_endpoint(self, event: SSEEvent) -> bool:
         """Check (and in reverse mode rewrite) an announced message endpoint; True if rewritten."""

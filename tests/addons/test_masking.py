@@ -219,3 +219,19 @@ async def test_the_timeline_says_what_was_masked(rules):
     (row,) = forensics.timeline_rows([f])
     detail = forensics._detail(row)
     assert "masked card x2, email x2 (pii)" in detail and CARD not in detail
+
+
+async def test_a_masked_argument_rewrites_its_mcp_param_header(rules):
+    """2026-07-28: a header that copies an argument carries the masked value too, never the secret."""
+    schema = {"type": "object", "properties": {"note": {"type": "string", "x-mcp-header": "Note"}}}
+    with bundled(ruleset=rules) as b:
+        listing = b.flow("POST", rpc("tools/list", {"_meta": META}, 1), headers=V2026)
+        await b.request(listing, identity=CAROL)
+        await b.response(listing, answer(1, {"tools": [{"name": "lookup", "inputSchema": schema}]}))
+        f = b.flow("POST", call("lookup", 2, note=f"card {CARD}", _meta=META),
+                   headers={**V2026, "mcp-name": "lookup", "mcp-param-note": f"card {CARD}"})
+        await b.request(f, identity=CAROL)
+    assert forwarded(f), f.response.content
+    assert json.loads(f.request.content)["params"]["arguments"]["note"] == "card [MASKED:card]"
+    assert f.request.headers["mcp-param-note"] == "card [MASKED:card]"
+    assert CARD not in str(f.request.headers)

@@ -449,6 +449,8 @@ def shipped_ruleset() -> Path:
 
 BENCH_RULE = {"id": "bench-allow", "description": "Added by the benchmark: what no rule above decided.",
               "action": "allow"}
+MASK_RULE = {"id": "bench-mask", "description": "Added by the benchmark: one small tool answered through `pii`.",
+             "match": {"tools": ["small_pii"]}, "action": "mask", "profile": "pii"}
 
 
 def bench_ruleset(tmp: Path) -> Path:
@@ -460,7 +462,7 @@ def bench_ruleset(tmp: Path) -> Path:
     import yaml
 
     doc = yaml.safe_load(shipped_ruleset().read_text())
-    doc["rules"] = list(doc.get("rules") or []) + [BENCH_RULE]
+    doc["rules"] = [MASK_RULE] + list(doc.get("rules") or []) + [BENCH_RULE]
     path = tmp / "ruleset.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -571,6 +573,7 @@ class Measurement:
             ("ready", self.load.wait_ready),
             ("warmup", lambda: self.load.sequential(Call("small"), s.warmup)),
             ("small", lambda: self.latency("small", Call("small"), s.samples)),
+            ("small.mask", lambda: self.latency("small.mask", Call("small_pii"), s.samples)),
             ("large", lambda: self.latency("large", Call("large", {"bytes": s.large_bytes}), max(10, s.samples // 10))),
             ("sse", lambda: self.latency("sse", Call("sse"), s.samples)),
             ("ttfe", lambda: self.first_event(max(10, s.samples // 10))),
@@ -967,7 +970,8 @@ class Row:
 
 ROWS: list[tuple[str, list[Row]]] = [
     ("tools/call, small JSON, concurrency 1", [
-        Row("small.p50", "p50", "ms"), Row("small.p95", "p95", "ms"), Row("small.p99", "p99", "ms")]),
+        Row("small.p50", "p50", "ms"), Row("small.p95", "p95", "ms"), Row("small.p99", "p99", "ms"),
+        Row("small.mask.p50", "p50, masked with pii (bundle)", "ms")]),
     ("tools/call, large JSON, concurrency 1", [
         Row("large.p50", "p50", "ms"), Row("large.p95", "p95", "ms"), Row("large.p99", "p99", "ms")]),
     ("tools/call, SSE result, concurrency 1", [
@@ -1046,6 +1050,8 @@ def targets(result: Result) -> list[dict[str, Any]]:
         ("RSS growth across the stream (bundle)", "< 64 MiB",
          m("bundle", "stream.rss_growth"), lambda v: v < 64, "MiB"),
         ("masking throughput, all detectors (large text)", ">= 100 MB/s", masking, lambda v: v >= 100, "MB/s"),
+        ("p50 added by masking a small answer (pii)", "< 0.5 ms",
+         diff(m("bundle", "small.mask.p50"), m("bundle", "small.p50")), lambda v: v < 0.5, "ms"),
     ]
     return [{"target": name, "goal": goal, "measured": value, "unit": unit,
              "status": "n/a" if value is None else ("met" if ok(value) else "missed")}

@@ -194,6 +194,8 @@ class MCPUpstream(asyncio.Protocol):
     def call(self, msg_id: Any, name: str, args: dict, meta: dict) -> None:
         if name == "small":
             self.transport.write(json_response(text_result(msg_id, "ok: 42 rows, all green")))
+        elif name == "small_pii":  # the same size of answer, with values the `pii` profile masks
+            self.transport.write(json_response(text_result(msg_id, "ok: jane@example.com, 4111 1111 1111 1111")))
         elif name == "large":
             body = b'{"jsonrpc":"2.0","id":%b,"result":%b}' % (json.dumps(msg_id).encode(),
                                                                 large_result(int(args.get("bytes", 1 << 20))))

@@ -107,7 +107,9 @@ def test_bench_ruleset_keeps_every_shipped_rule_and_allows_the_rest(tmp_path):
     path = bench.bench_ruleset(tmp_path)
     shipped = Ruleset.load(bench.shipped_ruleset())
     ours = Ruleset.load(path)
-    assert [r.id for r in ours.rules] == [r.id for r in shipped.rules] + [bench.BENCH_RULE["id"]]
+    assert [r.id for r in ours.rules] == ([bench.MASK_RULE["id"]] + [r.id for r in shipped.rules]
+                                          + [bench.BENCH_RULE["id"]])
+    assert ours.rules[0].action == "mask" and ours.rules[0].profile == "pii"
 
 
 # --- the upstream, and one whole tiny run ------------------------------------------

@@ -8,12 +8,14 @@ the order a flow meets them:
 
 1. Gateway: claims MCP flows, checks Host/Origin, parses every body into messages, streams SSE.
 2. Auth: verifies the bearer token, removes it, puts the identity on the flow.
+   Approvals: serves the approval API (/bastion/approvals) to verified reviewers.
    Sessions: a presented session id must belong to this caller (404 otherwise).
 3. Admission: refuses new requests while a required recording or audit write fails.
 4. Policy: a message stage (the ruleset); it decides, the Pipeline applies.
 5. Pipeline: runs the message stages over every message, both directions, every SSE event:
    Wire (2026-07-28 headers agree with the body), Tasks (a task is its creator's), Policy, then
-   Masking (the profiles `mask` rules chose, applied to the request and what comes back).
+   Masking (the profiles `mask` rules chose, applied to the request and what comes back), then
+   Approvals (a call an approve rule holds waits for a second person).
 6. Gate: nothing leaves unless every enforcement stage above marked the flow.
 7. UpstreamCheck, UpstreamToken: only for requests really forwarded: a JSON error for a
    dead upstream; the upstream's own credential.
@@ -26,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mcp_bastion.addons.admission import Admission
+from mcp_bastion.addons.approvals import Approvals
 from mcp_bastion.addons.auditlog import AuditLog
 from mcp_bastion.addons.auth import Auth
 from mcp_bastion.addons.contentview import ContentView
@@ -54,8 +57,9 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     recorder, auditlog = Recorder(), AuditLog()
     policy = Policy()
     masking = Masking(policy.ruleset)
-    # approval and tool pinning join after masking, in that order
-    stages = Pipeline([Wire(), Tasks(), policy, masking, *extra_stages])
+    approvals = Approvals()
+    # tool pinning joins after approval
+    stages = Pipeline([Wire(), Tasks(), policy, masking, approvals, *extra_stages])
     gate = Gate(
         request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],
@@ -63,6 +67,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     return [
         Gateway(),
         Auth(),
+        approvals,
         Sessions(),
         Admission([recorder.health, auditlog.health]),
         policy,

@@ -431,7 +431,7 @@ def test_without_the_pipeline_the_gate_refuses_every_request(ruleset):
         assert flow.response.status_code == 500
         err = error_of(flow)
         assert err["code"] == errors.GATEWAY_ERROR
-        assert err["data"] == {"missing": ["wire", "tasks", "policy", "mask"]}
+        assert err["data"] == {"missing": ["wire", "tasks", "policy", "mask", "approval"]}
         gate = [d for d in flow.metadata[Meta.DECISIONS] if d["stage"] == "gate"]
         assert [d["action"] for d in gate] == ["error"]
         assert flow.marked == MARKS[Action.ERROR]
@@ -474,7 +474,8 @@ def test_a_pipeline_unloaded_mid_flow_lets_no_answer_through(ruleset, streamed):
         assert event["id"] == 4 and event["error"]["code"] == errors.GATEWAY_ERROR
     else:
         assert f.response.status_code == 502
-        assert error_of(f)["data"] == {"missing": ["resp:wire", "resp:tasks", "resp:policy", "resp:mask"]}
+        assert error_of(f)["data"] == {
+            "missing": ["resp:wire", "resp:tasks", "resp:policy", "resp:mask", "resp:approval"]}
 
 
 # --- what a stage's drop means on the client's side ----------------------------------------------
@@ -540,7 +541,7 @@ def test_a_stream_without_stages_is_recorded_as_the_client_got_it(ruleset, monke
 class HoldDeploys:
     """Holds each tools/call deploy until `release` is set; everything else passes."""
 
-    name = stage_name("approval")
+    name = stage_name("hold-probe")
 
     def __init__(self):
         self.release = asyncio.Event()
@@ -567,18 +568,18 @@ def test_a_held_request_waits_while_other_flows_go_on():
             task = asyncio.create_task(b.request(held, identity=ALICE))
             await asyncio.sleep(0.05)
             assert holder.held == 1 and not task.done()
-            assert held.response is None and not fs.passed(held, "approval")  # not forwarded yet
+            assert held.response is None and not fs.passed(held, "hold-probe")  # not forwarded yet
 
             other = b.flow("POST", call("read_file", id=2, path="/x"))  # another flow, same caller
             await asyncio.wait_for(b.request(other, identity=ALICE), 5)
-            assert forwarded(other) and fs.passed(other, "approval")
+            assert forwarded(other) and fs.passed(other, "hold-probe")
             out = await b.response(other, answer(2, {"content": []}))
             assert json.loads(out)["id"] == 2
 
             holder.release.set()
             await asyncio.wait_for(task, 5)
-            assert forwarded(held) and fs.passed(held, "approval")
-            rules = [d.get("rule") for d in held.metadata[Meta.DECISIONS] if d["stage"] == "approval"]
+            assert forwarded(held) and fs.passed(held, "hold-probe")
+            rules = [d.get("rule") for d in held.metadata[Meta.DECISIONS] if d["stage"] == "hold-probe"]
             assert rules == ["needs-approval", "approved-by-bob"]
 
     asyncio.run(main())

@@ -178,7 +178,7 @@ class Rewrite:
 class Approval:
     """Holds every request and answer; `outcome` is what the wait gives (an exception is raised)."""
 
-    name = stage_name("approval")
+    name = stage_name("hold-probe")
 
     def __init__(self, outcome):
         self.outcome = outcome
@@ -196,7 +196,7 @@ class Approval:
 
 
 DENIED = Refuse(Refusal(403, errors.APPROVAL_REQUIRED, "a person said no", {"rule": "approval"}),
-                (Verdict(stage_name("approval"), Action.DENY, "approval", "a person said no"),))
+                (Verdict(stage_name("hold-probe"), Action.DENY, "approval", "a person said no"),))
 
 
 # --- list results linked to the wrong request --------------------------------------------------
@@ -371,7 +371,7 @@ async def test_an_exception_in_a_holds_wait_names_its_stage(ruleset):
         f = b.flow("POST", call("read_file", id=1, path="/x"))
         await b.request(f, identity=ALICE)
     assert not forwarded(f) and f.response.status_code == 500
-    assert json.loads(f.response.content)["error"]["data"]["stage"] == "approval"
+    assert json.loads(f.response.content)["error"]["data"]["stage"] == "hold-probe"
 
 
 @pytest.mark.parametrize("ids", [pytest.param((1, 1), id="same"), pytest.param((1, "1"), id="same-as-text"),

@@ -78,6 +78,14 @@ class Pipeline:
     def response_stages(self) -> list[StageName]:
         return [s.name.response for s in self.stages]
 
+    def _context(self, flow: http.HTTPFlow) -> Context:
+        return fs.context(flow, self.masking_profiles(), self.approvals)
+
+    @property
+    def approvals(self) -> bool:
+        """A stage holds calls for approval (`holds_approvals`): an approve rule with approvers waits for it."""
+        return any(getattr(s, "holds_approvals", False) for s in self.stages)
+
     def masking_profiles(self) -> frozenset[str]:
         """The masking profiles the stages can apply now (a `mask` rule needs one): a stage declares
         them as `masking_profiles` (the Masking stage's follow the ruleset in force)."""
@@ -94,7 +102,7 @@ class Pipeline:
             return
         body = fs.request_body(flow)
         messages = body.messages if body is not None else [http_request(flow.request.method)]
-        run = await pipeline.run(self._guarded, messages, fs.context(flow, self.masking_profiles()))
+        run = await pipeline.run(self._guarded, messages, self._context(flow))
         self._record(flow, run)
         if flow.response or flow.error:  # the client went away (or was answered) while a stage held
             return
@@ -135,7 +143,7 @@ class Pipeline:
         if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
             return
         if isinstance(flow.response.stream, SSEStream):
-            cx = self._streams[flow] = fs.context(flow, self.masking_profiles())  # who and where stay the same
+            cx = self._streams[flow] = self._context(flow)  # who and where do not change mid-stream
             flow.response.stream.stages = self.on_event
             if cx.mask_profiles:
                 # A masked call's stream: what no stage reads (comments, `id:`, `retry:`) must not carry
@@ -156,7 +164,7 @@ class Pipeline:
             return  # streamed: handled event by event
         body = fs.response_body(flow)
         if body is not None:
-            run = await pipeline.run(self._guarded, body.messages, fs.context(flow, self.masking_profiles()))
+            run = await pipeline.run(self._guarded, body.messages, self._context(flow))
             self._record(flow, run)
             if run.changed:
                 values = self._deliver(flow, run)
@@ -172,7 +180,7 @@ class Pipeline:
 
     def on_event(self, flow: http.HTTPFlow, messages: list[Message], batch: bool) -> list[Any]:
         """The stages over one SSE event's messages; returns the JSON values the client gets."""
-        cx = self._streams.get(flow) or fs.context(flow, self.masking_profiles())
+        cx = self._streams.get(flow) or self._context(flow)
         run = pipeline.run_now(self._guarded, messages, cx)
         self._record(flow, run)
         if not run.changed:

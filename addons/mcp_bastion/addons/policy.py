@@ -76,6 +76,11 @@ def refusal(m: Message, d: Decision) -> Refusal:
                    {"rule": d.rule, "reason": d.reason})
 
 
+def _held(m: Message, d: Decision, cx: Context) -> bool:
+    """An approve decision the approval stage will hold (it has approvers, and the stage is loaded)."""
+    return d.action == Action.APPROVE and d.approval is not None and cx.approvals
+
+
 def _masked(m: Message, d: Decision, decisions: tuple[Verdict, ...]) -> Outcome:
     """Let the message pass; a `mask` decision names the profile the masking stage applies to it (and,
     for a client's request, to everything that comes back for it: see `Context.mask_profiles`)."""
@@ -155,6 +160,8 @@ class Policy:
             return clash
         d = enforceable(self.ruleset().evaluate(cx.identity, m, Direction.C2S, cx.upstream), cx.masking_profiles)
         v = verdict(StageName.POLICY, d)
+        if _held(m, d, cx) and m.kind == Kind.REQUEST:
+            return Replace(m.with_approval(d), (v,))  # the approval stage holds it for a person
         if d.blocks:
             return Refuse(refusal(m, d), (v,), Action(d.action))
         if m.request is not None and m.request.kind == Kind.REQUEST:

@@ -119,6 +119,7 @@ class Message:
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # Mcp-* request headers (2026-07-28)
     ref: str | None = None  # where its summary is kept on the flow ("request/0", "events/3"): links decisions to it
     masks: tuple[str, ...] = ()  # masking profiles a rule chose for this message (the masking stage applies them)
+    approval: Any = field(default=None, repr=False)  # the approve rule's decision that holds it (the approval stage)
 
     # --- what it is about ---
 
@@ -179,7 +180,11 @@ class Message:
         """A new message with `raw` as its content, keeping where it travels and what it answers."""
         fresh = _bare(raw, self.kind, self.id) if self.carried else classify(raw)
         return replace(fresh, direction=self.direction, carrier=self.carrier, request=self.request,
-                       headers=self.headers, ref=self.ref, masks=self.masks)
+                       headers=self.headers, ref=self.ref, masks=self.masks, approval=self.approval)
+
+    def with_approval(self, decision: Any) -> Message:
+        """The same message, held by an approve rule's decision (content unchanged)."""
+        return replace(self, approval=decision)
 
     def with_masks(self, *profiles: str) -> Message:
         """The same message, with masking profiles to apply (content unchanged)."""

@@ -102,6 +102,7 @@ class Context:
     protocol_version: str | None = None  # the MCP-Protocol-Version request header
     masking_profiles: frozenset[str] = frozenset()  # what the loaded masking stages can apply
     mask_profiles: tuple[str, ...] = ()  # profiles rules chose for this flow's requests: their answers are masked
+    approvals: bool = False  # an approval stage is loaded: an approve rule with approvers holds, not refuses
 
 
 @runtime_checkable

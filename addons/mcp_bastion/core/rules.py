@@ -40,6 +40,8 @@ from typing import Any
 import yaml
 
 from . import normalize
+from .approvals import DEFAULT_TIMEOUT, MODES, WAIT, ApprovalSpec
+from .audit import parse_duration
 from .detectors import (
     BUILTIN,
     BUILTIN_PROFILES,
@@ -95,6 +97,7 @@ class Decision:
     rule: str
     reason: str
     profile: str | None = None
+    approval: ApprovalSpec | None = None  # an approve rule's `approval:` block
 
     @property
     def blocks(self) -> bool:
@@ -594,10 +597,11 @@ class Rule:
     profile: str | None
     conditions: tuple[Condition, ...]
     description: str = ""
+    approval: ApprovalSpec | None = None
     decision: Decision = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decision = Decision(self.action, self.id, self.reason, self.profile)
+        self.decision = Decision(self.action, self.id, self.reason, self.profile, self.approval)
 
     def matches(self, v: View) -> bool:
         for c in self.conditions:
@@ -843,7 +847,8 @@ _MASKING_KEYS = ("detectors", "profiles")
 _DETECTOR_KEYS = ("pattern", "validate", "keep", "case_insensitive", "description")
 _PROFILE_KEYS = ("detectors", "style", "description")
 _VALIDATORS = {"luhn": luhn, "card": card_number, "iban": iban, "us_ssn": us_ssn}
-_RULE_KEYS = ("id", "description", "match", "action", "reason", "profile")
+_RULE_KEYS = ("id", "description", "match", "action", "reason", "profile", "approval")
+_APPROVAL_KEYS = ("approvers", "timeout", "mode", "grant")
 _ARG_KEYS = ("path", "equals", "glob", "regex", "lt", "le", "gt", "ge")
 _DEFAULT_REASONS = {Action.DENY: "denied by policy", Action.APPROVE: "needs a person's approval"}
 _TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "true or false", type(None): "null"}
@@ -1158,6 +1163,12 @@ class _Compiler:
                            "masking.profiles")
         elif action == Action.MASK:
             self.error(node, label, "action mask needs a 'profile' (the masking profile to apply)")
+        approval = None
+        if "approval" in keys:
+            if action not in (Action.APPROVE, _BAD, None):
+                self.error(keys["approval"][0], label, "approval is only for action: approve")
+            else:
+                approval = self.read_approval(keys["approval"][1], label)
         reason = None
         if "reason" in keys:
             reason = self.prose(keys["reason"][1], label, "reason")
@@ -1177,7 +1188,39 @@ class _Compiler:
             profile=profile,
             conditions=conditions,
             description=description,
+            approval=approval,
         )
+
+    def read_approval(self, node: yaml.Node, rule: str) -> ApprovalSpec | None:
+        keys = self.mapping(node, rule, "approval", _APPROVAL_KEYS)
+        if keys is None:
+            return None
+        if "approvers" not in keys:
+            self.error(node, rule, "approval: missing 'approvers' (the groups whose members may decide)")
+            return None
+        approvers = self.strings(keys["approvers"][1], rule, "approval.approvers")
+        durations: dict[str, float | None] = {"timeout": DEFAULT_TIMEOUT, "grant": None}
+        for name in durations:
+            if name in keys:
+                text = self.scalar(keys[name][1], rule, f"approval.{name}", (str, int))
+                if text is _BAD:
+                    continue
+                try:
+                    seconds = parse_duration(str(text)) if isinstance(text, str) else float(text)
+                except ValueError as e:
+                    self.error(keys[name][1], rule, f"approval.{name}: {e}")
+                    continue
+                if not 0 < seconds <= 7 * 86400:
+                    self.error(keys[name][1], rule, f"approval.{name} must be more than 0 and at most 7d")
+                    continue
+                durations[name] = seconds
+        mode = WAIT
+        if "mode" in keys:
+            mode = self.choice(keys["mode"][1], rule, "approval.mode", MODES)
+        if approvers is None or mode is _BAD:
+            return None
+        return ApprovalSpec(tuple(approvers), float(durations["timeout"] or DEFAULT_TIMEOUT), mode,
+                            durations["grant"])
 
     def match(self, node: yaml.Node, rule: str) -> tuple[Condition, ...]:
         keys = self.mapping(node, rule, "match", tuple(MATCHERS))

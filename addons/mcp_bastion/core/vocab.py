@@ -50,6 +50,7 @@ class StageName(StrEnum):
     SESSION = "session"  # Sessions: a presented session id belongs to this caller
     POLICY = "policy"  # Policy: the ruleset over each message
     MASK = "mask"  # Masking: the profiles rules chose, applied
+    APPROVAL = "approval"  # Approvals: a call an approve rule holds waits for a person's decision
     ADMISSION = "admission"  # recording and audit can write (else 503)
     WIRE = "wire"  # Wire: a 2026-07-28 request's headers say what its body says
     TASKS = "tasks"  # Tasks: a task belongs to the caller whose call created it
@@ -61,6 +62,7 @@ class StageName(StrEnum):
     RESP_TASKS = "resp:tasks"
     RESP_POLICY = "resp:policy"
     RESP_MASK = "resp:mask"
+    RESP_APPROVAL = "resp:approval"
     RESP_SSE = "resp:sse"
     RESP_RECORD = "resp:record"
     RECORD = "record"  # Recorder: what is forwarded is journalled first (else 503)
@@ -87,6 +89,7 @@ class Meta:
     STAGES = "bastion.stages"  # enforcement stages this flow passed, as StageName values
     ERROR = "bastion.error"  # set when an enforcement step failed and the gateway failed closed
     STARTED = "bastion.t0"  # time.monotonic() when the gateway first saw the request
+    API = "bastion.api"  # the gateway's own API answers this flow (approvals), not the upstream
     CLIENT_HOST = "bastion.client_host"  # the Host the client addressed, before reverse mode rewrites it
     SECRET_HEADERS = "bastion.secret_headers"  # request header names carrying credentials (scrubbed when recorded)
     REFUSED = "bastion.refused"  # the gateway answered instead of the upstream

@@ -121,7 +121,7 @@ def identity(flow: http.HTTPFlow) -> Identity:
     return Identity.from_claims(flow.metadata.get(Meta.IDENTITY))
 
 
-def context(flow: http.HTTPFlow, masking_profiles: frozenset[str] = frozenset()) -> Context:
+def context(flow: http.HTTPFlow, masking_profiles: frozenset[str] = frozenset(), approvals: bool = False) -> Context:
     """What the message stages know about this flow besides each message."""
     return Context(
         identity=identity(flow),
@@ -132,6 +132,7 @@ def context(flow: http.HTTPFlow, masking_profiles: frozenset[str] = frozenset())
         protocol_version=flow.request.headers.get("mcp-protocol-version"),
         masking_profiles=masking_profiles,
         mask_profiles=tuple((flow.metadata.get(Meta.MASK) or {}).get("profiles") or ()),
+        approvals=approvals,
     )
 
 
@@ -165,11 +166,14 @@ def record(flow: http.HTTPFlow, m: Message, verdicts: Iterable[Verdict], **extra
             state["unrecorded_allows"] = state.get("unrecorded_allows", 0) + 1
             continue
         flow.metadata.setdefault(Meta.DECISIONS, []).append({**v.record(m), **extra})
-        if v.action == Action.APPROVE and m.direction != Direction.S2C:
-            # No approval stage yet: the call is answered APPROVAL_REQUIRED; this says which rule asked.
+        if isinstance(v.extra.get("approval"), dict):
+            # The approval stage's account of the hold: id, status, who asked, who decided, how long it waited.
+            flow.metadata[Meta.APPROVAL] = {**(flow.metadata.get(Meta.APPROVAL) or {}), **v.extra["approval"]}
+        elif v.action == Action.APPROVE and m.direction != Direction.S2C:
+            # No approval held it (no approvers, or no approval stage): the call is answered APPROVAL_REQUIRED.
             approval = flow.metadata.setdefault(Meta.APPROVAL, {"rule": v.rule, "status": "pending-workflow",
                                                                 "ids": []})
-            if m.id is not None and m.id not in approval["ids"]:
+            if m.id is not None and m.id not in approval.setdefault("ids", []):
                 approval["ids"].append(m.id)
         if v.action == Action.MASK and v.extra.get("profile"):
             mask = flow.metadata.setdefault(Meta.MASK, {"profile": v.extra["profile"], "rule": v.rule, "profiles": []})

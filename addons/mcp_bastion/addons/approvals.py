@@ -1,0 +1,258 @@
+"""
+Approvals: a call an approve rule holds waits for a second person's decision.
+
+A message stage after Masking. The Policy hands it the requests an `approve`
+rule with an `approval:` block matched (`Message.approval`); this stage:
+
+- lets a call through without asking while the same identity holds a grant
+  for the same rule and tool (`grant:` window of an earlier approval);
+- `mode: wait` (default): holds the request (`Hold`): the client's request
+  stays open, other flows go on, nothing reaches the upstream; approved, it is
+  forwarded exactly once; denied, expired or cancelled, the client gets an
+  error naming the rule, the reviewer's reason and the approval id;
+- `mode: retry`: answers at once with `-31002` naming the approval id; the
+  same call (identity, upstream, method, tool, canonical arguments) by the
+  same identity passes once, after it was approved.
+
+It also serves the approval API on the gateway's own listener, under
+`/bastion/approvals` (the Auth addon has verified the reviewer's bearer
+token, with the same issuers and keys as every MCP request):
+`GET /bastion/approvals`, `GET /bastion/approvals/ID`,
+`POST /bastion/approvals/ID/approve|deny` with `{"reason": "..."}`.
+`scripts/approvals` is its command line. A reviewer sees the requests they
+may decide. Every request and decision is a flow of its own, recorded and
+audited like any other.
+
+Approvals live in a `core.approvals.Store` (the embedded `MemoryStore`: a
+restart forgets them; `done` cancels what is pending, so nothing runs
+unapproved).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from mitmproxy import http
+
+from mcp_bastion.core import errors
+from mcp_bastion.core.approvals import (
+    APPROVED,
+    DENIED,
+    RETRY,
+    Approval,
+    MemoryStore,
+    Person,
+    Refused,
+    Store,
+    binding,
+)
+from mcp_bastion.core.errors import Refusal
+from mcp_bastion.core.message import Message
+from mcp_bastion.core.pipeline import Context, Hold, Outcome, Pass, Refuse, Verdict
+from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
+from mcp_bastion.glue import flowstate as fs
+from mcp_bastion.glue import replies
+
+logger = logging.getLogger("mcp_bastion")
+
+API_PREFIX = "/bastion/approvals"
+
+
+def person(identity: Any) -> Person:
+    """The `Person` of a flow's identity (an `Identity` or its metadata form)."""
+    if identity is None:
+        return Person(None, None)
+    get = identity.get if isinstance(identity, dict) else lambda k, d=None: getattr(identity, k, d)
+    groups = get("groups") or ()
+    return Person(get("sub"), get("iss"), tuple(groups) if not isinstance(groups, str) else (groups,),
+                  get("name") or get("email") or get("sub"))
+
+
+class Approvals:
+    """The approval stage, and the approval API."""
+
+    name = StageName.APPROVAL
+    holds_approvals = True
+
+    def __init__(self, store: Store | None = None):
+        self.store: Store = store if store is not None else MemoryStore()
+
+    # --- the stage ------------------------------------------------------------------
+
+    def check(self, m: Message, cx: Context) -> Outcome:
+        d = m.approval
+        if d is None or d.approval is None or m.direction == Direction.S2C or m.kind != Kind.REQUEST:
+            return Pass()
+        spec = d.approval
+        who = person(cx.identity)
+        tool = m.target.name if m.target is not None else None
+        arguments = m.params.get("arguments") if isinstance(m.params, dict) and m.method == "tools/call" else m.params
+        key = binding(who, cx.upstream, m.method, tool, arguments)
+        grant = self.store.grant_for(who, d.rule, tool)
+        if grant is not None:
+            return Pass((Verdict(StageName.APPROVAL, Action.ALLOW, d.rule,
+                                 f"within the grant window of approval {grant.approval}",
+                                 {"approval": {"id": grant.approval, "rule": d.rule, "status": "granted"}}),))
+        if spec.mode == RETRY:
+            done = self.store.approved_for(key)
+            if done is not None:
+                self.store.used(done.id)
+                return Pass((self._approved_verdict(done),))
+            a = self.store.pending_for(key) or self._create(m, d, who, cx.upstream, tool, arguments, key)
+            return Refuse(self._refusal(a), (self._pending_verdict(a),), Action.APPROVE)
+        a = self._create(m, d, who, cx.upstream, tool, arguments, key)
+        a.waiting = True
+
+        async def decided() -> Outcome:
+            try:
+                done = await self.store.wait(a.id, spec.timeout)
+            finally:
+                a.waiting = False
+            if done.status == APPROVED:
+                self.store.used(done.id)
+                return Pass((self._approved_verdict(done),))
+            return Refuse(self._refusal(done), (self._final_verdict(done),),
+                          Action.DENY if done.status == DENIED else Action.APPROVE)
+
+        return Hold(decided, f"waiting for approval {a.id}", (self._pending_verdict(a),))
+
+    def _create(self, m: Message, d: Any, who: Person, upstream: str | None, tool: str | None, arguments: Any,
+                key: str) -> Approval:
+        now = time.time()
+        a = Approval(id=MemoryStore.new_id(), rule=d.rule, reason=d.reason, spec=d.approval, requester=who,
+                     upstream=upstream, method=m.method, tool=tool, arguments=arguments, binding=key,
+                     created=now, expires=now + d.approval.timeout)
+        try:
+            return self.store.create(a)
+        except Refused as e:
+            raise RuntimeError(str(e)) from None  # fails closed: never forwarded
+
+    @staticmethod
+    def _summary(a: Approval, **extra: Any) -> dict[str, Any]:
+        out = {"id": a.id, "rule": a.rule, "status": a.status, "mode": a.spec.mode,
+               "requester": a.requester.shown(), "approvers": list(a.spec.approvers)}
+        if a.decided_by is not None:
+            out["decided_by"] = a.decided_by.shown()
+            out["decision_reason"] = a.decision_reason
+        if a.decided_at is not None:
+            out["waited_ms"] = round((a.decided_at - a.created) * 1000)
+        out.update(extra)
+        return out
+
+    def _pending_verdict(self, a: Approval) -> Verdict:
+        return Verdict(StageName.APPROVAL, "hold", a.rule,
+                       f"held for approval {a.id} by {', '.join(a.spec.approvers)} ({a.spec.mode} mode)",
+                       {"approval": self._summary(a)})
+
+    def _approved_verdict(self, a: Approval) -> Verdict:
+        why = f"approved by {a.decided_by.shown() if a.decided_by else '?'} ({a.id})"
+        if a.decision_reason:
+            why += f": {a.decision_reason}"
+        return Verdict(StageName.APPROVAL, Action.ALLOW, a.rule, why, {"approval": self._summary(a)})
+
+    def _final_verdict(self, a: Approval) -> Verdict:
+        action = Action.DENY if a.status == DENIED else Action.APPROVE
+        return Verdict(StageName.APPROVAL, action, a.rule, self._refusal(a).message, {"approval": self._summary(a)})
+
+    @staticmethod
+    def _refusal(a: Approval) -> Refusal:
+        data = {"rule": a.rule, "approval": a.id, "status": a.status, "approvers": list(a.spec.approvers)}
+        if a.status == "pending":
+            how = ("retry the same call once it is approved" if a.spec.mode == RETRY else "it waits for a decision")
+            return Refusal(403, errors.APPROVAL_REQUIRED,
+                           f"{a.method} {a.tool or ''} needs approval (rule '{a.rule}'): request {a.id} is pending "
+                           f"with {', '.join(a.spec.approvers)}; {how}".replace("  ", " "), data)
+        if a.status == DENIED:
+            data["reason"] = a.decision_reason
+            data["decided_by"] = a.decided_by.shown() if a.decided_by else None
+            return Refusal(403, errors.DENIED, f"approval {a.id} (rule '{a.rule}') was denied by "
+                           f"{data['decided_by']}: {a.decision_reason}", data)
+        return Refusal(403, errors.APPROVAL_REQUIRED,
+                       f"approval {a.id} (rule '{a.rule}') {a.status} without a decision"
+                       + (f": {a.decision_reason}" if a.decision_reason else ""), data)
+
+    def done(self) -> None:
+        if isinstance(self.store, MemoryStore):
+            for a in list(self.store.pending()):
+                self.store.cancel(a.id, "the gateway stopped; nothing held runs unapproved")
+
+    # --- the API ------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_api(flow: http.HTTPFlow) -> bool:
+        path = flow.request.path.split("?", 1)[0]
+        return path == API_PREFIX or path.startswith(API_PREFIX + "/")
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """After Auth: an API call is not MCP traffic (no message stage applies); `request` answers it."""
+        if self._is_api(flow) and not (flow.response or flow.error):
+            flow.metadata.pop(Meta.MCP, None)
+            flow.metadata[Meta.API] = True
+            flow.comment = "approval API (served by mcp-bastion)"
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not flow.metadata.get(Meta.API) or flow.response or flow.error or not flow.live:
+            return  # not an API call, or Auth refused its token (401)
+        try:
+            self._serve(flow)
+        except Exception as e:  # an API call is answered, whatever happens
+            logger.error("mcp-bastion: approval API failed on %s: %r", flow.request.path, e, exc_info=e)
+            replies.document(flow, 500, {"error": "the approval API failed; nothing was decided"})
+
+    def _serve(self, flow: http.HTTPFlow) -> None:
+        path = flow.request.path.split("?", 1)[0]
+        if fs.identity(flow).sub is None:
+            replies.document(flow, 403, {"error": "approvals need a verified reviewer: identity checks are off "
+                                                  "or the caller is anonymous"})
+            return
+        reviewer = person(flow.metadata.get(Meta.IDENTITY))
+        parts = [p for p in path[len(API_PREFIX):].split("/") if p]
+        method = flow.request.method
+        try:
+            if not parts and method == "GET":
+                items = [a.view() for a in self.store.all() if set(reviewer.groups) & set(a.spec.approvers)
+                         or a.requester.key == reviewer.key]
+                replies.document(flow, 200, items)
+            elif len(parts) == 1 and method == "GET":
+                a = self._visible(parts[0], reviewer)
+                replies.document(flow, 200, a.view())
+            elif len(parts) == 2 and method == "POST" and parts[1] in ("approve", "deny"):
+                reason = _reason(flow.request.content)
+                a = self.store.decide(parts[0], reviewer, parts[1] == "approve", reason)
+                logger.warning("mcp-bastion: approval %s %s by %s (rule %s, requested by %s)", a.id, a.status,
+                               reviewer.shown(), a.rule, a.requester.shown())
+                fs.add_decision(flow, stage=StageName.APPROVAL, direction=Direction.C2S,
+                                action=Action.ALLOW if a.status == APPROVED else Action.DENY, rule=a.rule,
+                                reason=f"{reviewer.shown()} {a.status} {a.id} of {a.requester.shown()}"
+                                       + (f": {a.decision_reason}" if a.decision_reason else ""))
+                flow.metadata[Meta.APPROVAL] = self._summary(a)
+                replies.document(flow, 200, a.view())
+            else:
+                replies.document(flow, 405 if len(parts) <= 2 else 404, {"error": "unknown approval API call"})
+        except Refused as e:
+            status = 404 if str(e).startswith("no approval request") else 409
+            replies.document(flow, status, {"error": str(e)})
+        except ValueError as e:
+            replies.document(flow, 400, {"error": str(e)})
+
+    def _visible(self, approval_id: str, reviewer: Person) -> Approval:
+        a = self.store.get(approval_id)
+        if a is None or not (set(reviewer.groups) & set(a.spec.approvers) or a.requester.key == reviewer.key):
+            raise Refused(f"no approval request {approval_id}")
+        return a
+
+
+def _reason(content: bytes | None) -> str | None:
+    if not content:
+        return None
+    try:
+        body = json.loads(content)
+    except ValueError:
+        raise ValueError("the body must be JSON: {\"reason\": \"...\"}") from None
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError("reason must be a string")
+    return reason[:1000] if reason else None

@@ -1,0 +1,268 @@
+"""
+Just-in-time approval: calls held for a second person, and what they decided.
+
+Pure: no mitmproxy import. An `ApprovalSpec` is what a rule's `approval:`
+block says (approver groups, timeout, mode, grant window). An `Approval` is
+one held call, bound to the exact call (`binding`: identity, upstream,
+method, tool and canonical arguments). The `Store` interface keeps them;
+`MemoryStore` is the embedded default of a single gateway (it survives
+nothing, and is exact): a later issue adds a shared store.
+
+Rules of deciding (`Store.decide`): only a member of one of the approver
+groups may decide; never the requester; only a pending, unexpired request;
+every decision carries both identities. A `grant` window lets the same
+identity make calls matching the same rule and tool without asking again
+until it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+WAIT, RETRY = "wait", "retry"
+MODES = (WAIT, RETRY)
+PENDING, APPROVED, DENIED, EXPIRED, USED, CANCELLED = "pending", "approved", "denied", "expired", "used", "cancelled"
+DEFAULT_TIMEOUT = 300.0
+MAX_PENDING = 10_000  # held calls kept at once (beyond: new ones are refused, never forwarded)
+
+
+@dataclass(frozen=True)
+class ApprovalSpec:
+    """A rule's `approval:` block."""
+
+    approvers: tuple[str, ...]
+    timeout: float = DEFAULT_TIMEOUT
+    mode: str = WAIT
+    grant: float | None = None
+
+
+@dataclass(frozen=True)
+class Person:
+    """Who asked, or who decided: enough to tell people apart and to show them."""
+
+    sub: str | None
+    iss: str | None
+    groups: tuple[str, ...] = ()
+    name: str | None = None
+
+    @property
+    def key(self) -> tuple[str | None, str | None]:
+        return self.sub, self.iss
+
+    def shown(self) -> str:
+        return self.name or self.sub or "anonymous"
+
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in (("sub", self.sub), ("iss", self.iss), ("name", self.name)) if v}
+
+
+class Refused(ValueError):
+    """A decision that may not be made (not an approver, own request, already decided, expired, unknown)."""
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def binding(requester: Person, upstream: str | None, method: str | None, tool: str | None, arguments: Any) -> str:
+    """The digest a decision binds to: this identity, this upstream, this method and tool, these arguments."""
+    text = canonical({"who": [requester.sub, requester.iss], "upstream": upstream, "method": method,
+                      "tool": tool, "arguments": arguments})
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass
+class Approval:
+    """One held call and its fate."""
+
+    id: str
+    rule: str
+    reason: str
+    spec: ApprovalSpec
+    requester: Person
+    upstream: str | None
+    method: str | None
+    tool: str | None
+    arguments: Any
+    binding: str
+    created: float
+    expires: float
+    status: str = PENDING
+    decided_by: Person | None = None
+    decision_reason: str | None = None
+    decided_at: float | None = None
+    waiting: bool = False  # a client's request is open on it (wait mode)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def view(self, now: float | None = None) -> dict[str, Any]:
+        """What a reviewer is shown (`scripts/approvals list --json`)."""
+        now = time.time() if now is None else now
+        out = {
+            "id": self.id, "status": self.status, "rule": self.rule, "reason": self.reason,
+            "requester": self.requester.shown(), "requester_id": self.requester.record(),
+            "upstream": self.upstream, "method": self.method, "tool": self.tool, "arguments": self.arguments,
+            "mode": self.spec.mode, "approvers": list(self.spec.approvers),
+            "created": _iso(self.created), "expires": _iso(self.expires),
+            "expires_in_s": max(0, round(self.expires - now)), "waiting": self.waiting,
+        }
+        if self.spec.grant:
+            out["grant_s"] = self.spec.grant
+        if self.decided_by is not None:
+            out["decided_by"] = self.decided_by.shown()
+            out["decided_by_id"] = self.decided_by.record()
+            out["decision_reason"] = self.decision_reason
+            out["decided"] = _iso(self.decided_at or now)
+        return out
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@dataclass(frozen=True)
+class Grant:
+    who: tuple[str | None, str | None]
+    rule: str
+    tool: str | None
+    until: float
+    approval: str
+
+
+class Store:
+    """Where approvals live. The embedded `MemoryStore` implements it for one gateway."""
+
+    def create(self, approval: Approval) -> Approval: ...
+    def get(self, approval_id: str) -> Approval | None: ...
+    def all(self) -> list[Approval]: ...
+    def decide(self, approval_id: str, reviewer: Person, approve: bool, reason: str | None) -> Approval: ...
+    async def wait(self, approval_id: str, timeout: float) -> Approval: ...
+    def approved_for(self, binding_: str) -> Approval | None: ...
+    def pending_for(self, binding_: str) -> Approval | None: ...
+    def grant_for(self, who: Person, rule: str, tool: str | None) -> Grant | None: ...
+
+
+class MemoryStore(Store):
+    """Approvals of one gateway process, in memory."""
+
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 on_change: Callable[[Approval, str], None] | None = None):
+        self._clock = clock
+        self._items: dict[str, Approval] = {}
+        self._events: dict[str, asyncio.Event] = {}
+        self._grants: list[Grant] = []
+        self.on_change = on_change  # (approval, what happened): the audit and the webhook hear of it
+
+    @staticmethod
+    def new_id() -> str:
+        return "apr-" + secrets.token_hex(6)
+
+    def _changed(self, a: Approval, what: str) -> None:
+        a.events.append({"at": _iso(self._clock()), "event": what})
+        event = self._events.get(a.id)
+        if event is not None and a.status != PENDING:
+            event.set()
+        if self.on_change is not None:
+            self.on_change(a, what)
+
+    def _expire(self, now: float | None = None) -> None:
+        now = self._clock() if now is None else now
+        for a in list(self._items.values()):
+            if a.status == PENDING and now >= a.expires:
+                a.status = EXPIRED
+                self._changed(a, "expired")
+        self._grants = [g for g in self._grants if g.until > now]
+        if len(self._items) > MAX_PENDING:  # forget the oldest decided ones
+            for a in sorted(self._items.values(), key=lambda x: x.created):
+                if len(self._items) <= MAX_PENDING // 2:
+                    break
+                if a.status != PENDING:
+                    self._items.pop(a.id, None)
+                    self._events.pop(a.id, None)
+
+    def create(self, approval: Approval) -> Approval:
+        self._expire()
+        if sum(1 for a in self._items.values() if a.status == PENDING) >= MAX_PENDING:
+            raise Refused("too many calls are waiting for approval")
+        self._items[approval.id] = approval
+        self._events[approval.id] = asyncio.Event()
+        self._changed(approval, "requested")
+        return approval
+
+    def get(self, approval_id: str) -> Approval | None:
+        self._expire()
+        return self._items.get(approval_id)
+
+    def all(self) -> list[Approval]:
+        self._expire()
+        return sorted(self._items.values(), key=lambda a: a.created)
+
+    def decide(self, approval_id: str, reviewer: Person, approve: bool, reason: str | None) -> Approval:
+        self._expire()
+        a = self._items.get(approval_id)
+        if a is None:
+            raise Refused(f"no approval request {approval_id}")
+        if reviewer.key == a.requester.key and reviewer.sub is not None:
+            raise Refused("you cannot decide your own request")
+        if not set(reviewer.groups) & set(a.spec.approvers):
+            raise Refused(f"only members of {', '.join(a.spec.approvers)} may decide this request")
+        if a.status == EXPIRED:
+            raise Refused(f"{a.id} expired at {_iso(a.expires)}")
+        if a.status != PENDING:
+            raise Refused(f"{a.id} was already decided: {a.status}")
+        if not approve and not (reason or "").strip():
+            raise Refused("a denial needs a reason")
+        now = self._clock()
+        a.status = APPROVED if approve else DENIED
+        a.decided_by, a.decision_reason, a.decided_at = reviewer, (reason or "").strip() or None, now
+        if approve and a.spec.grant:
+            self._grants.append(Grant(a.requester.key, a.rule, a.tool, now + a.spec.grant, a.id))
+        self._changed(a, "approved" if approve else "denied")
+        return a
+
+    def cancel(self, approval_id: str, why: str) -> None:
+        a = self._items.get(approval_id)
+        if a is not None and a.status == PENDING:
+            a.status, a.decision_reason, a.decided_at = CANCELLED, why, self._clock()
+            self._changed(a, "cancelled")
+
+    def used(self, approval_id: str) -> None:
+        a = self._items.get(approval_id)
+        if a is not None and a.status == APPROVED:
+            a.status = USED
+            self._changed(a, "used")
+
+    async def wait(self, approval_id: str, timeout: float) -> Approval:
+        """Until the request is decided or expires (then EXPIRED); other calls go on meanwhile."""
+        a = self._items[approval_id]
+        event = self._events[approval_id]
+        try:
+            await asyncio.wait_for(event.wait(), max(0.0, min(timeout, a.expires - self._clock())))
+        except TimeoutError:
+            pass
+        self._expire()
+        if a.status == PENDING:  # the clock may lag the timer by a hair
+            a.status = EXPIRED
+            self._changed(a, "expired")
+        return a
+
+    def approved_for(self, binding_: str) -> Approval | None:
+        self._expire()
+        return next((a for a in self._items.values() if a.binding == binding_ and a.status == APPROVED), None)
+
+    def pending_for(self, binding_: str) -> Approval | None:
+        self._expire()
+        return next((a for a in self._items.values() if a.binding == binding_ and a.status == PENDING), None)
+
+    def grant_for(self, who: Person, rule: str, tool: str | None) -> Grant | None:
+        self._expire()
+        return next((g for g in self._grants if g.who == who.key and g.rule == rule and g.tool == tool), None)
+
+    def pending(self) -> Iterable[Approval]:
+        return [a for a in self.all() if a.status == PENDING]

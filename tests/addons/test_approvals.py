@@ -1,0 +1,177 @@
+"""Approvals in the shipped bundle: held calls, the API, grants, retry mode, and who may decide."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from mcp_bastion.addons.approvals import Approvals
+from mcp_bastion.core import errors
+from mcp_bastion.core.vocab import Meta
+
+from bundled import bundled, error_of, forwarded
+from bundled import tool_call as call
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+ALICE = {"sub": "alice", "groups": ["engineering"], "iss": "https://idp", "name": "Alice"}
+BOB = {"sub": "bob", "groups": ["engineering", "sre"], "iss": "https://idp", "name": "Bob"}
+SRE_ALICE = {**ALICE, "groups": ["engineering", "sre"]}
+CAROL = {"sub": "carol", "groups": ["contractors"], "iss": "https://idp"}
+
+RULES = """\
+version: 1
+default: allow
+rules:
+  - id: prod-deploys
+    match: {tools: [deploy], arguments: [{path: env, equals: prod}]}
+    action: approve
+    reason: production changes need a second engineer
+    approval: {approvers: [sre], timeout: 5m, grant: 15m}
+  - id: rotate
+    match: {tools: [rotate_keys]}
+    action: approve
+    approval: {approvers: [sre], mode: retry}
+  - id: quick
+    match: {tools: [quick]}
+    action: approve
+    approval: {approvers: [sre], timeout: 1}
+"""
+
+
+@pytest.fixture
+def rules(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    return str(path)
+
+
+async def api(b, who, method="GET", path="", body=None):
+    f = b.flow(method, body, path="/bastion/approvals" + path)
+    if method == "GET":
+        f.request.headers.pop("accept", None)
+    await b.request(f, identity=who)
+    return f.response.status_code, json.loads(f.response.content)
+
+
+async def pending_id(b, who=BOB) -> str:
+    for _ in range(100):
+        status, items = await api(b, who)
+        if items and items[-1]["status"] == "pending":
+            return items[-1]["id"]
+        await asyncio.sleep(0.01)
+    raise AssertionError("nothing pending")
+
+
+async def test_a_held_call_waits_other_calls_go_on_and_it_runs_once_approved(rules):
+    with bundled(ruleset=rules) as b:
+        held = b.flow("POST", call("deploy", 1, env="prod"))
+        task = asyncio.create_task(b.request(held, identity=ALICE))
+        approval = await pending_id(b)
+        assert not task.done() and held.response is None  # nothing reached the upstream, nothing answered
+        other = b.flow("POST", call("deploy", 2, env="staging"))
+        await b.request(other, identity=ALICE)
+        assert forwarded(other)  # the held call holds nothing else up
+        status, items = await api(b, BOB)
+        (item,) = [i for i in items if i["id"] == approval]
+        assert item["requester"] == "Alice" and item["tool"] == "deploy" and item["arguments"] == {"env": "prod"}
+        assert item["rule"] == "prod-deploys" and item["status"] == "pending" and item["expires"]
+        status, out = await api(b, BOB, "POST", f"/{approval}/approve", {"reason": "change ticket 42"})
+        assert status == 200 and out["status"] == "approved" and out["decided_by"] == "Bob"
+        await asyncio.wait_for(task, 5)
+        assert forwarded(held)
+        info = held.metadata[Meta.APPROVAL]
+        assert info["id"] == approval and info["decided_by"] == "Bob" and info["waited_ms"] >= 0
+        status, out = await api(b, BOB, "POST", f"/{approval}/approve")
+        assert status == 409  # decided once; the call ran once
+
+
+async def test_a_denial_names_the_rule_the_reason_and_the_approval(rules):
+    with bundled(ruleset=rules) as b:
+        held = b.flow("POST", call("deploy", 3, env="prod"))
+        task = asyncio.create_task(b.request(held, identity=ALICE))
+        approval = await pending_id(b)
+        status, out = await api(b, BOB, "POST", f"/{approval}/deny", {})
+        assert status == 409 and "needs a reason" in out["error"]
+        await api(b, BOB, "POST", f"/{approval}/deny", {"reason": "freeze until Monday"})
+        await asyncio.wait_for(task, 5)
+        assert not forwarded(held)
+        err = error_of(held)
+        assert err["code"] == errors.DENIED and err["data"]["approval"] == approval
+        assert err["data"]["rule"] == "prod-deploys" and "freeze until Monday" in err["message"]
+
+
+@pytest.mark.parametrize(("who", "why"), [(ALICE, "not an approver"), (SRE_ALICE, "own request"),
+                                          (CAROL, "not an approver")])
+async def test_who_may_not_decide(rules, who, why):
+    with bundled(ruleset=rules) as b:
+        held = b.flow("POST", call("deploy", 4, env="prod"))
+        task = asyncio.create_task(b.request(held, identity=SRE_ALICE))
+        approval = await pending_id(b, BOB)
+        status, out = await api(b, who, "POST", f"/{approval}/approve")
+        assert status in (404, 409), (why, out)
+        assert not task.done()
+        b.addon(Approvals).done()  # the gateway stops: what was pending is cancelled, never run
+        await asyncio.wait_for(task, 5)
+        assert not forwarded(held) and error_of(held)["data"]["status"] == "cancelled"
+
+
+async def test_an_unanswered_request_expires_and_is_refused(rules):
+    with bundled(ruleset=rules) as b:
+        held = b.flow("POST", call("quick", 5))
+        await asyncio.wait_for(b.request(held, identity=ALICE), 5)
+        assert not forwarded(held)
+        assert error_of(held)["code"] == errors.APPROVAL_REQUIRED and error_of(held)["data"]["status"] == "expired"
+
+
+async def test_retry_mode_answers_at_once_and_the_same_call_passes_once_approved(rules):
+    with bundled(ruleset=rules) as b:
+        first = b.flow("POST", call("rotate_keys", 6, key="db"))
+        await b.request(first, identity=ALICE)
+        err = error_of(first)
+        assert err["code"] == errors.APPROVAL_REQUIRED
+        approval = err["data"]["approval"]
+        again = b.flow("POST", call("rotate_keys", 7, key="db"))
+        await b.request(again, identity=ALICE)
+        assert error_of(again)["data"]["approval"] == approval  # the same request, not a new one
+        await api(b, BOB, "POST", f"/{approval}/approve")
+        other_args = b.flow("POST", call("rotate_keys", 8, key="cache"))
+        await b.request(other_args, identity=ALICE)
+        assert not forwarded(other_args)  # a decision binds to the exact call
+        ok = b.flow("POST", call("rotate_keys", 9, key="db"))
+        await b.request(ok, identity=ALICE)
+        assert forwarded(ok)
+        once = b.flow("POST", call("rotate_keys", 10, key="db"))
+        await b.request(once, identity=ALICE)
+        assert not forwarded(once)  # approved once, runs once
+
+
+async def test_a_grant_window_lets_the_same_identity_through(rules):
+    with bundled(ruleset=rules) as b:
+        held = b.flow("POST", call("deploy", 11, env="prod"))
+        task = asyncio.create_task(b.request(held, identity=ALICE))
+        approval = await pending_id(b)
+        await api(b, BOB, "POST", f"/{approval}/approve", {"reason": "release day"})
+        await asyncio.wait_for(task, 5)
+        again = b.flow("POST", call("deploy", 12, env="prod"))
+        await b.request(again, identity=ALICE)
+        assert forwarded(again) and again.metadata[Meta.APPROVAL]["status"] == "granted"
+        someone_else = b.flow("POST", call("deploy", 13, env="prod"))
+        task = asyncio.create_task(b.request(someone_else, identity=BOB))
+        await pending_id(b, SRE_ALICE)  # bob's call is held: the grant was alice's
+        b.addon(Approvals).done()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_the_api_needs_a_verified_reviewer(rules):
+    with bundled(ruleset=rules) as b:
+        status, out = await api(b, None)
+        assert status == 403 and "verified reviewer" in out["error"]

@@ -58,6 +58,7 @@ USERS = {
     u.sub: u
     for u in (
         DemoUser("alice", "alice-dev-secret", "Alice Martin", ("engineering",), SCOPES, "alice@acme.example"),
+        DemoUser("bob", "bob-dev-secret", "Bob Okafor", ("engineering", "sre"), SCOPES, "bob@acme.example"),
         DemoUser("carol", "carol-dev-secret", "Carol Diaz", ("contractors",), ("mcp:tools",),
                  "carol@contractor.example"),
         DemoUser("ci-bot", "ci-bot-dev-secret", "CI bot", ("ci",), ("mcp:tools",)),

@@ -1,0 +1,156 @@
+"""
+scripts/approvals: decide the calls an approve rule holds, as a reviewer.
+
+    scripts/approvals list [--json]          the requests you may decide (and your own)
+    scripts/approvals show ID                one request, whole
+    scripts/approvals approve ID [--reason TEXT]
+    scripts/approvals deny ID --reason TEXT
+
+Every command takes --gateway URL (the gateway's base URL, e.g. http://127.0.0.1:8080;
+or BASTION_GATEWAY) and your own bearer token: --token, --token-file, or the
+BASTION_APPROVER_TOKEN variable. The gateway checks the token with the same
+issuers and keys as every MCP request, and refuses a decision on your own
+request or by someone outside the rule's approver groups.
+
+Exit status: 0 done, 1 refused (not an approver, own request, already decided,
+expired, unknown id), 2 could not run (bad arguments, no token, gateway unreachable,
+token refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+TOKEN_ENV = "BASTION_APPROVER_TOKEN"
+GATEWAY_ENV = "BASTION_GATEWAY"
+API = "/bastion/approvals"
+
+
+class CannotRun(Exception):
+    pass
+
+
+class Refused(Exception):
+    pass
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token:
+        return args.token.strip()
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as e:
+            raise CannotRun(f"cannot read the token file {args.token_file}: {e.strerror or e}") from None
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise CannotRun(f"no token: give --token, --token-file or set {TOKEN_ENV}")
+    return token
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+    base = (args.gateway or os.environ.get(GATEWAY_ENV) or "").rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise CannotRun("give the gateway's base URL: --gateway http://HOST:PORT (or set BASTION_GATEWAY)")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + API + path, data=data, method=method,
+                                 headers={"authorization": f"Bearer {_token(args)}", "accept": "application/json",
+                                          **({"content-type": "application/json"} if data is not None else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read() or b"{}")
+        except ValueError:
+            detail = {}
+        message = (detail.get("error") if isinstance(detail, dict) else None) or e.reason
+        if isinstance(message, dict):  # a JSON-RPC error from the gateway (a token refused)
+            message = message.get("message")
+        if e.code in (401, 400) or e.code >= 500:
+            raise CannotRun(f"the gateway answered {e.code}: {message}") from None
+        raise Refused(str(message)) from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise CannotRun(f"cannot reach the gateway at {base}: {getattr(e, 'reason', e)}") from None
+
+
+def _line(item: dict) -> str:
+    args = json.dumps(item.get("arguments"), ensure_ascii=False, sort_keys=True)
+    if len(args) > 80:
+        args = args[:77] + "..."
+    decided = f" by {item['decided_by']}" if item.get("decided_by") else ""
+    return (f"{item['id']}  {item['status']:<9}{decided}  {item['requester']}  {item.get('method')} "
+            f"{item.get('tool') or ''} {args}  rule {item['rule']}  expires {item['expires']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/approvals", description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.strip().splitlines()[1:]))
+    parser.add_argument("--version", action="version", version="mcp-bastion approvals 0.1.0")
+    parser.add_argument("--gateway", help="the gateway's base URL (default: $BASTION_GATEWAY)")
+    parser.add_argument("--token", help=f"your bearer token (default: ${TOKEN_ENV})")
+    parser.add_argument("--token-file", help="a file holding your bearer token")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="the requests you may decide")
+    p.add_argument("--json", action="store_true", help="a JSON array (id, requester, tool, arguments, rule, ...)")
+    p.add_argument("--all", action="store_true", help="also the decided and expired ones")
+    p = sub.add_parser("show", help="one request, whole")
+    p.add_argument("id")
+    p = sub.add_parser("approve", help="approve a request")
+    p.add_argument("id")
+    p.add_argument("--reason", help="why (recorded with the decision)")
+    p = sub.add_parser("deny", help="deny a request")
+    p.add_argument("id")
+    p.add_argument("--reason", required=True, help="why (the caller sees it)")
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # --gateway and --token after the command
+        extra = argparse.ArgumentParser(add_help=False)
+        for opt in ("--gateway", "--token", "--token-file"):
+            extra.add_argument(opt)
+        extra.add_argument("--timeout", type=float)
+        try:
+            more, unknown = extra.parse_known_args(rest)
+        except SystemExit:
+            return 2
+        if unknown:
+            parser.print_usage(sys.stderr)
+            print(f"scripts/approvals: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+            return 2
+        for k, v in vars(more).items():
+            if v is not None:
+                setattr(args, k, v)
+    try:
+        if args.command == "list":
+            items = call(args, "GET", "")
+            if not args.all:
+                items = [i for i in items if i["status"] == "pending"]
+            if args.json:
+                print(json.dumps(items, indent=2, ensure_ascii=False))
+            else:
+                print("\n".join(_line(i) for i in items) if items else "no pending requests")
+        elif args.command == "show":
+            print(json.dumps(call(args, "GET", f"/{args.id}"), indent=2, ensure_ascii=False))
+        else:
+            item = call(args, "POST", f"/{args.id}/{args.command}", {"reason": args.reason} if args.reason else {})
+            print(f"{item['id']} {item['status']} ({item.get('method')} {item.get('tool') or ''} "
+                  f"by {item['requester']}, rule {item['rule']})")
+        return 0
+    except Refused as e:
+        print(f"scripts/approvals: refused: {e}", file=sys.stderr)
+        return 1
+    except CannotRun as e:
+        print(f"scripts/approvals: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

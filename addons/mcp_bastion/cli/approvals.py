@@ -95,39 +95,24 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.strip().splitlines()[1:]))
     parser.add_argument("--version", action="version", version="mcp-bastion approvals 0.1.0")
-    parser.add_argument("--gateway", help="the gateway's base URL (default: $BASTION_GATEWAY)")
-    parser.add_argument("--token", help=f"your bearer token (default: ${TOKEN_ENV})")
-    parser.add_argument("--token-file", help="a file holding your bearer token")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the gateway")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--gateway", help="the gateway's base URL (default: $BASTION_GATEWAY)")
+    common.add_argument("--token", help=f"your bearer token (default: ${TOKEN_ENV})")
+    common.add_argument("--token-file", help="a file holding your bearer token")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the gateway")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="the requests you may decide")
+    p = sub.add_parser("list", parents=[common], help="the requests you may decide")
     p.add_argument("--json", action="store_true", help="a JSON array (id, requester, tool, arguments, rule, ...)")
     p.add_argument("--all", action="store_true", help="also the decided and expired ones")
-    p = sub.add_parser("show", help="one request, whole")
+    p = sub.add_parser("show", parents=[common], help="one request, whole")
     p.add_argument("id")
-    p = sub.add_parser("approve", help="approve a request")
+    p = sub.add_parser("approve", parents=[common], help="approve a request")
     p.add_argument("id")
     p.add_argument("--reason", help="why (recorded with the decision)")
-    p = sub.add_parser("deny", help="deny a request")
+    p = sub.add_parser("deny", parents=[common], help="deny a request")
     p.add_argument("id")
     p.add_argument("--reason", required=True, help="why (the caller sees it)")
-    args, rest = parser.parse_known_args(argv)
-    if rest:  # --gateway and --token after the command
-        extra = argparse.ArgumentParser(add_help=False)
-        for opt in ("--gateway", "--token", "--token-file"):
-            extra.add_argument(opt)
-        extra.add_argument("--timeout", type=float)
-        try:
-            more, unknown = extra.parse_known_args(rest)
-        except SystemExit:
-            return 2
-        if unknown:
-            parser.print_usage(sys.stderr)
-            print(f"scripts/approvals: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
-            return 2
-        for k, v in vars(more).items():
-            if v is not None:
-                setattr(args, k, v)
+    args = parser.parse_args(argv)
     try:
         if args.command == "list":
             items = call(args, "GET", "")

@@ -175,3 +175,46 @@ async def test_the_api_needs_a_verified_reviewer(rules):
     with bundled(ruleset=rules) as b:
         status, out = await api(b, None)
         assert status == 403 and "verified reviewer" in out["error"]
+
+
+async def test_the_webhook_hears_of_each_request_and_decision(rules):
+    import http.server
+    import threading
+
+    heard: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            heard.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with bundled(ruleset=rules, approval_webhook=f"http://127.0.0.1:{srv.server_port}/hook") as b:
+            held = b.flow("POST", call("deploy", 21, env="prod"))
+            task = asyncio.create_task(b.request(held, identity=ALICE))
+            approval = await pending_id(b)
+            await api(b, BOB, "POST", f"/{approval}/approve", {"reason": "go"})
+            await asyncio.wait_for(task, 5)
+            for _ in range(200):
+                if len(heard) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        srv.shutdown()
+    assert approval in heard[0]["text"] and "scripts/approvals approve" in heard[0]["text"]
+    assert heard[0]["approval"]["tool"] == "deploy" and heard[0]["approval"]["status"] == "pending"
+    assert "approved by Bob: go" in heard[1]["text"]
+
+
+def test_a_webhook_that_is_not_a_url_stops_the_gateway_at_start(rules):
+    from mitmproxy import exceptions
+
+    with pytest.raises(exceptions.OptionsError, match="approval_webhook"):
+        with bundled(ruleset=rules, approval_webhook="slack-channel"):
+            pass

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+import urllib.request
 from typing import Any
 
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 
 from mcp_bastion.core import errors
 from mcp_bastion.core.approvals import (
@@ -78,7 +80,42 @@ class Approvals:
     holds_approvals = True
 
     def __init__(self, store: Store | None = None):
-        self.store: Store = store if store is not None else MemoryStore()
+        self.store: Store = store if store is not None else MemoryStore(on_change=self._changed)
+        self.webhook: str | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "approval_webhook", str, "",
+            """
+            URL that hears of every approval request and decision: a Slack-compatible JSON POST
+            ({"text": ...}) naming the call, the rule and the command that decides it. Empty: none.
+            """,
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "approval_webhook" in updated:
+            url = ctx.options.approval_webhook.strip()
+            if url and not url.startswith(("http://", "https://")):
+                raise exceptions.OptionsError(f"approval_webhook must be an http(s) URL: {url!r}")
+            self.webhook = url or None
+
+    def _changed(self, a: Approval, what: str) -> None:
+        """Announce a request (and its fate) to the webhook, off the event loop; failures are logged only."""
+        if self.webhook is None or what not in ("requested", "approved", "denied", "expired"):
+            return
+        if what == "requested":
+            text = (f":hourglass: *{a.requester.shown()}* asks to run `{a.method} {a.tool or ''}` "
+                    f"{json.dumps(a.arguments, ensure_ascii=False)[:300]} (rule `{a.rule}`: {a.reason}). "
+                    f"Approvers: {', '.join(a.spec.approvers)}; expires {a.view()['expires']}.\n"
+                    f"Decide: `scripts/approvals approve {a.id} --gateway <gateway URL>` or "
+                    f"`scripts/approvals deny {a.id} --reason ... --gateway <gateway URL>`")
+        else:
+            who = f" by {a.decided_by.shown()}" if a.decided_by else ""
+            text = f"{a.id} ({a.requester.shown()}: `{a.method} {a.tool or ''}`) {what}{who}" + (
+                f": {a.decision_reason}" if a.decision_reason else "")
+        body = json.dumps({"text": text, "approval": a.view()}).encode()
+        url = self.webhook
+        threading.Thread(target=_post, args=(url, body), name="mcp-bastion approval webhook", daemon=True).start()
 
     # --- the stage ------------------------------------------------------------------
 
@@ -256,3 +293,12 @@ def _reason(content: bytes | None) -> str | None:
     if reason is not None and not isinstance(reason, str):
         raise ValueError("reason must be a string")
     return reason[:1000] if reason else None
+
+
+def _post(url: str, body: bytes) -> None:
+    try:
+        req = urllib.request.Request(url, data=body, method="POST", headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+    except Exception as e:  # the webhook is a notice, not a gate: the decision still happens through the API
+        logger.warning("mcp-bastion: approval webhook %s failed: %s", url, e)

@@ -41,7 +41,9 @@ def test_engineer_reads_but_secrets_and_destruction_are_stopped(demo_output):
     assert any("read_file(/etc/ssl/private/deploy.pem) │ denied │ -31001" in r and "no-secret-files" in r
                for r in alice)
     assert any("deploy(billing-api, staging) │ ok" in r for r in alice)
-    assert any("deploy(billing-api, prod) │ held │ -31002" in r for r in alice)
+    # the production deploy waited for a second engineer: bob (sre) approved it with scripts/approvals
+    assert any("deploy(billing-api, prod) │ ok │ deployment of billing-api to prod started" in r for r in alice)
+    assert "bob (sre) scripts/approvals approve apr-" in demo_output and " approved (tools/call deploy" in demo_output
     assert sum("no-drop-table" in r for r in alice) == 2  # drop_table and its full-width spelling
 
 
@@ -83,7 +85,7 @@ def test_demo_web_keeps_mitmweb_running_until_interrupted():
         web = re.search(r"^mitmweb\s+(http://127\.0\.0\.1:\d+/\?token=\S+)", text, re.M).group(1)
         with urllib.request.urlopen(web, timeout=10) as r:  # the printed link opens the UI
             assert r.status == 200 and b"mitmproxy" in r.read().lower()
-        assert any("deploy(billing-api, prod) │ held" in r for r in rows(text, "alice"))
+        assert any("deploy(billing-api, prod) │ ok" in r for r in rows(text, "alice"))  # approved by bob
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     with Stack() as stack:
         console.rule("[bold]mcp-bastion demo")
         issuer = stack.enter_context(DevIssuer(audience=f"http://127.0.0.1:{gw_port}"))
-        console.print(f"issuer    dev OpenID issuer      {issuer.url} (alice: engineering, carol: contractors)")
+        console.print(f"issuer    dev OpenID issuer      {issuer.url} "
+                      "(alice: engineering, bob: sre, carol: contractors)")
         stack.start("demo MCP server",
                     [str(BIN / "python"), "-m", "bastion_dev.demo.server", "--port", str(upstream_port)],
                     upstream_port, workdir / "server.log")
@@ -129,10 +132,18 @@ def main(argv: list[str] | None = None) -> int:
 
         url = f"http://127.0.0.1:{gw_port}/mcp"
         rows: list[Row] = []
-        for user in ("alice", "carol", "anonymous"):
-            token = issuer.mint(user) if user != "anonymous" else None
-            rows += asyncio.run(run_session(url, user, token))
+        # bob (sre) is the second engineer: he approves what waits for approval, with scripts/approvals.
+        reviewer = SecondEngineer(f"http://127.0.0.1:{gw_port}", issuer.mint("bob"))
+        reviewer.start()
+        try:
+            for user in ("alice", "carol", "anonymous"):
+                token = issuer.mint(user) if user != "anonymous" else None
+                rows += asyncio.run(run_session(url, user, token))
+        finally:
+            reviewer.stop()
         show(rows)
+        for line in reviewer.said:
+            console.print(f"[dim]bob (sre)[/dim] {line}")
         forensics(workdir)
         if keep:
             console.print("\nRunning; Ctrl-C stops everything.")
@@ -141,6 +152,35 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 pass
     return 0
+
+
+class SecondEngineer(threading.Thread):
+    """Approves, with `scripts/approvals` and bob's own token, every request that waits for approval."""
+
+    def __init__(self, gateway: str, token: str):
+        super().__init__(name="demo reviewer", daemon=True)
+        self.gateway, self.token = gateway, token
+        self.said: list[str] = []
+        self._stop = threading.Event()
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "scripts" / "approvals"), *args, "--gateway", self.gateway],
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "BASTION_APPROVER_TOKEN": self.token})
+
+    def run(self) -> None:
+        while not self._stop.wait(0.2):
+            out = self._run("list", "--json")
+            if out.returncode != 0:
+                continue
+            for item in json.loads(out.stdout or "[]"):
+                done = self._run("approve", item["id"], "--reason", "demo: checked by a second engineer")
+                self.said.append(f"scripts/approvals approve {item['id']}  ({item['requester']}: {item['tool']} "
+                                 f"{json.dumps(item['arguments'])}) -> {(done.stdout or done.stderr).strip()}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(10)
 
 
 def forensics(workdir: Path) -> None:

@@ -63,7 +63,7 @@ async def api(b, who, method="GET", path="", body=None):
 
 
 async def pending_id(b, who=BOB) -> str:
-    for _ in range(100):
+    for _ in range(1000):  # up to 10 s on a busy machine
         status, items = await api(b, who)
         if items and items[-1]["status"] == "pending":
             return items[-1]["id"]
@@ -218,3 +218,21 @@ def test_a_webhook_that_is_not_a_url_stops_the_gateway_at_start(rules):
     with pytest.raises(exceptions.OptionsError, match="approval_webhook"):
         with bundled(ruleset=rules, approval_webhook="slack-channel"):
             pass
+
+
+@pytest.mark.parametrize("operator", ["resume", "kill"])
+async def test_in_mitmweb_a_held_call_is_intercepted_resume_approves_and_kill_denies(rules, operator):
+    with bundled(ruleset=rules) as b:
+        held = b.flow("POST", call("deploy", 31, env="prod"))
+        task = asyncio.create_task(b.request(held, identity=ALICE))
+        approval = await pending_id(b)
+        assert held.intercepted  # what mitmweb shows
+        getattr(held, operator)()
+        await asyncio.wait_for(task, 5)
+        status, item = await api(b, BOB, "GET", f"/{approval}")
+        if operator == "resume":
+            assert forwarded(held) and item["status"] == "used"
+        else:
+            assert not forwarded(held) and item["status"] == "denied"
+        assert item["decided_by"] == "the gateway's local operator (mitmweb)"
+        assert not held.intercepted

@@ -30,14 +30,18 @@ unapproved).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import queue
 import threading
 import time
 import urllib.request
+import weakref
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.flow import Error
 
 from mcp_bastion.core import errors
 from mcp_bastion.core.approvals import (
@@ -82,6 +86,8 @@ class Approvals:
     def __init__(self, store: Store | None = None):
         self.store: Store = store if store is not None else MemoryStore(on_change=self._changed)
         self.webhook: str | None = None
+        self._posts: queue.Queue | None = None
+        self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -114,8 +120,14 @@ class Approvals:
             text = f"{a.id} ({a.requester.shown()}: `{a.method} {a.tool or ''}`) {what}{who}" + (
                 f": {a.decision_reason}" if a.decision_reason else "")
         body = json.dumps({"text": text, "approval": a.view()}).encode()
-        url = self.webhook
-        threading.Thread(target=_post, args=(url, body), name="mcp-bastion approval webhook", daemon=True).start()
+        if self._posts is None:  # one sender, so the channel hears of a request before its decision
+            self._posts = queue.Queue(maxsize=1000)
+            threading.Thread(target=_sender, args=(self._posts,), name="mcp-bastion approval webhook",
+                             daemon=True).start()
+        try:
+            self._posts.put_nowait((self.webhook, body))
+        except queue.Full:
+            logger.warning("mcp-bastion: approval webhook is behind; a notice about %s was dropped", a.id)
 
     # --- the stage ------------------------------------------------------------------
 
@@ -142,10 +154,11 @@ class Approvals:
             return Refuse(self._refusal(a), (self._pending_verdict(a),), Action.APPROVE)
         a = self._create(m, d, who, cx.upstream, tool, arguments, key)
         a.waiting = True
+        flow = self._flows.get(cx.flow_id or "")
 
         async def decided() -> Outcome:
             try:
-                done = await self.store.wait(a.id, spec.timeout)
+                done = await self._wait(a, spec.timeout, flow)
             finally:
                 a.waiting = False
             if done.status == APPROVED:
@@ -155,6 +168,30 @@ class Approvals:
                           Action.DENY if done.status == DENIED else Action.APPROVE)
 
         return Hold(decided, f"waiting for approval {a.id}", (self._pending_verdict(a),))
+
+    async def _wait(self, a: Approval, timeout: float, flow: http.HTTPFlow | None) -> Approval:
+        """The decision: through the API, or in mitmweb, where the held flow shows as intercepted
+        (resume = approve, kill = deny, both the local operator's decisions)."""
+        if flow is None or not isinstance(self.store, MemoryStore):
+            return await self.store.wait(a.id, timeout)
+        flow.intercept()
+        waiter = asyncio.ensure_future(self.store.wait(a.id, timeout))
+        resumed = asyncio.ensure_future(flow.wait_for_resume())
+        killed = asyncio.ensure_future(_until_killed(flow))  # kill() sets no event: it is watched for
+        try:
+            await asyncio.wait({waiter, resumed, killed}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done() and (resumed.done() or killed.done()):
+                if flow.error is not None and flow.error.msg != Error.KILLED_MESSAGE:
+                    self.store.cancel(a.id, f"the client went away ({flow.error.msg})")
+                else:
+                    dead = flow.error is not None or not flow.live
+                    self.store.decide_locally(a.id, not dead, "killed in mitmweb" if dead else "resumed in mitmweb")
+            return await waiter
+        finally:
+            resumed.cancel()
+            killed.cancel()
+            if flow.intercepted:
+                flow.resume()
 
     def _create(self, m: Message, d: Any, who: Person, upstream: str | None, tool: str | None, arguments: Any,
                 key: str) -> Approval:
@@ -225,6 +262,7 @@ class Approvals:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """After Auth: an API call is not MCP traffic (no message stage applies); `request` answers it."""
+        self._flows[flow.id] = flow  # a held call's flow shows as intercepted in mitmweb
         if self._is_api(flow) and not (flow.response or flow.error):
             flow.metadata.pop(Meta.MCP, None)
             flow.metadata[Meta.API] = True
@@ -295,6 +333,12 @@ def _reason(content: bytes | None) -> str | None:
     return reason[:1000] if reason else None
 
 
+def _sender(posts: queue.Queue) -> None:
+    while True:
+        url, body = posts.get()
+        _post(url, body)
+
+
 def _post(url: str, body: bytes) -> None:
     try:
         req = urllib.request.Request(url, data=body, method="POST", headers={"content-type": "application/json"})
@@ -302,3 +346,8 @@ def _post(url: str, body: bytes) -> None:
             resp.read()
     except Exception as e:  # the webhook is a notice, not a gate: the decision still happens through the API
         logger.warning("mcp-bastion: approval webhook %s failed: %s", url, e)
+
+
+async def _until_killed(flow: http.HTTPFlow, every: float = 0.2) -> None:
+    while flow.error is None and flow.live:
+        await asyncio.sleep(every)

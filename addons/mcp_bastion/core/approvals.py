@@ -63,6 +63,9 @@ class Person:
         return {k: v for k, v in (("sub", self.sub), ("iss", self.iss), ("name", self.name)) if v}
 
 
+LOCAL_OPERATOR = Person("local-operator", None, (), "the gateway's local operator (mitmweb)")
+
+
 class Refused(ValueError):
     """A decision that may not be made (not an approver, own request, already decided, expired, unknown)."""
 
@@ -223,6 +226,16 @@ class MemoryStore(Store):
         a.decided_by, a.decision_reason, a.decided_at = reviewer, (reason or "").strip() or None, now
         if approve and a.spec.grant:
             self._grants.append(Grant(a.requester.key, a.rule, a.tool, now + a.spec.grant, a.id))
+        self._changed(a, "approved" if approve else "denied")
+        return a
+
+    def decide_locally(self, approval_id: str, approve: bool, reason: str) -> Approval | None:
+        """The gateway's own operator decided (mitmweb: resume = approve, kill = deny): no group applies."""
+        a = self._items.get(approval_id)
+        if a is None or a.status != PENDING:
+            return a
+        a.status = APPROVED if approve else DENIED
+        a.decided_by, a.decision_reason, a.decided_at = LOCAL_OPERATOR, reason, self._clock()
         self._changed(a, "approved" if approve else "denied")
         return a
 

@@ -128,3 +128,48 @@ def test_the_command_line_without_a_gateway_or_token_cannot_run(stack):
     assert out.returncode == 2 and "gateway" in out.stderr
     bad = approvals(gw, "not-a-token", "list")
     assert bad.returncode == 2 and "401" in bad.stderr
+
+
+GRANT_RULES = """\
+version: 1
+default: allow
+rules:
+  - id: big-sums
+    match: {tools: [add], arguments: [{path: a, ge: 1000}]}
+    action: approve
+    approval: {approvers: [sre], timeout: 1m, grant: 3s}
+"""
+
+
+def test_a_grant_window_is_reused_then_ends_and_a_stop_cancels_what_waits(tmp_path):
+    (tmp_path / "rules.yaml").write_text(GRANT_RULES)
+    port = free_port()
+    with DevIssuer(audience=f"http://127.0.0.1:{port}") as issuer, sdk_server() as server:
+        options = {"ruleset": str(tmp_path / "rules.yaml"), "oidc_issuer": issuer.url,
+                   "audit_log": str(tmp_path / "audit.jsonl")}
+        alice, bob = issuer.mint("alice"), issuer.mint("bob")
+        with running(mitmdump_args(server.url, port, options), port, env={"BASTION_AUDIT_KEY": "k" * 32}) as gw:
+            headers = session(gw, alice)
+            got: dict = {}
+            t = threading.Thread(target=lambda: got.update(first=add(gw, headers, 1000, 1, 1)), daemon=True)
+            t.start()
+            (item,) = pending(gw, bob)
+            assert approvals(gw, bob, "approve", item["id"]).returncode == 0
+            t.join(60)
+            assert got["first"]["result"]["content"][0]["text"] == "1001"
+            # within the grant: the same caller, rule and tool pass without asking
+            assert add(gw, headers, 2000, 1, 2)["result"]["content"][0]["text"] == "2001"
+            time.sleep(3.5)  # the grant ends
+            t = threading.Thread(target=lambda: got.update(late=add(gw, headers, 3000, 1, 3)), daemon=True)
+            t.start()
+            (late,) = pending(gw, bob)
+            assert late["arguments"] == {"a": 3000, "b": 1}
+            gw.proc.terminate()  # the gateway stops while the call waits: it is cancelled, never run
+            t.join(30)
+    err = got.get("late", {}).get("error")
+    if err is not None:  # the client heard why (it may also just lose its connection)
+        assert err["data"]["status"] == "cancelled"
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    three = [r for r in records if r.get("id") == 3 and r["kind"] == "request"]
+    assert three and three[-1]["approval"]["status"] == "cancelled" and three[-1]["action"] != "allow"
+    assert not any(r["kind"] == "forward" and any(m.get("id") == 3 for m in r["messages"]) for r in records)

@@ -87,6 +87,7 @@ class Approvals:
         self.store: Store = store if store is not None else MemoryStore(on_change=self._changed)
         self.webhook: str | None = None
         self._posts: queue.Queue | None = None
+        self._held: dict[str, str] = {}  # approval id -> the id of the flow it holds (wait mode)
         self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
 
     def load(self, loader) -> None:
@@ -155,6 +156,7 @@ class Approvals:
         a = self._create(m, d, who, cx.upstream, tool, arguments, key)
         a.waiting = True
         flow = self._flows.get(cx.flow_id or "")
+        self._held[a.id] = cx.flow_id or ""
 
         async def decided() -> Outcome:
             try:
@@ -252,6 +254,12 @@ class Approvals:
         if isinstance(self.store, MemoryStore):
             for a in list(self.store.pending()):
                 self.store.cancel(a.id, "the gateway stopped; nothing held runs unapproved")
+                flow = self._flows.get(self._held.pop(a.id, ""))
+                if flow is not None:  # before the AuditLog writes it (it comes later in the bundle)
+                    flow.metadata[Meta.APPROVAL] = self._summary(a)
+                    fs.add_decision(flow, stage=StageName.APPROVAL, direction=Direction.C2S, action=Action.DENY,
+                                    rule=a.rule, reason=f"approval {a.id} cancelled: the gateway stopped while "
+                                                        "the call waited; it was not forwarded")
 
     # --- the API ------------------------------------------------------------------------
 

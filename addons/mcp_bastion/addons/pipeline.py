@@ -33,7 +33,7 @@ from mcp_bastion.core import errors, pipeline
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.jsonrpc import Body, dumps
 from mcp_bastion.core.message import Message, http_request
-from mcp_bastion.core.pipeline import Context, Drop, Refuse, Result, Run, Stage, StageError
+from mcp_bastion.core.pipeline import Context, Drop, Hold, Refuse, Result, Run, Stage, StageError
 from mcp_bastion.core.vocab import Direction, Kind, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
@@ -102,7 +102,8 @@ class Pipeline:
             return
         body = fs.request_body(flow)
         messages = body.messages if body is not None else [http_request(flow.request.method)]
-        run = await pipeline.run(self._guarded, messages, self._context(flow))
+        run = await pipeline.run(self._guarded, messages, self._context(flow),
+                                 on_hold=lambda m, hold: _held(flow, hold))
         self._record(flow, run)
         if flow.response or flow.error:  # the client went away (or was answered) while a stage held
             return
@@ -214,6 +215,14 @@ class Pipeline:
             if r.decisions:
                 fs.record(flow, r.original, r.decisions)
             pending[:0] = r.inner  # then the messages it carried, in order
+
+
+def _held(flow: http.HTTPFlow, hold: Hold) -> None:
+    """A request waits: say so on the flow now (`bastion.approval`), for mitmweb and for a shutdown record."""
+    for v in hold.decisions:
+        if isinstance(v.extra.get("approval"), dict):
+            flow.metadata[Meta.APPROVAL] = {**(flow.metadata.get(Meta.APPROVAL) or {}), **v.extra["approval"]}
+    fs.annotate(flow)
 
 
 def _requests_are_answered(run: Run) -> None:

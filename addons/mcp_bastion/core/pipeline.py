@@ -262,12 +262,18 @@ def _one(stages: Sequence[Stage], m: Message, cx: Context
     return result
 
 
-async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context) -> Run:
-    """Every message through every stage, in order; a Hold is awaited (other flows go on meanwhile)."""
+async def run(stages: Sequence[Stage], messages: Sequence[Message], cx: Context,
+              on_hold: Callable[[Message, Hold], None] | None = None) -> Run:
+    """Every message through every stage, in order; a Hold is awaited (other flows go on meanwhile).
+
+    `on_hold` hears of each hold as it begins (its decisions are the Run's only once it ends).
+    """
     steps = _runner(stages, messages, cx)
     try:
         stage, m, hold = next(steps)
         while True:
+            if on_hold is not None:
+                on_hold(m, hold)
             try:
                 out = await hold.wait()
             except Exception as exc:  # the hold failed: it names the stage that held

@@ -236,3 +236,38 @@ async def test_in_mitmweb_a_held_call_is_intercepted_resume_approves_and_kill_de
             assert not forwarded(held) and item["status"] == "denied"
         assert item["decided_by"] == "the gateway's local operator (mitmweb)"
         assert not held.intercepted
+
+
+@pytest.mark.parametrize("created", [
+    {"task": {"taskId": "t-9", "status": "working", "ttl": 60000}},
+    {"resultType": "task", "taskId": "t-9", "status": "working", "ttlMs": 60000},
+], ids=["2025", "2026"])
+async def test_an_approved_call_that_became_a_task_can_be_fetched_without_asking_again(rules, created):
+    from bundled import call as request
+    from bundled import result
+
+    with bundled(ruleset=rules) as b:
+        held = b.flow("POST", request("tools/call", 41, name="deploy", arguments={"env": "prod"}, task={"ttl": 60000}))
+        task = asyncio.create_task(b.request(held, identity=ALICE))
+        approval = await pending_id(b)
+        await api(b, BOB, "POST", f"/{approval}/approve", {"reason": "ok"})
+        await asyncio.wait_for(task, 5)
+        assert forwarded(held)
+        await b.response(held, result(41, created))
+        f = b.flow("POST", request("tasks/get", 42, taskId="t-9"))
+        await b.request(f, identity=ALICE)
+        assert forwarded(f), f.response and f.response.content
+        status, items = await api(b, BOB)
+        assert not [i for i in items if i["status"] == "pending"]  # the fetch asked nobody again
+
+
+async def test_an_approval_stage_that_fails_refuses_the_call(rules):
+    with bundled(ruleset=rules) as b:
+        def broken(approval):
+            raise RuntimeError("store down")
+
+        b.addon(Approvals).store.create = broken
+        f = b.flow("POST", call("deploy", 51, env="prod"))
+        await b.request(f, identity=ALICE)
+        assert not forwarded(f)
+        assert error_of(f)["code"] == errors.GATEWAY_ERROR and "approval" in json.dumps(error_of(f))

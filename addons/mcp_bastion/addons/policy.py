@@ -169,7 +169,9 @@ class Policy:
             # would get now is what the caller may fetch, under the ruleset in force now.
             call = enforceable(self.ruleset().evaluate(cx.identity, m.request, Direction.C2S, cx.upstream),
                                cx.masking_profiles)
-            if call.blocks:
+            # A call an approval held created its task only once a person approved it: fetching its outcome
+            # asks nobody again (the Tasks stage keeps the task its creator's).
+            if call.blocks and not _held(m.request, call, cx):
                 why = Refusal(403, errors.DENIED if call.action == Action.DENY else errors.APPROVAL_REQUIRED,
                               f"{m.method} refused: the call it belongs to, {m.request.what()}, is "
                               f"{'denied' if call.action == Action.DENY else 'held for approval'} by rule "

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .audit import canonical, iso_time
 
 WAIT, RETRY = "wait", "retry"
 MODES = (WAIT, RETRY)
@@ -70,15 +71,10 @@ class Refused(ValueError):
     """A decision that may not be made (not an approver, own request, already decided, expired, unknown)."""
 
 
-def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def binding(requester: Person, upstream: str | None, method: str | None, tool: str | None, arguments: Any) -> str:
     """The digest a decision binds to: this identity, this upstream, this method and tool, these arguments."""
-    text = canonical({"who": [requester.sub, requester.iss], "upstream": upstream, "method": method,
-                      "tool": tool, "arguments": arguments})
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(canonical({"who": [requester.sub, requester.iss], "upstream": upstream,
+                                     "method": method, "tool": tool, "arguments": arguments})).hexdigest()
 
 
 @dataclass
@@ -112,7 +108,7 @@ class Approval:
             "requester": self.requester.shown(), "requester_id": self.requester.record(),
             "upstream": self.upstream, "method": self.method, "tool": self.tool, "arguments": self.arguments,
             "mode": self.spec.mode, "approvers": list(self.spec.approvers),
-            "created": _iso(self.created), "expires": _iso(self.expires),
+            "created": iso_time(self.created), "expires": iso_time(self.expires),
             "expires_in_s": max(0, round(self.expires - now)), "waiting": self.waiting,
         }
         if self.spec.grant:
@@ -121,12 +117,8 @@ class Approval:
             out["decided_by"] = self.decided_by.shown()
             out["decided_by_id"] = self.decided_by.record()
             out["decision_reason"] = self.decision_reason
-            out["decided"] = _iso(self.decided_at or now)
+            out["decided"] = iso_time(self.decided_at or now)
         return out
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 @dataclass(frozen=True)
@@ -167,7 +159,7 @@ class MemoryStore(Store):
         return "apr-" + secrets.token_hex(6)
 
     def _changed(self, a: Approval, what: str) -> None:
-        a.events.append({"at": _iso(self._clock()), "event": what})
+        a.events.append({"at": iso_time(self._clock()), "event": what})
         event = self._events.get(a.id)
         if event is not None and a.status != PENDING:
             event.set()
@@ -216,7 +208,7 @@ class MemoryStore(Store):
         if not set(reviewer.groups) & set(a.spec.approvers):
             raise Refused(f"only members of {', '.join(a.spec.approvers)} may decide this request")
         if a.status == EXPIRED:
-            raise Refused(f"{a.id} expired at {_iso(a.expires)}")
+            raise Refused(f"{a.id} expired at {iso_time(a.expires)}")
         if a.status != PENDING:
             raise Refused(f"{a.id} was already decided: {a.status}")
         if not approve and not (reason or "").strip():

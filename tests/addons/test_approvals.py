@@ -271,3 +271,17 @@ async def test_an_approval_stage_that_fails_refuses_the_call(rules):
         await b.request(f, identity=ALICE)
         assert not forwarded(f)
         assert error_of(f)["code"] == errors.GATEWAY_ERROR and "approval" in json.dumps(error_of(f))
+
+
+async def test_a_2026_stateless_call_is_held_and_approved_the_same_way(rules):
+    from bundled import META, V2026, rpc
+
+    with bundled(ruleset=rules) as b:
+        body = rpc("tools/call", {"name": "deploy", "arguments": {"env": "prod"}, "_meta": META}, 61)
+        held = b.flow("POST", body, headers={**V2026, "mcp-method": "tools/call", "mcp-name": "deploy"})
+        task = asyncio.create_task(b.request(held, identity=ALICE))
+        approval = await pending_id(b)
+        assert held.response is None
+        await api(b, BOB, "POST", f"/{approval}/approve", {"reason": "2026"})
+        await asyncio.wait_for(task, 5)
+        assert forwarded(held) and held.metadata[Meta.APPROVAL]["status"] == "used"

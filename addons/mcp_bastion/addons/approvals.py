@@ -61,10 +61,12 @@ from mcp_bastion.core.pipeline import Context, Hold, Outcome, Pass, Refuse, Verd
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue import replies
+from mcp_bastion.glue.holding import FORWARD, TICKET_HEADER, HoldingServer, Ticket
 
 logger = logging.getLogger("mcp_bastion")
 
 API_PREFIX = "/bastion/approvals"
+PROGRESS_EVERY = 5.0  # seconds between progress notifications to a client whose call waits
 
 
 def person(identity: Any) -> Person:
@@ -89,6 +91,9 @@ class Approvals:
         self._posts: queue.Queue | None = None
         self._held: dict[str, str] = {}  # approval id -> the id of the flow it holds (wait mode)
         self._flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
+        self.holding = HoldingServer()
+        self._streamed: dict[str, tuple[Approval, Message, Any]] = {}  # flow id -> the call held on a stream
+        self.progress_every = PROGRESS_EVERY
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -153,10 +158,17 @@ class Approvals:
                 return Pass((self._approved_verdict(done),))
             a = self.store.pending_for(key) or self._create(m, d, who, cx.upstream, tool, arguments, key)
             return Refuse(self._refusal(a), (self._pending_verdict(a),), Action.APPROVE)
+        flow = self._flows.get(cx.flow_id or "")
+        token = _progress_token(m)
+        streamed = flow is not None and token is not None and self.holding.ready and _wants_events(flow)
         a = self._create(m, d, who, cx.upstream, tool, arguments, key)
         a.waiting = True
-        flow = self._flows.get(cx.flow_id or "")
         self._held[a.id] = cx.flow_id or ""
+        if streamed:
+            # The call goes on through the gateway's remaining checks, then to the holding server
+            # (`divert`), which answers the client with progress while the decision is pending.
+            self._streamed[flow.id] = (a, m, token)
+            return Pass((self._pending_verdict(a),))
 
         async def decided() -> Outcome:
             try:
@@ -194,6 +206,98 @@ class Approvals:
             killed.cancel()
             if flow.intercepted:
                 flow.resume()
+
+    # --- a held call answered with progress (the holding server) -----------------------
+
+    async def running(self) -> None:
+        try:
+            await self.holding.start()
+        except OSError as e:  # calls still wait, only without progress notifications
+            logger.warning("mcp-bastion: approval progress is off (holding server: %s)", e)
+
+    def divert(self, flow: http.HTTPFlow, go: bool = True) -> None:
+        """After every request stage passed: a call held on a stream goes to the holding server instead
+        of the upstream. The Pipeline calls this last; the Gate refuses a pending call not diverted."""
+        held = self._streamed.pop(flow.id, None)
+        if held is None:
+            return
+        a, m, token = held
+        if not go or flow.response or flow.error or not flow.live:
+            self.store.cancel(a.id, "the call was answered or failed in the gateway before it could wait")
+            self._held.pop(a.id, None)
+            return
+        if not self.holding.ready:
+            raise RuntimeError("the holding server is not running")
+        req = flow.request
+        scheme, host, port = req.scheme, req.host, req.port
+        state = {"forwarded": False}
+
+        def received() -> None:  # the flow shows (and is recorded with) its real upstream again
+            req.data.host, req.data.port, req.data.scheme = host, port, scheme.encode()
+            req.headers.pop(TICKET_HEADER, None)
+
+        def gone(why: str) -> None:
+            self.store.cancel(a.id, why)
+
+        def forwarded(status: int) -> None:
+            state["forwarded"] = True
+            logger.info("mcp-bastion: approved call %s forwarded (upstream answered HTTP %s)", a.id, status)
+
+        async def outcome() -> Any:
+            try:
+                # Not intercepted in mitmweb (mitmproxy would hold the stream's own hooks until resumed),
+                # but killing it there is a denial, as for an intercepted one.
+                waiter = asyncio.ensure_future(self.store.wait(a.id, a.spec.timeout))
+                killed = asyncio.ensure_future(_until_killed(flow))
+                try:
+                    await asyncio.wait({waiter, killed}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiter.done():
+                        if flow.error is not None and flow.error.msg == Error.KILLED_MESSAGE:
+                            self.store.decide_locally(a.id, False, "killed in mitmweb")
+                        else:
+                            self.store.cancel(a.id, "the client went away"
+                                              + (f" ({flow.error.msg})" if flow.error is not None else ""))
+                    done = await waiter
+                finally:
+                    killed.cancel()
+            finally:
+                a.waiting = False
+                self._held.pop(a.id, None)
+            if done.status == APPROVED:
+                self.store.used(done.id)
+                fs.record(flow, m, (self._approved_verdict(done),))
+                return FORWARD
+            fs.record(flow, m, (self._final_verdict(done),))
+            flow.metadata[Meta.REFUSED] = True
+            refusal = self._refusal(done)
+            return errors.error_message(m.id, refusal.code, refusal.message, refusal.data)
+
+        ticket = Ticket(scheme=scheme, host=host, port=port, request_id=m.id, outcome=outcome,
+                        notices=lambda n: self._notices(a, m, token, flow, n), every=self.progress_every,
+                        verify=not ctx.options.ssl_insecure, cafile=ctx.options.ssl_verify_upstream_trusted_ca,
+                        received=received, gone=gone, forwarded=forwarded)
+        req.headers[TICKET_HEADER] = self.holding.issue(ticket)
+        flow.metadata[Meta.HELD] = {"approval": a.id, "upstream": f"{host}:{port}"}
+        req.data.host, req.data.port, req.data.scheme = "127.0.0.1", self.holding.port, b"http"
+
+    def _notices(self, a: Approval, m: Message, token: Any, flow: http.HTTPFlow, n: int) -> list[dict[str, Any]]:
+        """What a client waiting on `a` hears at the n-th tick: a log message first, then progress."""
+        now = time.time()
+        left = max(0, round(a.expires - now))
+        progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+            "progressToken": token, "progress": n * self.progress_every, "total": a.spec.timeout,
+            "message": f"waiting for approval {a.id} by {', '.join(a.spec.approvers)} ({left}s left)"}}
+        if n:
+            return [progress]
+        where = f"{_origin(flow)}{API_PREFIX}/{a.id}"
+        text = (f"{m.method} {a.tool or ''} waits for approval {a.id} (rule '{a.rule}'): a member of "
+                f"{', '.join(a.spec.approvers)} decides at {where} or with `scripts/approvals approve {a.id} "
+                f"--gateway {_origin(flow)}`; it expires in {left}s").replace("  ", " ")
+        log = {"jsonrpc": "2.0", "method": "notifications/message", "params": {
+            "level": "notice", "logger": "mcp-bastion",
+            "data": {"message": text, "approval": a.id, "rule": a.rule, "approvers": list(a.spec.approvers),
+                     "expires": a.view()["expires"], "url": where}}}
+        return [log, progress]
 
     def _create(self, m: Message, d: Any, who: Person, upstream: str | None, tool: str | None, arguments: Any,
                 key: str) -> Approval:
@@ -251,6 +355,8 @@ class Approvals:
                        + (f": {a.decision_reason}" if a.decision_reason else ""), data)
 
     def done(self) -> None:
+        self.holding.close()
+        self._streamed.clear()
         if isinstance(self.store, MemoryStore):
             for a in list(self.store.pending()):
                 self.store.cancel(a.id, "the gateway stopped; nothing held runs unapproved")
@@ -339,6 +445,49 @@ def _reason(content: bytes | None) -> str | None:
     if reason is not None and not isinstance(reason, str):
         raise ValueError("reason must be a string")
     return reason[:1000] if reason else None
+
+
+def _progress_token(m: Message) -> Any:
+    """The request's `_meta.progressToken` (a string or an integer), or None."""
+    meta = m.params.get("_meta") if isinstance(m.params, dict) else None
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    return token if isinstance(token, str) or (isinstance(token, int) and not isinstance(token, bool)) else None
+
+
+def _wants_events(flow: http.HTTPFlow) -> bool:
+    """A single POSTed request whose client accepts an event stream in answer (Streamable HTTP)."""
+    body = fs.request_body(flow)
+    if flow.request.method != "POST" or body is None or body.batch or len(body.messages) != 1:
+        return False
+    return accepts_event_stream(flow.request.headers.get_all("accept"))
+
+
+def accepts_event_stream(values: list[str]) -> bool:
+    """Whether `Accept` header values allow `text/event-stream` (directly, `text/*` or `*/*`, with q > 0)."""
+    best: dict[str, float] = {}
+    for value in values:
+        for item in value.split(","):
+            kind, *params = [p.strip() for p in item.split(";")]
+            q = 1.0
+            for p in params:
+                name, _, raw = p.partition("=")
+                if name.strip().lower() == "q":
+                    try:
+                        q = float(raw.strip())
+                    except ValueError:
+                        q = 0.0
+            kind = kind.lower()
+            best[kind] = max(q, best.get(kind, 0.0)) if kind in best else q
+    for kind in ("text/event-stream", "text/*", "*/*"):
+        if kind in best:  # the most specific range present decides
+            return best[kind] > 0
+    return False
+
+
+def _origin(flow: http.HTTPFlow) -> str:
+    """The gateway's origin as this client addressed it."""
+    host = flow.metadata.get(Meta.CLIENT_HOST) or flow.request.host_header or "localhost"
+    return f"{'https' if flow.client_conn.tls_established else 'http'}://{host}"
 
 
 def _sender(posts: queue.Queue) -> None:

@@ -38,6 +38,8 @@ class Gate:
         if flow.metadata.get(Meta.PASSTHROUGH):
             return
         missing = [str(s) for s in self.request_stages if not fs.passed(flow, s)] if fs.is_mcp(flow) else ["claim"]
+        if (flow.metadata.get(Meta.APPROVAL) or {}).get("status") == "pending" and Meta.HELD not in flow.metadata:
+            missing.append("approval")  # a call still waiting for a person goes nowhere but the holding server
         if missing:
             # Refuse first, then say so: nothing (not even a logging failure) may come between.
             _last_line(flow, Refusal(500, errors.GATEWAY_ERROR,

@@ -104,6 +104,18 @@ class Pipeline:
         messages = body.messages if body is not None else [http_request(flow.request.method)]
         run = await pipeline.run(self._guarded, messages, self._context(flow),
                                  on_hold=lambda m, hold: _held(flow, hold))
+        finished = False
+        try:
+            self._finish(flow, run, body)
+            finished = True
+        finally:
+            # Last: a call held on a stream leaves for the holding server (or, answered or failed, stops waiting).
+            for stage in self.stages:
+                divert = getattr(stage, "divert", None)
+                if divert is not None:
+                    divert(flow, finished)
+
+    def _finish(self, flow: http.HTTPFlow, run: Run, body: Body | None) -> None:
         self._record(flow, run)
         if flow.response or flow.error:  # the client went away (or was answered) while a stage held
             return

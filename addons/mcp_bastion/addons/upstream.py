@@ -59,6 +59,8 @@ class UpstreamCheck:
             return
         if fs.mode_name(flow) not in ("ReverseMode", "RegularMode") or flow.server_conn.via:
             return  # not a direct connection to the upstream: nothing this check could predict
+        if Meta.HELD in flow.metadata:
+            return  # held for approval: the holding server reaches the upstream once approved, or says why not
         key = (flow.client_conn.id, flow.request.host, flow.request.port)
         if key in self._reachable:
             return

@@ -96,6 +96,7 @@ class Meta:
     PASSTHROUGH = "bastion.passthrough"  # regular mode: a host outside mcp_hosts, forwarded unenforced
     MASK = "bastion.mask"  # {"profile", "rule", "profiles": [...]}: what the masking stage must apply
     APPROVAL = "bastion.approval"  # {"rule", "status", "ids"}: a call held for a person
+    HELD = "bastion.held"  # {"approval", "upstream"}: a held call answered with progress by the holding server
     RECORD = "bastion.record"  # on a recorded flow: {"session", "subject", "latency_ms", "stream", ...}
     LEGACY_SESSION = "bastion.legacy_session"  # session id announced in an HTTP+SSE `endpoint` event
     REPLAY_SESSION = "bastion.replay.session"  # on a flow queued for client replay: its recorded session id

@@ -59,8 +59,8 @@ from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Context, Hold, Outcome, Pass, Refuse, Verdict
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
+from mcp_bastion.glue import approvals_page, replies
 from mcp_bastion.glue import flowstate as fs
-from mcp_bastion.glue import replies
 from mcp_bastion.glue.holding import FORWARD, TICKET_HEADER, HoldingServer, Ticket
 
 logger = logging.getLogger("mcp_bastion")
@@ -393,6 +393,11 @@ class Approvals:
 
     def _serve(self, flow: http.HTTPFlow) -> None:
         path = flow.request.path.split("?", 1)[0]
+        if approvals_page.wanted(flow.request.method, path, flow.request.headers.get("accept", "")):
+            page, headers = approvals_page.render()  # the same for everybody: it asks the API for the data
+            flow.response = http.Response.make(200, page if flow.request.method == "GET" else b"", headers)
+            flow.metadata[Meta.REFUSED] = True  # answered by the gateway, not the upstream
+            return
         if fs.identity(flow).sub is None:
             replies.document(flow, 403, {"error": "approvals need a verified reviewer: identity checks are off "
                                                   "or the caller is anonymous"})
@@ -402,9 +407,11 @@ class Approvals:
         method = flow.request.method
         try:
             if not parts and method == "GET":
-                items = [a.view() for a in self.store.all() if set(reviewer.groups) & set(a.spec.approvers)
-                         or a.requester.key == reviewer.key]
+                items = [{**a.view(), "can_decide": self._may_decide(a, reviewer)} for a in self.store.all()
+                         if set(reviewer.groups) & set(a.spec.approvers) or a.requester.key == reviewer.key]
                 replies.document(flow, 200, items)
+            elif parts == ["me"] and method == "GET":
+                replies.document(flow, 200, {"reviewer": reviewer.shown(), "groups": list(reviewer.groups)})
             elif len(parts) == 1 and method == "GET":
                 a = self._visible(parts[0], reviewer)
                 replies.document(flow, 200, a.view())
@@ -426,6 +433,11 @@ class Approvals:
             replies.document(flow, status, {"error": str(e)})
         except ValueError as e:
             replies.document(flow, 400, {"error": str(e)})
+
+    @staticmethod
+    def _may_decide(a: Approval, reviewer: Person) -> bool:
+        return a.status == "pending" and a.requester.key != reviewer.key and bool(
+            set(reviewer.groups) & set(a.spec.approvers))
 
     def _visible(self, approval_id: str, reviewer: Person) -> Approval:
         a = self.store.get(approval_id)

@@ -43,8 +43,8 @@ from mcp_bastion.core.tokens import (
     VerifierConfig,
 )
 from mcp_bastion.core.vocab import Action, Direction, Meta, StageName
+from mcp_bastion.glue import approvals_page, replies
 from mcp_bastion.glue import flowstate as fs
-from mcp_bastion.glue import replies
 from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.replies import refuse
 
@@ -178,6 +178,9 @@ class Auth:
             self._serve_metadata(flow, path[len(PRM_PATH):])
             return
         flow.metadata[Meta.IDENTITY] = None  # until a token is verified
+        if not authorization and approvals_page.wanted(flow.request.method, path,
+                                                        flow.request.headers.get("accept", "")):
+            return  # the reviewer's page holds no data: it signs in to the approval API with a token
         if self.verifier is None:
             reason = "identity checks are off"
         else:

@@ -285,3 +285,41 @@ async def test_a_2026_stateless_call_is_held_and_approved_the_same_way(rules):
         await api(b, BOB, "POST", f"/{approval}/approve", {"reason": "2026"})
         await asyncio.wait_for(task, 5)
         assert forwarded(held) and held.metadata[Meta.APPROVAL]["status"] == "used"
+
+
+async def test_the_rounds_of_an_approved_2026_multi_round_trip_call_are_not_asked_again(tmp_path):
+    from bundled import META, V2026, result, rpc
+
+    rules = tmp_path / "no-grant.yaml"  # no grant window: only the requestState lets a round through
+    rules.write_text(RULES.replace(", grant: 15m", ""))
+
+    def deploy(id_, state=None, **extra):
+        params = {"name": "deploy", "arguments": {"env": "prod", **extra}, "_meta": META}
+        if state is not None:
+            params |= {"requestState": state, "inputResponses": {"who": {"action": "accept"}}}
+        return b.flow("POST", rpc("tools/call", params, id_),
+                      headers={**V2026, "mcp-method": "tools/call", "mcp-name": "deploy"})
+
+    with bundled(ruleset=str(rules)) as b:
+        held = deploy(71)
+        task = asyncio.create_task(b.request(held, identity=ALICE))
+        approval = await pending_id(b)
+        await api(b, BOB, "POST", f"/{approval}/approve", {"reason": "mrtr"})
+        await asyncio.wait_for(task, 5)
+        assert forwarded(held)
+        await b.response(held, result(71, {"resultType": "input_required", "requestState": "s-1",
+                                           "inputRequests": {"who": {"method": "elicitation/create"}}}))
+        again = deploy(72, state="s-1")
+        await asyncio.wait_for(b.request(again, identity=ALICE), 5)  # not held: the same call's next round
+        assert forwarded(again) and again.metadata[Meta.APPROVAL]["status"] == "continued"
+        assert again.metadata[Meta.APPROVAL]["id"] == approval
+        await b.response(again, result(72, {"resultType": "input_required", "requestState": "s-2",
+                                            "inputRequests": {"sure": {"method": "elicitation/create"}}}))
+        third = deploy(73, state="s-2")  # and the round after it
+        await asyncio.wait_for(b.request(third, identity=ALICE), 5)
+        assert forwarded(third)
+        other = deploy(74, state="s-1", force=True)  # the state does not carry over to another call
+        task = asyncio.create_task(b.request(other, identity=ALICE))
+        await asyncio.sleep(0.2)
+        assert not task.done() and other.response is None, other.response and other.response.content
+        task.cancel()

@@ -31,6 +31,7 @@ unapproved).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import queue
@@ -67,6 +68,8 @@ logger = logging.getLogger("mcp_bastion")
 
 API_PREFIX = "/bastion/approvals"
 PROGRESS_EVERY = 5.0  # seconds between progress notifications to a client whose call waits
+CONTINUED = "continued"  # a further round of an approved multi-round-trip call
+MAX_CONTINUATIONS = 10_000
 
 
 def person(identity: Any) -> Person:
@@ -94,6 +97,7 @@ class Approvals:
         self.holding = HoldingServer()
         self._streamed: dict[str, tuple[Approval, Message, Any]] = {}  # flow id -> the call held on a stream
         self.progress_every = PROGRESS_EVERY
+        self._continuations: dict[str, str] = {}  # digest of a requestState -> the approval it continues
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -138,14 +142,22 @@ class Approvals:
     # --- the stage ------------------------------------------------------------------
 
     def check(self, m: Message, cx: Context) -> Outcome:
+        if m.direction == Direction.S2C:
+            self._learn_continuation(m, cx)
+            return Pass()
         d = m.approval
-        if d is None or d.approval is None or m.direction == Direction.S2C or m.kind != Kind.REQUEST:
+        if d is None or d.approval is None or m.kind != Kind.REQUEST:
             return Pass()
         spec = d.approval
         who = person(cx.identity)
         tool = m.target.name if m.target is not None else None
         arguments = m.params.get("arguments") if isinstance(m.params, dict) and m.method == "tools/call" else m.params
         key = binding(who, cx.upstream, m.method, tool, arguments)
+        continued = self._continued(m, key)
+        if continued is not None:
+            return Pass((Verdict(StageName.APPROVAL, Action.ALLOW, d.rule,
+                                 f"a further round of the call approved in {continued.id} (its requestState)",
+                                 {"approval": {**self._summary(continued), "status": CONTINUED}}),))
         grant = self.store.grant_for(who, d.rule, tool)
         if grant is not None:
             return Pass((Verdict(StageName.APPROVAL, Action.ALLOW, d.rule,
@@ -182,6 +194,29 @@ class Approvals:
                           Action.DENY if done.status == DENIED else Action.APPROVE)
 
         return Hold(decided, f"waiting for approval {a.id}", (self._pending_verdict(a),))
+
+    def _learn_continuation(self, m: Message, cx: Context) -> None:
+        """A 2026-07-28 multi-round-trip call: the `requestState` an approved call's answer carries lets its
+        next rounds (the same call, by the same caller, with that state) through without asking again."""
+        if m.kind != Kind.RESPONSE or not isinstance(m.params, dict):
+            return
+        state = m.params.get("requestState")
+        flow = self._flows.get(cx.flow_id or "")
+        if not isinstance(state, str) or flow is None:
+            return
+        held = flow.metadata.get(Meta.APPROVAL) or {}
+        if held.get("status") in ("used", CONTINUED) and isinstance(held.get("id"), str):
+            self._continuations[_digest(state)] = held["id"]
+            while len(self._continuations) > MAX_CONTINUATIONS:
+                self._continuations.pop(next(iter(self._continuations)))
+
+    def _continued(self, m: Message, key: str) -> Approval | None:
+        state = m.params.get("requestState") if isinstance(m.params, dict) else None
+        if not isinstance(state, str):
+            return None
+        a = self.store.get(self._continuations.get(_digest(state), ""))
+        # The same call only: identity, upstream, method, tool and arguments as approved.
+        return a if a is not None and a.status == "used" and a.binding == key else None
 
     async def _wait(self, a: Approval, timeout: float, flow: http.HTTPFlow | None) -> Approval:
         """The decision: through the API, or in mitmweb, where the held flow shows as intercepted
@@ -457,6 +492,10 @@ def _reason(content: bytes | None) -> str | None:
     if reason is not None and not isinstance(reason, str):
         raise ValueError("reason must be a string")
     return reason[:1000] if reason else None
+
+
+def _digest(state: str) -> str:
+    return hashlib.sha256(state.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _progress_token(m: Message) -> Any:

@@ -9,11 +9,13 @@ the order a flow meets them:
 1. Gateway: claims MCP flows, checks Host/Origin, parses every body into messages, streams SSE.
 2. Auth: verifies the bearer token, removes it, puts the identity on the flow.
    Approvals: serves the approval API (/bastion/approvals) to verified reviewers.
+   Pinning: serves the pin API (/bastion/pins) to the pin_reviewers groups.
    Sessions: a presented session id must belong to this caller (404 otherwise).
 3. Admission: refuses new requests while a required recording or audit write fails.
 4. Policy: a message stage (the ruleset); it decides, the Pipeline applies.
 5. Pipeline: runs the message stages over every message, both directions, every SSE event:
-   Wire (2026-07-28 headers agree with the body), Tasks (a task is its creator's), Policy, then
+   Wire (2026-07-28 headers agree with the body), Tasks (a task is its creator's), Policy, Pinning
+   (tool, prompt and template definitions pinned and scanned; a changed one hidden and refused), then
    Masking (the profiles `mask` rules chose, applied to the request and what comes back), then
    Approvals (a call an approve rule holds waits for a second person).
 6. Gate: nothing leaves unless every enforcement stage above marked the flow.
@@ -36,6 +38,7 @@ from mcp_bastion.addons.gate import Gate
 from mcp_bastion.addons.gateway import Gateway
 from mcp_bastion.addons.masking import Masking
 from mcp_bastion.addons.mitmweb import Mitmweb
+from mcp_bastion.addons.pinning import Pinning
 from mcp_bastion.addons.pipeline import Pipeline
 from mcp_bastion.addons.policy import Policy
 from mcp_bastion.addons.recorder import Recorder
@@ -58,8 +61,8 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     policy = Policy()
     masking = Masking(policy.ruleset)
     approvals = Approvals()
-    # tool pinning joins after approval
-    stages = Pipeline([Wire(), Tasks(), policy, masking, approvals, *extra_stages])
+    pinning = Pinning(policy.ruleset)
+    stages = Pipeline([Wire(), Tasks(), policy, pinning, masking, approvals, *extra_stages])
     gate = Gate(
         request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],
@@ -68,6 +71,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         Gateway(),
         Auth(),
         approvals,
+        pinning,
         Sessions(),
         Admission([recorder.health, auditlog.health]),
         policy,

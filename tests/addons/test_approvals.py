@@ -323,3 +323,65 @@ async def test_the_rounds_of_an_approved_2026_multi_round_trip_call_are_not_aske
         await asyncio.sleep(0.2)
         assert not task.done() and other.response is None, other.response and other.response.content
         task.cancel()
+
+
+@pytest.mark.parametrize(("change", "holdable"), [
+    (lambda f: None, True),
+    (lambda f: setattr(f.request, "path", "/mcp?q=\xff"), False),
+    (lambda f: setattr(f.request, "path", "/mcp?q=\x7f"), False),
+    (lambda f: f.request.headers.__setitem__("x-note", "a\rb"), False),
+    (lambda f: f.request.headers.__setitem__("cookie", "c=" + "a" * 40_000), False),
+    (lambda f: f.request.headers.__setitem__("x-name", "Zoë"), False),
+])
+def test_only_a_request_the_holding_server_reads_as_mitmproxy_does_is_held_on_a_stream(change, holdable):
+    from mitmproxy.proxy.mode_specs import ProxyMode
+    from mitmproxy.test import taddons, tflow
+
+    from mcp_bastion.addons.approvals import _holdable
+
+    with taddons.context():
+        f = tflow.tflow()
+        f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
+        f.request.path = "/mcp"
+        change(f)
+        assert _holdable(f) is holdable
+
+
+async def test_a_held_call_whose_flow_ends_before_the_holding_server_is_cancelled(rules):
+    with bundled(ruleset=rules) as b:
+        approvals = b.addon(Approvals)
+        f = b.flow("POST", call("deploy", 81, env="prod"))
+        cancelled: list[str] = []
+        from mcp_bastion.glue.holding import Ticket
+
+        async def never():
+            raise AssertionError("not redeemed")
+
+        key = approvals.holding.issue(Ticket("http", "127.0.0.1", 9, 81, never, lambda n: [],
+                                             gone=cancelled.append))
+        approvals._tickets[f.id] = key
+        approvals.error(f)
+        assert cancelled and approvals.holding.withdraw(key) is None
+
+
+def test_the_gate_refuses_a_call_still_waiting_for_approval_that_was_not_diverted():
+    from mitmproxy.test import taddons, tflow
+
+    from mcp_bastion.addons.gate import Gate
+    from mcp_bastion.glue import flowstate as fs
+
+    gate = Gate(request=["parse"], response=[])
+    with taddons.context(gate):
+        f = tflow.tflow()
+        f.metadata[Meta.MCP] = {"request": []}
+        fs.mark_stage(f, "parse")
+        f.metadata[Meta.APPROVAL] = {"id": "apr-1", "status": "pending"}
+        gate.request(f)
+        assert f.response is not None and error_of(f)["data"]["missing"] == ["approval"]
+        g = tflow.tflow()
+        g.metadata[Meta.MCP] = {"request": []}
+        fs.mark_stage(g, "parse")
+        g.metadata[Meta.APPROVAL] = {"id": "apr-2", "status": "pending"}
+        g.metadata[Meta.HELD] = {"approval": "apr-2"}
+        gate.request(g)
+        assert g.response is None  # on its way to the holding server, which waits for the decision

@@ -26,19 +26,19 @@ def anyio_backend():
     return "asyncio"
 
 
-ORDER = ["Gateway", "Auth", "Approvals", "Sessions", "Admission", "Policy", "Masking", "Pipeline", "Gate",
+ORDER = ["Gateway", "Auth", "Approvals", "Pinning", "Sessions", "Admission", "Policy", "Masking", "Pipeline", "Gate",
          "UpstreamCheck",
          "UpstreamToken",
          "Recorder", "AuditLog", "Mitmweb", "ContentView"]
 
 # mitmproxy calls each hook on the addons in bundle order: this table is the pipeline as it runs.
 HOOKS = {
-    "requestheaders": ["Gateway", "Auth", "Approvals", "Recorder", "AuditLog"],
-    "request": ["Gateway", "Approvals", "Sessions", "Admission", "Pipeline", "Gate", "UpstreamCheck", "UpstreamToken",
-                "Recorder", "AuditLog"],
+    "requestheaders": ["Gateway", "Auth", "Approvals", "Pinning", "Recorder", "AuditLog"],
+    "request": ["Gateway", "Approvals", "Pinning", "Sessions", "Admission", "Pipeline", "Gate", "UpstreamCheck",
+                "UpstreamToken", "Recorder", "AuditLog"],
     "responseheaders": ["Gateway", "Sessions", "Pipeline", "UpstreamToken", "Recorder"],
-    "response": ["Gateway", "Pipeline", "Gate", "Recorder", "AuditLog"],
-    "error": ["Gateway", "UpstreamCheck", "UpstreamToken", "Recorder", "AuditLog"],
+    "response": ["Gateway", "Approvals", "Pipeline", "Gate", "Recorder", "AuditLog"],
+    "error": ["Gateway", "Approvals", "UpstreamCheck", "UpstreamToken", "Recorder", "AuditLog"],
 }
 
 
@@ -72,8 +72,8 @@ def test_the_gate_requires_every_stage_placed_before_it():
     assert gate.request_stages == (StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION,
                                    *pipeline.request_stages)
     assert gate.response_stages == (StageName.RESP_PARSE, *pipeline.response_stages)
-    assert [s.name for s in pipeline.stages] == [StageName.WIRE, StageName.TASKS, StageName.POLICY, StageName.MASK,
-                                                 StageName.APPROVAL]
+    assert [s.name for s in pipeline.stages] == [StageName.WIRE, StageName.TASKS, StageName.POLICY, StageName.PIN,
+                                                 StageName.MASK, StageName.APPROVAL]
     assert any(isinstance(s, Policy) for s in pipeline.stages)
 
 

@@ -324,10 +324,10 @@ async def test_the_shipped_gate_requires_every_request_and_response_stage():
     with bundled() as b:
         gate = b.addon(Gate)
         assert list(gate.request_stages) == [StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION,
-                                              StageName.WIRE, StageName.TASKS, StageName.POLICY, StageName.MASK,
-                                              StageName.APPROVAL]
+                                              StageName.WIRE, StageName.TASKS, StageName.POLICY, StageName.PIN,
+                                              StageName.MASK, StageName.APPROVAL]
         assert list(gate.response_stages) == [StageName.RESP_PARSE, StageName.RESP_WIRE, StageName.RESP_TASKS,
-                                              StageName.RESP_POLICY, StageName.RESP_MASK,
+                                              StageName.RESP_POLICY, StageName.RESP_PIN, StageName.RESP_MASK,
                                               StageName.RESP_APPROVAL]
 
 

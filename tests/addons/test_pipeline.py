@@ -431,7 +431,7 @@ def test_without_the_pipeline_the_gate_refuses_every_request(ruleset):
         assert flow.response.status_code == 500
         err = error_of(flow)
         assert err["code"] == errors.GATEWAY_ERROR
-        assert err["data"] == {"missing": ["wire", "tasks", "policy", "mask", "approval"]}
+        assert err["data"] == {"missing": ["wire", "tasks", "policy", "pin", "mask", "approval"]}
         gate = [d for d in flow.metadata[Meta.DECISIONS] if d["stage"] == "gate"]
         assert [d["action"] for d in gate] == ["error"]
         assert flow.marked == MARKS[Action.ERROR]
@@ -475,7 +475,7 @@ def test_a_pipeline_unloaded_mid_flow_lets_no_answer_through(ruleset, streamed):
     else:
         assert f.response.status_code == 502
         assert error_of(f)["data"] == {
-            "missing": ["resp:wire", "resp:tasks", "resp:policy", "resp:mask", "resp:approval"]}
+            "missing": ["resp:wire", "resp:tasks", "resp:policy", "resp:pin", "resp:mask", "resp:approval"]}
 
 
 # --- what a stage's drop means on the client's side ----------------------------------------------

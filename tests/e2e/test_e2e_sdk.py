@@ -98,13 +98,14 @@ async def sse_session(url: str) -> Session:
 
 
 MASKING_TOOLS = {"customer", "customers", "failing_lookup", "noisy"}
+PINNING_TOOLS = {"weather", "rug_pull"}  # tests/e2e/test_pinning_e2e.py
 
 
 def assert_full_session(seen: Session) -> None:
     assert seen.server_name == "bastion-sdk-test-server"
     # The server's tools, apart from those it offers the masking tests (tests/e2e/test_masking_e2e.py).
-    assert [t for t in seen.tools if t not in MASKING_TOOLS] == ["add", "ask_name", "confirm_deploy", "count",
-                                                                  "summarize"]
+    shown = [t for t in seen.tools if t not in MASKING_TOOLS | PINNING_TOOLS]
+    assert shown == ["add", "ask_name", "confirm_deploy", "count", "summarize"]
     assert set(seen.tools) >= MASKING_TOOLS
     assert seen.progress == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
     assert seen.counted == "counted to 3"

@@ -456,7 +456,7 @@ def assert_checked_or_gateways(messages: list, a: Answer, gateway_errors_ok: boo
 # Why an event stream may fail closed: input made to be refused (anything else is a finding).
 DESIGNED = ("unreadable JSON-RPC in SSE event", "SSE event is not a valid JSON-RPC message", "upstream sent an event "
             "of type", "upstream announced a message endpoint on another origin", "compressed event stream",
-            "event stream declaring", "SSE event larger than")
+            "event stream declaring", "SSE event larger than", "message endpoint that is not a plain URL")
 
 
 def client_origin(endpoint: str) -> str:

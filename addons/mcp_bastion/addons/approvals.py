@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import urllib.request
@@ -62,7 +63,7 @@ from mcp_bastion.core.pipeline import Context, Hold, Outcome, Pass, Refuse, Verd
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import approvals_page, replies
 from mcp_bastion.glue import flowstate as fs
-from mcp_bastion.glue.holding import FORWARD, TICKET_HEADER, HoldingServer, Ticket
+from mcp_bastion.glue.holding import FORWARD, TICKET_HEADER, HoldingServer, Ticket, expectation
 
 logger = logging.getLogger("mcp_bastion")
 
@@ -98,6 +99,7 @@ class Approvals:
         self._streamed: dict[str, tuple[Approval, Message, Any]] = {}  # flow id -> the call held on a stream
         self.progress_every = PROGRESS_EVERY
         self._continuations: dict[str, str] = {}  # digest of a requestState -> the approval it continues
+        self._tickets: dict[str, str] = {}  # flow id -> its holding ticket, until the request arrives there
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -172,7 +174,8 @@ class Approvals:
             return Refuse(self._refusal(a), (self._pending_verdict(a),), Action.APPROVE)
         flow = self._flows.get(cx.flow_id or "")
         token = _progress_token(m)
-        streamed = flow is not None and token is not None and self.holding.ready and _wants_events(flow)
+        streamed = (flow is not None and token is not None and self.holding.ready and _wants_events(flow)
+                    and _holdable(flow))
         a = self._create(m, d, who, cx.upstream, tool, arguments, key)
         a.waiting = True
         self._held[a.id] = cx.flow_id or ""
@@ -268,10 +271,13 @@ class Approvals:
         state = {"forwarded": False}
 
         def received() -> None:  # the flow shows (and is recorded with) its real upstream again
+            self._tickets.pop(flow.id, None)
             req.data.host, req.data.port, req.data.scheme = host, port, scheme.encode()
             req.headers.pop(TICKET_HEADER, None)
 
         def gone(why: str) -> None:
+            self._tickets.pop(flow.id, None)
+            self._held.pop(a.id, None)
             self.store.cancel(a.id, why)
 
         def forwarded(status: int) -> None:
@@ -307,13 +313,32 @@ class Approvals:
             refusal = self._refusal(done)
             return errors.error_message(m.id, refusal.code, refusal.message, refusal.data)
 
+        body = req.raw_content or b""
+        req.headers["content-length"] = str(len(body))  # framed, whatever the client's HTTP version
         ticket = Ticket(scheme=scheme, host=host, port=port, request_id=m.id, outcome=outcome,
                         notices=lambda n: self._notices(a, m, token, flow, n), every=self.progress_every,
                         verify=not ctx.options.ssl_insecure, cafile=ctx.options.ssl_verify_upstream_trusted_ca,
+                        capath=ctx.options.ssl_verify_upstream_trusted_confdir,
+                        expect=expectation(req.method, req.path, body),
                         received=received, gone=gone, forwarded=forwarded)
-        req.headers[TICKET_HEADER] = self.holding.issue(ticket)
+        key = self._tickets[flow.id] = self.holding.issue(ticket)
+        req.headers[TICKET_HEADER] = key
         flow.metadata[Meta.HELD] = {"approval": a.id, "upstream": f"{host}:{port}"}
         req.data.host, req.data.port, req.data.scheme = "127.0.0.1", self.holding.port, b"http"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow, "the gateway answered the call before it reached the holding server")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow, "the call failed before it reached the holding server"
+                    + (f" ({flow.error.msg})" if flow.error is not None else ""))
+
+    def _ended(self, flow: http.HTTPFlow, why: str) -> None:
+        """A held call's flow that ends without its request reaching the holding server (a later addon
+        refused it, mitmproxy could not send it): its ticket is withdrawn and the approval cancelled."""
+        key = self._tickets.pop(flow.id, None)
+        if key is not None:
+            self.holding.withdraw(key, why)
 
     def _notices(self, a: Approval, m: Message, token: Any, flow: http.HTTPFlow, n: int) -> list[dict[str, Any]]:
         """What a client waiting on `a` hears at the n-th tick: a log message first, then progress."""
@@ -418,8 +443,8 @@ class Approvals:
             flow.comment = "approval API (served by mcp-bastion)"
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get(Meta.API) or flow.response or flow.error or not flow.live:
-            return  # not an API call, or Auth refused its token (401)
+        if not self._is_api(flow) or not flow.metadata.get(Meta.API) or flow.response or flow.error or not flow.live:
+            return  # not this API's call, or Auth refused its token (401)
         try:
             self._serve(flow)
         except Exception as e:  # an API call is answered, whatever happens
@@ -533,6 +558,26 @@ def accepts_event_stream(values: list[str]) -> bool:
         if kind in best:  # the most specific range present decides
             return best[kind] > 0
     return False
+
+
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
+_CLEAN_VALUE = re.compile(r"[^\r\n\x00]*")
+
+
+def _holdable(flow: http.HTTPFlow) -> bool:
+    """A call the holding server can forward exactly as mitmproxy would: a direct connection (reverse or
+    regular mode, no upstream proxy, no client certificate), and a request head it reads the same way."""
+    if fs.mode_name(flow) not in ("ReverseMode", "RegularMode") or flow.server_conn.via or ctx.options.client_certs:
+        return False
+    req = flow.request
+    if not _PRINTABLE.fullmatch(req.path) or len(req.path) > 8192:
+        return False
+    size = 0
+    for k, v in req.headers.items(multi=True):
+        size += len(k) + len(v) + 4
+        if not _PRINTABLE.fullmatch(k) or not _CLEAN_VALUE.fullmatch(v) or not v.isascii():
+            return False
+    return size < 32 * 1024
 
 
 def _origin(flow: http.HTTPFlow) -> str:

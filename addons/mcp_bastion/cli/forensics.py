@@ -127,6 +127,8 @@ def _detail(rec: dict[str, Any]) -> str:
         parts.append(f"masking {json.dumps(rec['masking'], sort_keys=True)}")
     if rec.get("approval") is not None:
         parts.append(f"approval {json.dumps(rec['approval'], sort_keys=True)}")
+    if rec.get("pins"):
+        parts.append("pins: " + ", ".join(rec["pins"]))
     if rec.get("error"):
         parts.append(str(rec["error"]))
     stream = rec.get("stream")

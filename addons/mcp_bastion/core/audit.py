@@ -195,6 +195,8 @@ def build_records(facts: FlowFacts) -> list[dict[str, Any]]:
         tail["masking"] = meta[Meta.MASK]
     if meta.get(Meta.APPROVAL) is not None:
         tail["approval"] = meta[Meta.APPROVAL]
+    if meta.get(Meta.PINS):
+        tail["pins"] = meta[Meta.PINS]  # definitions this listing hid or flagged: "tool weather changed"
 
     replies = [s for s in (state.get("response") or []) + (state.get("events") or []) if isinstance(s, dict)]
     answers = {s["id"]: ("result" if s["kind"] == "response" else "error")

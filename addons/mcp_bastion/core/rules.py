@@ -64,6 +64,7 @@ from .message import (
     classify,
     target_of,
 )
+from .toolscan import CHECKS, DECEPTIVE_NAME, DESCRIPTION_LIMIT, INSTRUCTIONS, INVISIBLE, OVERSIZED, SHADOWING
 from .vocab import (
     DEFAULT_RULE,
     MALFORMED_RULE,
@@ -134,6 +135,18 @@ class MaskingSpec:
         out = {name: tuple((d, "redact") for d in dets) for name, dets in BUILTIN_PROFILES.items()}
         out.update(self.profiles)
         return out
+
+
+FINDING_ACTIONS = ("hide", "refuse", "warn")  # hide: off lists and calls refused; refuse: calls refused; warn
+
+
+@dataclass(frozen=True)
+class PinningSpec:
+    """A ruleset's `pinning:` section: what a finding in a tool, prompt or template definition does."""
+
+    findings: dict[str, str] = field(default_factory=lambda: {
+        INSTRUCTIONS: "hide", INVISIBLE: "hide", DECEPTIVE_NAME: "hide", SHADOWING: "hide", OVERSIZED: "warn"})
+    description_limit: int = DESCRIPTION_LIMIT
 
 
 class RulesetError(ValueError):
@@ -633,9 +646,11 @@ class Ruleset:
 
     def __init__(self, rules: list[Rule], default: str = Action.DENY.value, default_reason: str | None = None,
                  source: str = "<ruleset>", warnings: list[Problem] | None = None,
-                 default_rule: str = DEFAULT_RULE, masking: MaskingSpec | None = None):
+                 default_rule: str = DEFAULT_RULE, masking: MaskingSpec | None = None,
+                 pinning: PinningSpec | None = None):
         self.rules = rules
         self.masking = masking or MaskingSpec()
+        self.pinning = pinning or PinningSpec()
         self.default = default
         self.source = source
         self.warnings = warnings or []
@@ -842,7 +857,8 @@ def name_clashes(result: Any, method: str | None = None) -> set[tuple[TargetKind
 
 # --- loading: YAML nodes -> compiled rules ---------------------------------------
 
-_TOP_KEYS = ("version", "description", "default", "default_reason", "upstreams", "masking", "rules")
+_TOP_KEYS = ("version", "description", "default", "default_reason", "upstreams", "masking", "pinning", "rules")
+_PINNING_KEYS = ("findings", "description_limit")
 _MASKING_KEYS = ("detectors", "profiles")
 _DETECTOR_KEYS = ("pattern", "validate", "keep", "case_insensitive", "description")
 _PROFILE_KEYS = ("detectors", "style", "description")
@@ -975,6 +991,9 @@ class _Compiler:
             self.read_upstreams(top["upstreams"][1])
         if "masking" in top:
             self.read_masking(top["masking"][1])
+        pinning = PinningSpec()
+        if "pinning" in top:
+            pinning = self.read_pinning(top["pinning"][1])
         rules: list[Rule] = []
         if "rules" not in top:
             self.error(root, None, "missing 'rules' (a list; it may be empty)")
@@ -990,7 +1009,39 @@ class _Compiler:
             raise RulesetError(sorted(self.problems, key=lambda p: p.line or 0))
         self.check_shadowing(rules)
         return Ruleset(rules, default, default_reason, self.source, self.warnings,
-                       masking=MaskingSpec(self.detectors, self.profiles))
+                       masking=MaskingSpec(self.detectors, self.profiles), pinning=pinning)
+
+    def read_pinning(self, node: yaml.Node) -> PinningSpec:
+        """`pinning:` what each kind of finding in a tool definition does (hide, refuse, warn)."""
+        keys = self.mapping(node, None, "pinning", _PINNING_KEYS)
+        spec = PinningSpec()
+        if keys is None:
+            return spec
+        findings = dict(spec.findings)
+        if "findings" in keys:
+            fnode = keys["findings"][1]
+            if not isinstance(fnode, yaml.MappingNode):
+                self.error(fnode, None, f"pinning.findings must be a mapping of check: action ({', '.join(CHECKS)})")
+            else:
+                for k, v in fnode.value:
+                    check = self.scalar(k, None, "pinning.findings keys", (str,))
+                    if check is _BAD:
+                        continue
+                    if check not in CHECKS:
+                        self.error(k, None, f"pinning.findings: unknown check {check!r} (known: {', '.join(CHECKS)})")
+                        continue
+                    action = self.choice(v, None, f"pinning.findings.{check}", FINDING_ACTIONS)
+                    if action is not _BAD:
+                        findings[check] = action
+        limit = spec.description_limit
+        if "description_limit" in keys:
+            value = self.scalar(keys["description_limit"][1], None, "pinning.description_limit", (int,))
+            if value is not _BAD:
+                if value < 100:
+                    self.error(keys["description_limit"][1], None, "pinning.description_limit must be at least 100")
+                else:
+                    limit = value
+        return PinningSpec(findings, limit)
 
     def read_masking(self, node: yaml.Node) -> None:
         """`masking:` custom detectors (RE2 patterns) and profiles (which detectors, which style)."""

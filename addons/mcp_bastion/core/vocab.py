@@ -51,6 +51,7 @@ class StageName(StrEnum):
     POLICY = "policy"  # Policy: the ruleset over each message
     MASK = "mask"  # Masking: the profiles rules chose, applied
     APPROVAL = "approval"  # Approvals: a call an approve rule holds waits for a person's decision
+    PIN = "pin"  # Pinning: a tool, prompt or template changed since pinned, or with a finding, is refused
     ADMISSION = "admission"  # recording and audit can write (else 503)
     WIRE = "wire"  # Wire: a 2026-07-28 request's headers say what its body says
     TASKS = "tasks"  # Tasks: a task belongs to the caller whose call created it
@@ -63,6 +64,7 @@ class StageName(StrEnum):
     RESP_POLICY = "resp:policy"
     RESP_MASK = "resp:mask"
     RESP_APPROVAL = "resp:approval"
+    RESP_PIN = "resp:pin"
     RESP_SSE = "resp:sse"
     RESP_RECORD = "resp:record"
     RECORD = "record"  # Recorder: what is forwarded is journalled first (else 503)
@@ -96,6 +98,7 @@ class Meta:
     PASSTHROUGH = "bastion.passthrough"  # regular mode: a host outside mcp_hosts, forwarded unenforced
     MASK = "bastion.mask"  # {"profile", "rule", "profiles": [...]}: what the masking stage must apply
     APPROVAL = "bastion.approval"  # {"rule", "status", "ids"}: a call held for a person
+    PINS = "bastion.pins"  # ["tool add changed", "tool x instructions"]: definitions a listing hid or flagged
     HELD = "bastion.held"  # {"approval", "upstream"}: a held call answered with progress by the holding server
     RECORD = "bastion.record"  # on a recorded flow: {"session", "subject", "latency_ms", "stream", ...}
     LEGACY_SESSION = "bastion.legacy_session"  # session id announced in an HTTP+SSE `endpoint` event

@@ -175,6 +175,14 @@ def record(flow: http.HTTPFlow, m: Message, verdicts: Iterable[Verdict], **extra
                                                                 "ids": []})
             if m.id is not None and m.id not in approval.setdefault("ids", []):
                 approval["ids"].append(m.id)
+        pin = v.extra.get("pin")
+        if isinstance(pin, dict) and pin.get("item") and (pin.get("status") or pin.get("finding")):
+            # A changed or suspicious tool definition: named on the listing in mitmweb.
+            pins = flow.metadata.setdefault(Meta.PINS, [])
+            what = pin.get("status") or (pin.get("finding") or {}).get("check")
+            entry = f"{pin.get('kind', 'tool')} {pin['item']} {what}"
+            if entry not in pins and len(pins) < 20:
+                pins.append(entry)
         if v.action == Action.MASK and v.extra.get("profile"):
             mask = flow.metadata.setdefault(Meta.MASK, {"profile": v.extra["profile"], "rule": v.rule, "profiles": []})
             if v.extra["profile"] not in mask["profiles"]:
@@ -283,6 +291,9 @@ def annotate(flow: http.HTTPFlow) -> None:
             line += f": {d['reason']}"
     if side:
         line += f" ({side} server message{'s' if side != 1 else ''} filtered or dropped)"
+    pins = flow.metadata.get(Meta.PINS)
+    if pins:
+        line += f" [pins: {', '.join(pins[:5])}{' ...' if len(pins) > 5 else ''}]"
     who = identity(flow).who
     if who:
         line = f"{who}: {line}"

@@ -6,7 +6,8 @@ from typing import Any
 
 from mitmproxy import http
 
-ALWAYS_SECRET = ("authorization", "proxy-authorization", "cookie", "set-cookie")
+ALWAYS_SECRET = ("authorization", "proxy-authorization", "cookie", "set-cookie",
+                 "x-bastion-hold")  # the gateway's own single-use ticket for a held call
 SECRET_PARAMS = ("access_token",)
 REDACTED = "[redacted by mcp-bastion]"
 _REDACTED_BYTES = REDACTED.encode()

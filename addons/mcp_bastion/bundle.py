@@ -22,7 +22,9 @@ the order a flow meets them:
 7. UpstreamCheck, UpstreamToken: only for requests really forwarded: a JSON error for a
    dead upstream; the upstream's own credential.
 8. Recorder, AuditLog: record what the client actually received.
-9. Mitmweb, ContentView: what a reviewer sees in mitmweb and the console.
+9. DecisionLog, Metrics, Tracing: a JSON line and a console line per decision; Prometheus metrics and
+   health probes on the admin listener; OpenTelemetry spans. They read finished flows, never change them.
+10. Mitmweb, ContentView: what a reviewer sees in mitmweb and the console.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from mcp_bastion.addons.approvals import Approvals
 from mcp_bastion.addons.auditlog import AuditLog
 from mcp_bastion.addons.auth import Auth
 from mcp_bastion.addons.contentview import ContentView
+from mcp_bastion.addons.decisionlog import DecisionLog
 from mcp_bastion.addons.gate import Gate
 from mcp_bastion.addons.gateway import Gateway
 from mcp_bastion.addons.masking import Masking
+from mcp_bastion.addons.metrics import Metrics, Sources
 from mcp_bastion.addons.mitmweb import Mitmweb
 from mcp_bastion.addons.pinning import Pinning
 from mcp_bastion.addons.pipeline import Pipeline
@@ -44,6 +48,7 @@ from mcp_bastion.addons.policy import Policy
 from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.addons.sessions import Sessions
 from mcp_bastion.addons.tasks import Tasks
+from mcp_bastion.addons.tracing import Tracing
 from mcp_bastion.addons.upstream import UpstreamCheck
 from mcp_bastion.addons.upstream_token import UpstreamToken
 from mcp_bastion.addons.wire import Wire
@@ -58,7 +63,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     place a probe after the Policy); the Gate requires their marks too.
     """
     recorder, auditlog = Recorder(), AuditLog()
-    policy = Policy()
+    policy, auth = Policy(), Auth()
     masking = Masking(policy.ruleset)
     approvals = Approvals()
     pinning = Pinning(policy.ruleset)
@@ -67,9 +72,15 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],
     )
+    metrics = Metrics(Sources(
+        ruleset=lambda: policy.source.current() if policy.source is not None else None,
+        approvals=lambda: approvals.store.all(),
+        writers=[recorder.health, auditlog.health],
+        issuers=lambda: auth.verifier.status() if auth.verifier is not None else None,
+    ))
     return [
         Gateway(),
-        Auth(),
+        auth,
         approvals,
         pinning,
         Sessions(),
@@ -82,6 +93,9 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         UpstreamToken(),
         recorder,
         auditlog,
+        DecisionLog(),
+        metrics,
+        Tracing(),
         Mitmweb(),
         ContentView(),
     ]

@@ -29,7 +29,7 @@ def anyio_backend():
 ORDER = ["Gateway", "Auth", "Approvals", "Pinning", "Sessions", "Admission", "Policy", "Masking", "Pipeline", "Gate",
          "UpstreamCheck",
          "UpstreamToken",
-         "Recorder", "AuditLog", "Mitmweb", "ContentView"]
+         "Recorder", "AuditLog", "DecisionLog", "Metrics", "Tracing", "Mitmweb", "ContentView"]
 
 # mitmproxy calls each hook on the addons in bundle order: this table is the pipeline as it runs.
 HOOKS = {
@@ -37,8 +37,10 @@ HOOKS = {
     "request": ["Gateway", "Approvals", "Pinning", "Sessions", "Admission", "Pipeline", "Gate", "UpstreamCheck",
                 "UpstreamToken", "Recorder", "AuditLog"],
     "responseheaders": ["Gateway", "Sessions", "Pipeline", "UpstreamToken", "Recorder"],
-    "response": ["Gateway", "Approvals", "Pipeline", "Gate", "Recorder", "AuditLog"],
-    "error": ["Gateway", "Approvals", "UpstreamCheck", "UpstreamToken", "Recorder", "AuditLog"],
+    "response": ["Gateway", "Approvals", "Pipeline", "Gate", "Recorder", "AuditLog", "DecisionLog", "Metrics",
+                 "Tracing"],
+    "error": ["Gateway", "Approvals", "UpstreamCheck", "UpstreamToken", "Recorder", "AuditLog", "DecisionLog",
+              "Metrics", "Tracing"],
 }
 
 

@@ -147,3 +147,17 @@ def test_the_corpus_rates(capsys):
     for i in poisoned:
         by_category.setdefault(i["category"], []).append(bool(checks(i["tool"])))
     assert all(any(hits) for hits in by_category.values()), by_category
+
+
+def test_the_hold_out_rates(capsys):
+    """Prints the rates on a hold-out set written without sight of the scanner's patterns (holdout.json).
+    Its floor only guards against regressions: 29/43 found and 0/88 hidden when it was written."""
+    doc = json.loads((CORPUS / "holdout.json").read_text())
+    blocking = {INSTRUCTIONS, INVISIBLE, DECEPTIVE_NAME}
+    caught = [i for i in doc["poisoned"] if checks(i["tool"])]
+    false = [i for i in doc["benign"] if checks(i["tool"]) & blocking]
+    with capsys.disabled():
+        print(f"\ntool scanner on the hold-out set: detected {len(caught)}/{len(doc['poisoned'])} "
+              f"({100 * len(caught) / len(doc['poisoned']):.1f}%), false positives that hide "
+              f"{len(false)}/{len(doc['benign'])} ({100 * len(false) / len(doc['benign']):.1f}%)")
+    assert len(caught) >= 29 and len(false) <= 2

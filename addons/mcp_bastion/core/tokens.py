@@ -199,6 +199,8 @@ class _IssuerState:
     last_attempt: float | None = None
     last_error: str | None = None
     fetching: bool = False  # a refresh is under way: callers wait for it rather than fail
+    fetches: int = 0  # refreshes that got keys
+    fetch_errors: int = 0  # refreshes that failed
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -391,8 +393,10 @@ class Verifier:
                 state.keys = self._fetch_keys(state.jwks_uri, now)
         except TokenFetchError as e:
             state.last_error = str(e)
+            state.fetch_errors += 1
             return state.last_error
         state.last_error = None
+        state.fetches += 1
         return None
 
     def _get_json(self, url: str) -> tuple[dict[str, Any], Mapping[str, str]]:
@@ -452,6 +456,8 @@ class Verifier:
                 "keys": len(s.keys.keys) if s.keys else 0,
                 "age": round(now - s.keys.fetched_at, 1) if s.keys else None,
                 "error": s.last_error,
+                "fetches": s.fetches,
+                "fetch_errors": s.fetch_errors,
             }
             for iss, s in self._issuers.items()
         }

@@ -1,0 +1,158 @@
+"""Operations in the shipped bundle: the admin listener (metrics, probes), the decision log, traces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+from mitmproxy.proxy.layers.http import HttpResponseHook
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from mcp_bastion.addons.auditlog import AuditLog
+from mcp_bastion.addons.metrics import Metrics
+from mcp_bastion.addons.tracing import Tracing
+from mcp_bastion.bundle import bundle
+
+from bundled import bundled, bundled_addons, forwarded, result
+from bundled import tool_call as call
+from harness import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+ALICE = {"sub": "alice", "groups": ["engineering"], "iss": "https://idp", "name": "Alice"}
+RULES = """\
+version: 1
+default: allow
+rules:
+  - id: no-deletes
+    match: {tools: [delete_everything]}
+    action: deny
+    reason: never
+"""
+
+
+@pytest.fixture
+def rules(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    return str(path)
+
+
+async def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+async def traffic(b) -> None:
+    ok = b.flow("POST", call("add", 1, a=1, b=2))
+    await b.request(ok, identity=ALICE)
+    assert forwarded(ok)
+    await b.response(ok, result(1, {"content": [{"type": "text", "text": "3"}]}))
+    no = b.flow("POST", call("delete_everything", 2))
+    await b.request(no, identity=ALICE)
+    assert not forwarded(no)
+    # a refused flow ends with the gateway's own answer: mitmproxy still runs the `response` hook
+    await b.tctx.master.addons.trigger_event(HttpResponseHook(no))
+
+
+async def test_the_admin_listener_serves_metrics_and_probes(rules):
+    port = free_port()
+    with bundled(ruleset=rules, admin_listen=f"127.0.0.1:{port}") as b:
+        metrics = b.addon(Metrics)
+        await metrics.running()
+        try:
+            await traffic(b)
+            status, text = await get(port, "/metrics")
+            assert status == 200
+            assert 'bastion_decisions_total{action="deny",group="engineering",rule="no-deletes"} 1.0' in text
+            assert 'bastion_decisions_total{action="allow",group="engineering",rule="bastion:default"}' in text
+            assert "bastion_request_duration_seconds_bucket" in text and 'outcome="refused"' in text
+            assert "bastion_approvals_pending 0.0" in text
+            assert await get(port, "/healthz") == (200, '{"status":"ok"}')
+            status, body = await get(port, "/readyz")
+            assert status == 200 and json.loads(body)["checks"]["ruleset"]["ok"] is True
+            assert (await get(port, "/nope"))[0] == 404
+            assert (await get(port, "/metrics", "POST"))[0] == 405
+        finally:
+            metrics.done()
+
+
+async def test_readiness_fails_while_a_required_writer_fails_or_no_ruleset_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASTION_AUDIT_KEY", "k" * 32)
+    port = free_port()
+    with bundled(audit_log=str(tmp_path / "audit.jsonl"), admin_listen=f"127.0.0.1:{port}") as b:
+        metrics = b.addon(Metrics)
+        await metrics.running()
+        try:
+            b.addon(AuditLog).health.failed("disk full")
+            status, body = await get(port, "/readyz")
+            doc = json.loads(body)
+            assert status == 503 and doc["checks"]["audit"] == {"ok": False, "why": "disk full"}
+            assert "bastion_writer_ok{writer=\"audit\"} 0.0" in (await get(port, "/metrics"))[1]
+        finally:
+            metrics.done()
+    addons = bundle()
+    with bundled_addons(addons, ruleset="") as b:
+        ready, checks = b.addon(Metrics).ready()
+        assert not ready and checks["ruleset"]["ok"] is False
+
+
+def test_a_bad_admin_address_stops_the_gateway_at_start():
+    from mitmproxy import exceptions
+
+    with pytest.raises(exceptions.OptionsError, match="HOST:PORT"), bundled(admin_listen="nine-thousand"):
+        pass
+
+
+async def test_the_mcp_listener_answers_none_of_the_admin_paths():
+    with bundled() as b:
+        for path in ("/metrics", "/healthz", "/readyz"):
+            f = b.flow("GET", None, path=path)
+            await b.request(f)
+            assert f.response is not None and f.response.status_code == 404, path
+
+
+async def test_the_decision_log_writes_one_json_line_per_decision(rules, tmp_path):
+    log = tmp_path / "decisions.jsonl"
+    with bundled(ruleset=rules, decision_log=str(log)) as b:
+        await traffic(b)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["tool"], e["action"], e["rule"]) for e in entries] == [
+        ("add", "allow", "bastion:default"), ("delete_everything", "deny", "no-deletes")]
+    for e in entries:
+        assert e["subject"] == "alice" and e["groups"] == ["engineering"] and e["method"] == "tools/call"
+        assert isinstance(e["latency_ms"], float) and e["upstream"] and e["time"]
+
+
+async def test_the_console_shows_one_readable_line_per_decision(rules, caplog):
+    with caplog.at_level(logging.INFO, logger="mcp_bastion"), bundled(ruleset=rules) as b:
+        await traffic(b)
+    shown = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert any(line.startswith("alice  tools/call add  -> allow [bastion:default]") for line in shown), shown
+    assert any("tools/call delete_everything  -> deny [no-deletes]: never" in line for line in shown), shown
+
+
+async def test_each_message_becomes_a_span_with_identity_and_decision(rules):
+    exporter = InMemorySpanExporter()
+    addons = [Tracing(exporter) if isinstance(a, Tracing) else a for a in bundle()]
+    with bundled_addons(addons, ruleset=rules) as b:
+        await traffic(b)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    ok, no = spans["mcp tools/call add"], spans["mcp tools/call delete_everything"]
+    assert ok.attributes["enduser.id"] == "alice" and ok.attributes["mcp.action"] == "allow"
+    assert tuple(ok.attributes["enduser.groups"]) == ("engineering",) and ok.status.is_ok
+    assert no.attributes["mcp.rule"] == "no-deletes" and not no.status.is_ok
+    assert ok.end_time >= ok.start_time

@@ -8,8 +8,9 @@ spare width, which for MCP is the same endpoint on every row. So, with the
 bundle loaded:
 
 - if `web_columns` is still mitmweb's default, the reviewer's layout replaces it:
-  method, status, the comment (sharing the row's width), size and time; the URL
-  column, and the marks it shows, come back with `--set web_columns=...`;
+  method, status, the path (where mitmweb draws a flow's mark: ✖ denied, ☝ held,
+  ⚠ error, ▪ masked, so a denial stands out from an allowed call at a glance),
+  the comment (sharing the row's width), size and time;
 - if the user chose columns, the comment column is added to them if missing.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 from mitmproxy import ctx
 
 COMMENT = "comment"
-REVIEWER_COLUMNS = ("tls", "icon", "method", "status", COMMENT, "size", "time")
+REVIEWER_COLUMNS = ("tls", "icon", "method", "status", "path", COMMENT, "size", "time")
 
 
 class Mitmweb:

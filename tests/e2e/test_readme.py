@@ -68,3 +68,46 @@ def test_every_option_the_readme_names_is_declared(bundle_options):
         named |= set(re.findall(r"^\| `(\w+)` \|", table, re.M))
     named -= {"flow_detail"}  # mitmproxy's own, not the bundle's
     assert named and named <= declared, sorted(named - declared)
+
+
+def running_blocks() -> tuple[str, str]:
+    """The README's two 'Running the gateway' blocks: start everything; get a token and call."""
+    section = README[README.index("## Running the gateway"):README.index("The same script loads in `mitmweb")]
+    blocks = re.findall(r"^```bash\n(.*?)^```", section, re.S | re.M)
+    assert len(blocks) == 2, blocks
+    return blocks[0], blocks[1]
+
+
+def test_the_gateway_command_works_as_pasted(tmp_path):
+    """The two blocks run as written, in bash from the checkout, with only their ports and `var` moved."""
+    import os
+    import signal
+
+    from harness import free_port, wait_port
+
+    start, call = running_blocks()
+    ports = {"9000": str(free_port()), "9100": str(free_port()), "8080": str(free_port())}
+
+    def moved(text: str) -> str:
+        for old, new in ports.items():
+            text = re.sub(rf"(?<=[:@ ]){old}\b", new, text)
+        return text.replace("mkdir -p var", f"mkdir -p {tmp_path}/var").replace("=var/", f"={tmp_path}/var/")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    gateway = subprocess.Popen(["bash", "-c", moved(start)], cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_port(int(ports["8080"]), timeout=60, proc=gateway)
+        wait_port(int(ports["9100"]), timeout=30)
+        out = subprocess.run(["bash", "-c", moved(call)], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert '"serverInfo"' in out.stdout and "bastion-sdk-test-server" in out.stdout, out.stdout
+    finally:
+        os.killpg(gateway.pid, signal.SIGTERM)
+        try:
+            gateway.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(gateway.pid, signal.SIGKILL)
+            gateway.wait(5)
+    assert (tmp_path / "var" / "audit.jsonl").read_text()

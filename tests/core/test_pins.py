@@ -78,6 +78,8 @@ def test_the_store_file_survives_a_restart_and_only_one_process_owns_it(tmp_path
     store.lock()
     store.observe("a:1", TOOL, ADD, [{"check": "oversized", "where": "description", "detail": "d"}])
     store.observe("a:1", TOOL, {**ADD, "description": "changed"})
+    assert PinStore(path).all() == []  # nothing written until the list is done
+    store.flush()
     with pytest.raises(PinError, match="in use"):
         PinStore(path).lock()
     again = PinStore(path)

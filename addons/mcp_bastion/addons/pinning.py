@@ -170,11 +170,14 @@ class Pinning:
             if name is None:
                 kept.append(item)  # the Policy hides items without a readable name
                 continue
-            findings = [f.record() for f in scan(item, spec.description_limit)]
-            if kind != TEMPLATE and _fold(name) in others:
-                findings.append(Finding(SHADOWING, "name", f"{name!r} is also a {kind} of {others[_fold(name)]}")
-                                .record())
-            status, pin = self.store.observe(upstream, kind, item, findings)
+            def findings(item: dict = item, name: str = name) -> list[dict[str, str]]:
+                found = [f.record() for f in scan(item, spec.description_limit)]
+                if kind != TEMPLATE and _fold(name) in others:
+                    found.append(Finding(SHADOWING, "name", f"{name!r} is also a {kind} of "
+                                                            f"{others[_fold(name)]}").record())
+                return found
+
+            status, pin = self.store.observe(upstream, kind, item, findings)  # scanned only if new or changed
             if pin is None:
                 verdicts.append(Verdict(StageName.RESP_PIN, Action.FILTER, None,
                                         f"{kind} {name} hidden: the pin store is full", {"pin": {"item": name}}))
@@ -201,6 +204,7 @@ class Pinning:
                                             {"pin": {"item": name, "kind": kind, "finding": f, "action": action}}))
             if not hide:
                 kept.append(item)
+        self.store.flush()  # once per list, before anything of it reaches the client
         if pinned:
             verdicts.append(Verdict(StageName.RESP_PIN, Action.ALLOW, None,
                                     f"pinned {pinned} new {kind} definition(s) of {upstream}"))

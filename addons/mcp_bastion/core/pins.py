@@ -27,7 +27,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -103,6 +103,7 @@ class PinStore:
         self._pins: dict[tuple[str, str, str], Pin] = {}
         self._lock = threading.Lock()
         self._held: Any = None  # the open lock file while this process owns the store
+        self._dirty = False  # observed pins not yet in the file (`flush` writes them, once per list)
         if path and os.path.exists(path):
             self._load(path)
 
@@ -141,7 +142,8 @@ class PinStore:
 
     # --- observing -----------------------------------------------------------------
 
-    def observe(self, upstream: str, kind: str, item: dict[str, Any], findings: Iterable[dict[str, Any]] = (),
+    def observe(self, upstream: str, kind: str, item: dict[str, Any],
+                findings: Iterable[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]] = (),
                 now: float | None = None) -> tuple[str, Pin | None]:
         """Compare one listed item with its pin: (NEW, pin) pins it; (SAME, pin); (CHANGED, pin) records the
         change on the pin. (NEW, None): the store is full and the item was not pinned."""
@@ -149,23 +151,32 @@ class PinStore:
         assert name is not None
         now = time.time() if now is None else now
         d = digest(kind, item)
+        scanned = findings if not callable(findings) else None  # scanned only when new or newly changed
         with self._lock:
             pin = self._pins.get((upstream, kind, name))
             if pin is None:
                 if len(self._pins) >= MAX_PINS:
                     return NEW, None
+                found = list(findings() if scanned is None else scanned)
                 pin = self._pins[(upstream, kind, name)] = Pin(upstream, kind, name, d, definition(kind, item), now,
-                                                               findings=list(findings))
-                self._save()
+                                                               findings=found)
+                self._dirty = True
                 return NEW, pin
             if pin.digest == d:
                 return SAME, pin
             if pin.changed is None or pin.changed["digest"] != d:
                 pin.changed = {"digest": d, "definition": definition(kind, item), "seen": now}
-                pin.changed_findings = list(findings)
-                self._save()
+                pin.changed_findings = list(findings() if scanned is None else scanned)
+                self._dirty = True
                 return CHANGED_NOW, pin
             return CHANGED, pin
+
+    def flush(self) -> None:
+        """Write what `observe` pinned or saw change since the last write (one write per list answer)."""
+        if self._dirty:
+            with self._lock:
+                self._save()
+                self._dirty = False
 
     def accept(self, pins: list[Pin], by: str, now: float | None = None) -> Pin:
         """Accept the changed definition of the one pin in `pins`: it becomes the pin."""

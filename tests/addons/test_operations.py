@@ -101,7 +101,9 @@ async def test_readiness_fails_while_a_required_writer_fails_or_no_ruleset_is_lo
             status, body = await get(port, "/readyz")
             doc = json.loads(body)
             assert status == 503 and doc["checks"]["audit"] == {"ok": False, "why": "disk full"}
-            assert "bastion_writer_ok{writer=\"audit\"} 0.0" in (await get(port, "/metrics"))[1]
+            text = (await get(port, "/metrics"))[1]
+            assert 'bastion_writer_ok{writer="audit"} 0.0' in text
+            assert 'bastion_write_failures_total{writer="audit"} 1.0' in text
         finally:
             metrics.done()
     addons = bundle()

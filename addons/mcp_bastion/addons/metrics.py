@@ -29,7 +29,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mcp_bastion.core.vocab import Meta
 from mcp_bastion.glue import flowstate as fs
@@ -66,9 +66,12 @@ class _Scraped:
         pending.add_metric([], n)
         out.append(pending)
         up = GaugeMetricFamily("bastion_writer_ok", "1 when the writer (recording, audit) can write", labels=["writer"])
+        failures = CounterMetricFamily("bastion_write_failures", "Failed writes of the recording or the audit log",
+                                       labels=["writer"])
         for w in self.sources.writers:
             up.add_metric([w.reason], 0 if w.failure else 1)
-        out.append(up)
+            failures.add_metric([w.reason], getattr(w, "failures", 0))
+        out += [up, failures]
         issuers = self.sources.issuers() if self.sources.issuers is not None else None
         keys = GaugeMetricFamily("bastion_idp_keys", "Signing keys held per issuer", labels=["issuer"])
         age = GaugeMetricFamily("bastion_idp_keys_age_seconds", "Age of the signing keys per issuer", labels=["issuer"])
@@ -97,8 +100,6 @@ class Metrics:
                               registry=self.registry)
         self.approvals_decided = Counter("bastion_approvals_decided", "Approvals decided, by outcome", ["status"],
                                          registry=self.registry)
-        self.write_failures = Counter("bastion_write_failures", "Flows whose audit or recording write failed",
-                                      ["writer"], registry=self.registry)
         self.registry.register(_Scraped(self.sources))
         self._rules: set[str] = set()
         self._seen: set[str] = set()
@@ -174,10 +175,6 @@ class Metrics:
             if elapsed is not None:
                 outcome = "error" if flow.error else "refused" if decided or fs.refused(flow) else "ok"
                 self.latency.labels(str(method or flow.request.method)[:64], outcome).observe(elapsed / 1000)
-            error = str(flow.metadata.get(Meta.ERROR) or "")
-            for writer in ("audit", "record"):
-                if error.startswith(writer):
-                    self.write_failures.labels(writer).inc()
         except Exception as e:  # metrics never stand in a flow's way
             logger.error("mcp-bastion: metrics could not count %s: %r", flow.request.pretty_url, e)
 

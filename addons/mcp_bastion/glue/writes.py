@@ -39,6 +39,7 @@ class WriteHealth:
         self.reason = reason  # the stable slug in the refusal's data ("record", "audit")
         self.probe_every = probe_every
         self.required = False  # set by the writer's addon from its options
+        self.failures = 0
         self.failure: str | None = None
         self.failed_at = 0.0
         self.probe: Callable[[], None] | None = None  # retries the failed writes; raises while they fail
@@ -52,6 +53,7 @@ class WriteHealth:
 
     def failed(self, error: str) -> None:
         self.failure, self.failed_at = error, self._clock()
+        self.failures += 1  # every failed write, for the metrics
 
     def failing(self) -> bool:
         """A write failed and none has succeeded since."""

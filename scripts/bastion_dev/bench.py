@@ -21,7 +21,13 @@ RSS growth while a 100 MiB event stream passes through. Microbenchmarks time
 the per-message work of the core modules. Results print as a table and are
 written as JSON (and the same table as Markdown next to it).
 
-Speed is reported here, never asserted: targets are listed as met or missed.
+Speed is reported here, never asserted: targets are listed as met or missed
+(a --quick run judges none: its figures mean little). What runs now is said on
+stderr ("config bundle (3/3), 4/10: ..."). Ctrl-C or SIGTERM stops every
+process the run started (upstream, mitmdump, the dev issuer) before it exits.
+
+Exit status: 0 the run was made (figures it could not make are n/a, with why),
+2 it could not run (bad arguments, an unwritable --json) or was interrupted.
 """
 
 from __future__ import annotations
@@ -41,11 +47,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mcp_bastion.cli.common import ArgumentParser, CannotRun, check_writable, positive
 
 ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM = ROOT / "scripts" / "bastion_dev" / "bench_upstream.py"
@@ -91,12 +100,21 @@ class Settings:
     step_timeout: float = 600.0  # a measurement that takes longer is reported n/a
     script: Path = BUNDLE  # the mitmdump script of configuration 3
     profile: Path | None = None  # run the proxies under cProfile: stats in <profile>.<config>.prof
+    judge_targets: bool = True  # False for a --quick run: its figures mean too little to judge
 
     @classmethod
     def quick(cls) -> Settings:
         """A tiny run: a few calls each, a 2 MiB stream (for smoke tests, not for figures)."""
         return cls(samples=20, duration=0.3, concurrency=4, large_bytes=64 << 10, stream_bytes=2 << 20,
                    gap_ms=5.0, micro_seconds=0.02, warmup=5, step_timeout=60.0)
+
+
+QUICK_NOTE = "targets not judged in --quick runs"
+
+
+def say(message: str) -> None:
+    """Progress on stderr: what the run does now."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 class BenchError(Exception):
@@ -348,15 +366,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Process:
-    """A started process listening on a port on 127.0.0.1, output in a log file; stopped on exit."""
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (then raise KeyboardInterrupt), so that a process is
+    never started without being known, nor left half stopped. Only the main thread handles signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {sig: signal.signal(sig, lambda n, _f: got.append(n)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if got:
+        raise KeyboardInterrupt
 
-    def __init__(self, args: list[str], port: int, log: Path):
+
+LIVE: set[Process] = set()  # every process started and not yet stopped
+
+
+def stop_all() -> None:
+    """Stop every process this run started that is still running (the last line of defence).
+
+    A Ctrl-C or SIGTERM meanwhile does not leave the rest running: it is raised once all are stopped.
+    """
+    interrupted = False
+    for proc in list(LIVE):
+        try:
+            proc.stop()
+        except KeyboardInterrupt:  # raised after that one was stopped
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+class Process:
+    """A started process listening on a port on 127.0.0.1, output in a log file; stopped on exit.
+
+    It runs in a session of its own (a Ctrl-C at the terminal reaches this process only); `stop()`
+    signals its whole process group.
+    """
+
+    def __init__(self, args: list[str], port: int, log: Path, env: dict[str, str] | None = None):
         self.args = args
         self.port = port
         self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        with signals_deferred(), open(log, "wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                         start_new_session=True, stdin=subprocess.DEVNULL)
+            LIVE.add(self)
 
     @property
     def pid(self) -> int:
@@ -377,15 +437,21 @@ class Process:
         return self.log.read_text(errors="replace")[-2000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
+        """SIGTERM to its process group, SIGKILL after 10 s; a Ctrl-C or SIGTERM meanwhile waits."""
+        with signals_deferred():
+            if self.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(5)
+            else:  # it is gone; anything it left in its group goes too
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+            LIVE.discard(self)
 
 
 @contextlib.contextmanager
@@ -557,7 +623,8 @@ Metrics = dict[str, float | None]
 class Measurement:
     """All figures of one configuration. `pid` is the proxy's (None for direct)."""
 
-    def __init__(self, load: Load, pid: int | None, settings: Settings):
+    def __init__(self, load: Load, pid: int | None, settings: Settings, progress: Callable[[str], None] = say):
+        self.progress = progress
         self.load = load
         self.memory = Memory(pid) if pid else None
         self.s = settings
@@ -569,6 +636,17 @@ class Measurement:
         s = self.s
         if self.memory:
             self.metrics["rss.idle"] = self.memory.rss_mb()
+        large_n, ttfe_n = max(10, s.samples // 10), max(10, s.samples // 10)
+        what = {
+            "ready": "waiting until it answers", "warmup": f"warm-up, {s.warmup} calls",
+            "small": f"latency, small JSON, {s.samples} calls",
+            "small.mask": f"latency, small JSON masked with pii, {s.samples} calls",
+            "large": f"latency, large JSON, {large_n} calls", "sse": f"latency, SSE result, {s.samples} calls",
+            "ttfe": f"SSE time to first event, {ttfe_n} calls",
+            "small.cN": f"throughput, small JSON, {s.concurrency} connections for {s.duration:g} s",
+            "sse.cN": f"throughput, SSE result, {s.concurrency} connections for {s.duration:g} s",
+            "stream": f"a {s.stream_bytes / (1 << 20):g} MiB event stream",
+        }
         steps: list[tuple[str, Callable]] = [
             ("ready", self.load.wait_ready),
             ("warmup", lambda: self.load.sequential(Call("small"), s.warmup)),
@@ -581,7 +659,8 @@ class Measurement:
             ("sse.cN", lambda: self.throughput("sse.cN", Call("sse"))),
             ("stream", self.stream),
         ]
-        for name, step in steps:
+        for i, (name, step) in enumerate(steps, 1):
+            self.progress(f"{i}/{len(steps)}: {what[name]}")
             try:
                 await asyncio.wait_for(step(), s.step_timeout)
             except TimeoutError:
@@ -813,7 +892,8 @@ MICRO: list[tuple[str, Callable[[float], tuple[float, str]]]] = [
 
 def run_micro(seconds: float) -> list[dict[str, Any]]:
     out = []
-    for name, fn in MICRO:
+    for i, (name, fn) in enumerate(MICRO, 1):
+        say(f"microbenchmarks, {i}/{len(MICRO)}: {name}")
         try:
             value, unit = fn(seconds)
             out.append({"name": name, "value": value, "unit": unit, "note": ""})
@@ -846,24 +926,35 @@ class Result:
             "micro": self.micro,
             "rows": table_rows(self),
             "targets": targets(self),
+            "targets_judged": self.settings.judge_targets,
+            **({} if self.settings.judge_targets else {"targets_note": QUICK_NOTE}),
         }
 
 
 def run(settings: Settings, configs: tuple[str, ...] = CONFIGS, micro: bool = True) -> Result:
     result = Result(settings, meta=host_meta())
-    with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmpdir, contextlib.ExitStack() as stack:
-        tmp = Path(tmpdir)
-        up_port = free_port()
-        stack.enter_context(started([sys.executable, str(UPSTREAM), "--port", str(up_port)], up_port,
-                                    tmp / "upstream.log"))
-        for name in configs:
-            result.configs[name] = run_config(name, up_port, tmp, settings, result)
-    if micro:
-        result.micro = run_micro(settings.micro_seconds)
+    t0 = time.monotonic()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmpdir, contextlib.ExitStack() as stack:
+            tmp = Path(tmpdir)
+            up_port = free_port()
+            say(f"starting the upstream ({UPSTREAM.name}) on 127.0.0.1:{up_port}")
+            stack.enter_context(started([sys.executable, str(UPSTREAM), "--port", str(up_port)], up_port,
+                                        tmp / "upstream.log"))
+            for i, name in enumerate(configs, 1):
+                result.configs[name] = run_config(name, up_port, tmp, settings, result,
+                                                  where=f"config {name} ({i}/{len(configs)})")
+        if micro:
+            result.micro = run_micro(settings.micro_seconds)
+    finally:
+        stop_all()
+    say(f"done in {time.monotonic() - t0:.0f} s")
     return result
 
 
-def run_config(name: str, up_port: int, tmp: Path, settings: Settings, result: Result) -> dict[str, Any]:
+def run_config(name: str, up_port: int, tmp: Path, settings: Settings, result: Result,
+               where: str | None = None) -> dict[str, Any]:
+    where = where or f"config {name}"
     out: dict[str, Any] = {"metrics": {}, "errors": {}}
     try:
         with contextlib.ExitStack() as stack:
@@ -883,9 +974,10 @@ def run_config(name: str, up_port: int, tmp: Path, settings: Settings, result: R
                 profile = settings.profile.with_suffix(f".{name}.prof") if settings.profile else None
                 args = mitmdump_args(up_port, port, scripts, options, profile)
                 out["command"] = " ".join("mitmdump" if a == MITMDUMP else a for a in args)
+                say(f"{where}: starting mitmdump" + (f" -s {Path(settings.script).name}" if name == "bundle" else ""))
                 proc = stack.enter_context(started(args, port, tmp / f"{name}.log"))
                 pid = proc.pid
-            m = Measurement(Load(port, token), pid, settings)
+            m = Measurement(Load(port, token), pid, settings, progress=lambda text: say(f"{where}, {text}"))
             asyncio.run(m.run())
             out["metrics"], out["errors"] = m.metrics, m.errors
             if pid is not None and proc.proc.poll() is not None:
@@ -1030,7 +1122,9 @@ def why_missing(result: Result, config: str, row: Row) -> str:
 
 
 def targets(result: Result) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured figure and met / missed / n/a."""
+    """The issue's targets, each with the measured figure and met / missed / n/a; none for a --quick run."""
+    if not result.settings.judge_targets:
+        return []
     m = result.metric
     masking = next((x["value"] for x in result.micro if x["name"] == "masking, all detectors"), None)
 
@@ -1080,15 +1174,18 @@ def print_report(result: Result, console=None) -> None:
                       row["ratio_3_2"], row["ratio_3_1"])
     console.print(table)
 
-    tt = Table(title="targets (reported, not asserted)")
-    for col in ("target", "goal", "measured", "status"):
-        tt.add_column(col)
-    for t in targets(result):
-        style = {"met": "green", "missed": "red"}.get(t["status"], "dim")
-        tt.add_row(t["target"], t["goal"],
-                   fmt(t["measured"], 2) + (f" {t['unit']}" if t["measured"] is not None else ""),
-                   f"[{style}]{t['status']}[/{style}]")
-    console.print(tt)
+    if not s.judge_targets:
+        console.print(f"targets: {QUICK_NOTE} (its figures mean little; run scripts/bench without --quick)")
+    else:
+        tt = Table(title="targets (reported, not asserted)")
+        for col in ("target", "goal", "measured", "status"):
+            tt.add_column(col)
+        for t in targets(result):
+            style = {"met": "green", "missed": "red"}.get(t["status"], "dim")
+            tt.add_row(t["target"], t["goal"],
+                       fmt(t["measured"], 2) + (f" {t['unit']}" if t["measured"] is not None else ""),
+                       f"[{style}]{t['status']}[/{style}]")
+        console.print(tt)
 
     if result.micro:
         mt = Table(title="microbenchmarks")
@@ -1129,10 +1226,13 @@ def markdown(result: Result) -> str:
             lines.append(f"| **{section}** |" + " |" * (len(CONFIGS) + 3))
         lines.append(f"| {row['label']} | {row['unit']} | " + " | ".join(fmt(row[c], row["digits"]) for c in CONFIGS)
                      + f" | {row['ratio_3_2']} | {row['ratio_3_1']} |")
-    lines += ["", "| target | goal | measured | status |", "|---|---|---:|---|"]
-    for t in targets(result):
-        unit = f" {t['unit']}" if t["measured"] is not None else ""
-        lines.append(f"| {t['target']} | {t['goal']} | {fmt(t['measured'], 2)}{unit} | {t['status']} |")
+    if not s.judge_targets:
+        lines += ["", f"Targets: {QUICK_NOTE}."]
+    else:
+        lines += ["", "| target | goal | measured | status |", "|---|---|---:|---|"]
+        for t in targets(result):
+            unit = f" {t['unit']}" if t["measured"] is not None else ""
+            lines.append(f"| {t['target']} | {t['goal']} | {fmt(t['measured'], 2)}{unit} | {t['status']} |")
     if result.micro:
         lines += ["", "| microbenchmark | figure | unit |", "|---|---:|---|"]
         for x in result.micro:
@@ -1145,23 +1245,49 @@ def markdown(result: Result) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0].strip(),
+                            epilog="\n\n".join(__doc__.strip().split("\n\n")[-2:]),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny run (few calls, 2 MiB stream): checks the harness, figures mean little")
+                        help="a tiny run (few calls, 2 MiB stream): checks the harness, figures mean little; "
+                             "targets are not judged")
     parser.add_argument("--json", type=Path,
                         help=f"where to write the results (default: {DEFAULT_JSON_DIR.relative_to(ROOT)}/<time>.json); "
                              "the Markdown table goes next to it")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which of direct,bare,bundle to run")
-    parser.add_argument("--samples", type=int, help="sequential calls per latency measurement")
-    parser.add_argument("--duration", type=float, help="seconds per throughput measurement")
-    parser.add_argument("--concurrency", type=int, help="connections in a throughput measurement")
-    parser.add_argument("--stream-mb", type=int, help="size of the long event stream in MiB")
+    parser.add_argument("--samples", type=positive(int), help="sequential calls per latency measurement")
+    parser.add_argument("--duration", type=positive(float), help="seconds per throughput measurement")
+    parser.add_argument("--concurrency", type=positive(int), help="connections in a throughput measurement")
+    parser.add_argument("--stream-mb", type=positive(int), help="size of the long event stream in MiB")
     parser.add_argument("--script", type=Path, help="mitmdump script of configuration 3 (default: addons/bastion.py)")
     parser.add_argument("--profile", type=Path, metavar="PATH",
                         help="run each mitmdump under cProfile and write PATH.<config>.prof (figures are then slower)")
     parser.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")
     args = parser.parse_args(argv)
+    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configuration(s): {', '.join(sorted(unknown))} (choose from {', '.join(CONFIGS)})")
+    if not configs:
+        parser.error(f"--configs names no configuration (choose from {', '.join(CONFIGS)})")
+    path = args.json or DEFAULT_JSON_DIR / (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    try:
+        if args.script is not None and "bundle" in configs:
+            if not args.script.is_file():
+                raise CannotRun(f"--script {args.script}: no such file")
+        if args.profile is not None:
+            check_writable(args.profile.with_suffix(".bare.prof"), "--profile")
+        if not path.parent.is_dir() and not path.parent.exists():
+            path.parent.mkdir(parents=True)
+        check_writable(path, "--json file")
+        check_writable(path.with_suffix(".md"), "Markdown table")
+    except (CannotRun, OSError) as e:
+        print(f"scripts/bench: {e if isinstance(e, CannotRun) else f'cannot write {path}: {e.strerror}'}",
+              file=sys.stderr)
+        return 2
+
     settings = Settings.quick() if args.quick else Settings()
+    settings.judge_targets = not args.quick
     for name, value in (("samples", args.samples), ("duration", args.duration), ("concurrency", args.concurrency),
                         ("script", args.script and args.script.resolve()),
                         ("profile", args.profile and args.profile.resolve())):
@@ -1169,20 +1295,33 @@ def main(argv: list[str] | None = None) -> int:
             setattr(settings, name, value)
     if args.stream_mb is not None:
         settings.stream_bytes = args.stream_mb << 20
-    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
-    unknown = set(configs) - set(CONFIGS)
-    if unknown:
-        parser.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
-    result = run(settings, configs, micro=not args.no_micro)
+
+    # Ctrl-C and SIGTERM unwind the run, which stops every process it started (they run in sessions
+    # of their own, so a signal to this process alone would not reach them).
+    handlers = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = run(settings, configs, micro=not args.no_micro)
+    except KeyboardInterrupt:
+        print("scripts/bench: interrupted; every process it started is stopped", file=sys.stderr)
+        return 2
+    finally:
+        stop_all()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     result.meta["command"] = " ".join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
     print_report(result)
-    path = args.json or DEFAULT_JSON_DIR / (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        path.with_suffix(".md").write_text(markdown(result))
+    except OSError as e:
+        print(f"scripts/bench: cannot write the results: {e.strerror or e}: {e.filename or path}", file=sys.stderr)
+        return 2
     print(f"results: {path} (table: {path.with_suffix('.md')})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mcp_bastion.cli.common import run as run_command
+
+    run_command(main, "scripts/bench")

@@ -39,6 +39,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mcp_bastion.cli.common import ArgumentParser, positive, run
+
 logger = logging.getLogger("bastion_dev.issuer")
 
 SCOPES = ("mcp:tools", "mcp:admin")
@@ -258,16 +260,27 @@ def _thumbprint(jwk: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
 
 
+def _port(text: str) -> int:
+    port = positive(int)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1-65535): {text}")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bastion_dev.issuer",
+    ap = ArgumentParser(prog="python -m bastion_dev.issuer",
                                  description="A small OpenID issuer for the demo: discovery, JWKS and a "
                                              "client_credentials token endpoint.")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=9100)
+    ap.add_argument("--port", type=_port, default=9100)
     ap.add_argument("--audience", help="audience of tokens requested without a resource parameter")
-    ap.add_argument("--ttl", type=int, default=3600, help="token lifetime in seconds")
+    ap.add_argument("--ttl", type=positive(int), default=3600, help="token lifetime in seconds")
     args = ap.parse_args(argv)
-    issuer = DevIssuer(args.host, args.port, args.audience, args.ttl)
+    try:
+        issuer = DevIssuer(args.host, args.port, args.audience, args.ttl)
+    except OSError as e:
+        print(f"{ap.prog}: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"demo issuer {issuer.url} (dev only: fixed client secrets, key in memory)")
     for u in USERS.values():
         print(f"  {u.sub:7} secret {u.secret:18} groups {','.join(u.groups):12} scopes {' '.join(u.scopes)}")
@@ -281,4 +294,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "python -m bastion_dev.issuer")

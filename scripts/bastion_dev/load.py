@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion_dev import bench, bench_upstream
+from mcp_bastion.cli.common import ArgumentParser, CannotRun, check_writable, positive
 
 ROOT = bench.ROOT
 BUNDLE = bench.BUNDLE
@@ -973,19 +974,9 @@ def to_json(report: Report) -> dict[str, Any]:
             "passed": report.passed, "workdir": report.workdir or None}
 
 
-def positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0: {text}")
-        return value
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     doc = __doc__.strip()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="scripts/load", description=doc.split("\n\n")[0],
         epilog="\n\n".join(doc.split("\n\n")[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=positive(int), default=50, help="concurrent clients, one session each "
@@ -1006,6 +997,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
+    if args.json is not None:
+        try:
+            if not args.json.parent.is_dir():
+                args.json.parent.mkdir(parents=True)
+            check_writable(args.json, "--json file")
+        except (CannotRun, OSError) as e:
+            print(f"scripts/load: {e if isinstance(e, CannotRun) else f'cannot write {args.json}: {e.strerror}'}",
+                  file=sys.stderr)
+            return 2
 
     # Ctrl-C and SIGTERM unwind the stack, which stops every process this run started
     # (they run in sessions of their own, so a signal to this one alone would not reach them).
@@ -1024,11 +1024,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_report(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(to_json(report), indent=2) + "\n")
+        try:
+            args.json.write_text(json.dumps(to_json(report), indent=2) + "\n")
+        except OSError as e:
+            print(f"scripts/load: cannot write {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
     print(f"runtime {time.monotonic() - t0:.1f} s")
     return 0 if report.passed else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mcp_bastion.cli.common import run as run_command
+
+    run_command(main, "scripts/load")

@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.parse
 from typing import Any
 
 from mcp_bastion.cli import gatewayapi
+from mcp_bastion.cli.common import ArgumentParser, run
 from mcp_bastion.cli.gatewayapi import CannotRun, Refused
 
 API = "/bastion/approvals"
@@ -43,11 +45,17 @@ def _line(item: dict) -> str:
             f"{item.get('tool') or ''} {args}  rule {item['rule']}  expires {item['expires']}")
 
 
+def _id(text: str) -> str:
+    """A request id as the gateway hands them out (apr-...): one path segment, quoted."""
+    if not text or "/" in text or text in (".", ".."):
+        raise CannotRun(f"not a request id: {text!r} (scripts/approvals list shows them)")
+    return urllib.parse.quote(text, safe="")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/approvals", description=__doc__.strip().splitlines()[0],
+    parser = ArgumentParser(prog="scripts/approvals", description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.strip().splitlines()[1:]))
-    parser.add_argument("--version", action="version", version="mcp-bastion approvals 0.1.0")
     common = gatewayapi.common_arguments()
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", parents=[common], help="the requests you may decide")
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
-            items = call(args, "GET", "")
+            items = gatewayapi.answer(call(args, "GET", ""), list, "a list of requests")
             if not args.all:
                 items = [i for i in items if i["status"] == "pending"]
             if args.json:
@@ -72,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print("\n".join(_line(i) for i in items) if items else "no pending requests")
         elif args.command == "show":
-            print(json.dumps(call(args, "GET", f"/{args.id}"), indent=2, ensure_ascii=False))
+            print(json.dumps(call(args, "GET", f"/{_id(args.id)}"), indent=2, ensure_ascii=False))
         else:
-            item = call(args, "POST", f"/{args.id}/{args.command}", {"reason": args.reason} if args.reason else {})
+            item = gatewayapi.answer(call(args, "POST", f"/{_id(args.id)}/{args.command}",
+                                          {"reason": args.reason} if args.reason else {}), dict, "a request")
             print(f"{item['id']} {item['status']} ({item.get('method')} {item.get('tool') or ''} "
                   f"by {item['requester']}, rule {item['rule']})")
         return 0
@@ -87,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "scripts/approvals")

@@ -10,6 +10,10 @@ Forensics on the audit log and session recordings (`scripts/audit`, `scripts/rep
 The key for `audit` comes from `--key-file`, else from the environment
 variable `--key-env` (default BASTION_AUDIT_KEY), as for the gateway.
 
+Exit status: 0 done; 1 the log does not verify (audit verify, export), or a
+replayed request got no answer (replay client) or nothing to replay; 2 the
+command could not run (bad arguments, a file missing or unreadable, no key).
+
 This file is also a mitmproxy script: `replay client` loads it into the
 replaying mitmdump for `SessionRemap` (below).
 """
@@ -21,6 +25,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,11 +37,13 @@ from urllib.parse import urlsplit
 from mitmproxy import exceptions, http, io
 from mitmproxy.io import tnetstring
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from mcp_bastion.cli.common import ArgumentParser, CannotRun, check_readable, check_writable, positive, run
 from mcp_bastion.core import audit
 from mcp_bastion.core.jsonrpc import ParseError, parse_body
 from mcp_bastion.core.sse import SSEParser
@@ -58,17 +65,25 @@ _ACTION_STYLE = {
 
 
 def read_flows(paths: Sequence[str | os.PathLike]) -> list[http.HTTPFlow]:
-    """All HTTP flows of the given files. A file cut off by a crash gives the flows before the cut."""
+    """All HTTP flows of the given files. A file cut off by a crash gives the flows before the cut.
+
+    CannotRun for a file that cannot be opened, or that is not a flow file at all.
+    """
     flows: list[http.HTTPFlow] = []
     for path in paths:
+        check_readable(path, "recording")
+        n = 0
         with open(path, "rb") as f:
             reader = io.FlowReader(f)
             try:
                 for flow in reader.stream():
+                    n += 1
                     if isinstance(flow, http.HTTPFlow):
                         flows.append(flow)
-            except exceptions.FlowReadException as e:
-                print(f"warning: {path}: unreadable after {len(flows)} flows ({e})", file=sys.stderr)
+            except (exceptions.FlowReadException, ValueError, TypeError, KeyError) as e:
+                if n == 0:
+                    raise CannotRun(f"{path} is not a mitmproxy flow file ({e or type(e).__name__})") from None
+                print(f"warning: {path}: unreadable after {n} flows ({e or type(e).__name__})", file=sys.stderr)
     return flows
 
 
@@ -137,7 +152,17 @@ def _detail(rec: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+WIDE = 140  # from this console width on, one column per field; below it the compact layout
+
+
 def render_timeline(flows: list[http.HTTPFlow], sources: Sequence[str], console: Console) -> None:
+    """The header panel and one table row per message, laid out for the console's width.
+
+    Wide consoles get one column per field. Narrower ones (a 100-column terminal) get the compact
+    layout: the detail goes under the message, the relative time and, for a one-subject recording
+    (the header names the subject), the `who` column are left out; every cell wraps rather than
+    being cut.
+    """
     rows = timeline_rows(flows)
     if not rows:
         console.print("no flows")
@@ -159,7 +184,35 @@ def render_timeline(flows: list[http.HTTPFlow], sources: Sequence[str], console:
         counts[r["action"]] = counts.get(r["action"], 0) + 1
     head.append("\n" + "  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     console.print(Panel(head, title="mcp-bastion session timeline", expand=False))
+    if console.width >= WIDE:
+        console.print(_wide_table(rows, start))
+    else:
+        console.print(_compact_table(rows, show_who=len(subjects) > 1, width=console.width))
 
+
+def _rec_status(rec: dict[str, Any]) -> str:
+    status = "" if rec.get("status") is None else str(rec["status"])
+    if rec.get("rpc"):
+        status += f" {rec['rpc']}"
+    return status
+
+
+def _cells(rec: dict[str, Any]) -> dict[str, Any]:
+    action = rec["action"]
+    return {
+        "time": rec["time"][11:23],
+        "who": rec.get("subject") or "anonymous",
+        "arrow": "→" if rec.get("direction") == "client_to_server" else "←",
+        "message": _message(rec),
+        "action": Text(action, style=_ACTION_STYLE.get(action, "cyan")),
+        "rule": rec.get("rule") or "",
+        "status": _rec_status(rec),
+        "ms": "" if rec.get("latency_ms") is None else f"{rec['latency_ms']:.0f}",
+        "detail": _detail(rec),
+    }
+
+
+def _wide_table(rows: list[dict[str, Any]], start: float) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_lines=False)
     for col, kw in (("time (UTC)", {"no_wrap": True}), ("+s", {"justify": "right", "no_wrap": True}),
                     ("who", {"overflow": "fold"}), ("", {"no_wrap": True}), ("message", {"overflow": "fold"}),
@@ -167,23 +220,58 @@ def render_timeline(flows: list[http.HTTPFlow], sources: Sequence[str], console:
                     ("ms", {"justify": "right", "no_wrap": True}), ("detail", {"overflow": "fold"})):
         table.add_column(col, **kw)
     for r in rows:
-        action = r["action"]
-        status = "" if r.get("status") is None else str(r["status"])
-        if r.get("rpc"):
-            status += f" {r['rpc']}"
-        table.add_row(
-            r["time"][11:23],
-            f"{r['_t'] - start:.3f}",
-            r.get("subject") or "anonymous",
-            "→" if r.get("direction") == "client_to_server" else "←",
-            _message(r),
-            Text(action, style=_ACTION_STYLE.get(action, "cyan")),
-            r.get("rule") or "",
-            status,
-            "" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f}",
-            _detail(r),
-        )
-    console.print(table)
+        c = _cells(r)
+        table.add_row(c["time"], f"{r['_t'] - start:.3f}", c["who"], c["arrow"], c["message"], c["action"],
+                      c["rule"], c["status"], c["ms"], c["detail"])
+    return table
+
+
+def _compact_table(rows: list[dict[str, Any]], show_who: bool, width: int) -> Table:
+    """For narrow consoles: the detail under the message (dimmed), fewer columns, nothing cut off.
+
+    Widths are chosen here rather than by rich: the time, action, status and ms columns keep their
+    width, a rule id stays whole while it can, and the message column takes what is left.
+    """
+    cells = [_cells(r) for r in rows]
+
+    def widest(key: str, floor: int) -> int:
+        return max([floor] + [cell_len(str(c[key])) for c in cells])
+
+    fixed = {"time (UTC)": 12, "action": widest("action", 6), "status": widest("status", 6), "ms": widest("ms", 2)}
+    who = min(widest("who", 3), 16) if show_who else 0
+    # Between two columns: the right padding of one, the border (a space in this box), the left padding of the
+    # next; no padding or border at the outer edges.
+    gaps = 3 * (len(fixed) + 2 + bool(show_who) - 1)
+    room = width - sum(fixed.values()) - who - gaps  # for the message and rule columns
+    # The message column gets room for its longest word (a tool name) where it can, the rule column
+    # for its longest id; what does not fit wraps.
+    longest_word = max([0] + [cell_len(w) for c in cells for w in f"{c['arrow']} {c['message']}".split()])
+    message_want = max(24, min(longest_word, 40))
+    want = 24 + min(widest("rule", 4), 8)
+    if room < want and show_who:  # too narrow: a narrower who column first, then the status wraps
+        cut = min(want - room, who - 8)
+        who, room = who - cut, room + cut
+    if room < want:
+        cut = min(want - room, fixed["status"] - 6)
+        fixed["status"], room = fixed["status"] - cut, room + cut
+    rule = min(widest("rule", 4), max(room - message_want, 8))
+    message = max(room - rule, 16)
+    table = Table(box=box.SIMPLE_HEAD, show_lines=False, pad_edge=False, show_edge=False)
+    table.add_column("time (UTC)", no_wrap=True, width=fixed["time (UTC)"])
+    if show_who:
+        table.add_column("who", overflow="fold", width=who)
+    table.add_column("message", overflow="fold", width=message)
+    table.add_column("action", no_wrap=True, width=fixed["action"])
+    table.add_column("rule", overflow="fold", width=rule)
+    table.add_column("status", overflow="fold", width=fixed["status"])
+    table.add_column("ms", justify="right", no_wrap=True, width=fixed["ms"])
+    for c in cells:
+        text = Text(f"{c['arrow']} {c['message']}")
+        if c["detail"]:
+            text.append("\n" + c["detail"], style="dim")
+        table.add_row(c["time"], *([c["who"]] if show_who else []), text, c["action"], c["rule"], c["status"],
+                      c["ms"])
+    return table
 
 
 # --- comparing answers --------------------------------------------------------------
@@ -313,9 +401,26 @@ def write_scrubbed(flows: Iterable[http.HTTPFlow], path: str | os.PathLike, secr
             tnetstring.dump(state, fo)
 
 
+def _target(url: str | None) -> str | None:
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port out of range or not a number)
+    except ValueError as e:
+        raise CannotRun(f"--to {url!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CannotRun(f"--to {url!r}: give a base URL such as http://127.0.0.1:8000/mcp")
+    return url
+
+
 def client_replay(args: argparse.Namespace, console: Console) -> int:
-    recorded = read_flows(args.files)
+    """Re-send the recorded requests. Exit status 1 when a request gets no answer (or nothing is replayed)."""
     headers = [_header(h) for h in args.header]
+    _target(args.to)
+    if args.save:
+        check_writable(args.save, "--save file")
+    recorded = read_flows(args.files)
     chosen, skipped = prepare_client_replay(recorded, args.to, headers, args.include_streams, args.include_refused)
     for flow, why in skipped:
         console.print(f"[dim]skipped {_flow_label(flow)}: {why}[/dim]")
@@ -329,11 +434,10 @@ def client_replay(args: argparse.Namespace, console: Console) -> int:
         cmd = [MITMDUMP, "-n", "-q", "-s", __file__, "--client-replay", str(queue),
                "--set", f"save_stream_file={out}"]
         proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0:
-            console.print(proc.stdout)
-            console.print(f"[red]mitmdump exited with {proc.returncode}[/red]")
-            return proc.returncode
-        replayed_flows = read_flows([out])
+        if proc.returncode != 0 or not out.exists():
+            said = " ".join(proc.stdout.split())[-500:]
+            raise CannotRun(f"the replaying mitmdump exited with {proc.returncode}" + (f": {said}" if said else ""))
+        replayed_flows = read_flows([out]) if out.stat().st_size else []
         if args.save:  # what mitmdump saved carries the credentials given with --header: keep none of them
             write_scrubbed(replayed_flows, args.save, [name for name, _ in headers])
         replayed = {f.id: f for f in replayed_flows}
@@ -342,20 +446,35 @@ def client_replay(args: argparse.Namespace, console: Console) -> int:
     for col in ("message", "recorded", "replayed", "answer"):
         table.add_column(col)
     differing = 0
+    unanswered: dict[str, list[str]] = {}  # why -> the requests
     for f in chosen:
         new = replayed.get(f.id)
         original = by_id[f.metadata[Meta.REPLAY_OF]]
         before, after = answers(original), answers(new) if new else {}
         outcome = _outcome(before, after) if new is not None and new.response is not None else "no response"
         differing += outcome not in ("same", "no answer")
+        if outcome in ("no response", "no answer now"):  # the recording has an answer, or an HTTP response
+            unanswered.setdefault(_why_unanswered(new), []).append(_flow_label(f))
         table.add_row(_flow_label(f), _status(original), _status(new), outcome)
     console.print(table)
     if args.save:
         console.print(f"replayed flows saved to {args.save}")
-    missing = sum(1 for f in chosen if f.id not in replayed or replayed[f.id].response is None)
+    missing = sum(len(v) for v in unanswered.values())
     console.print(f"{len(chosen) - missing} of {len(chosen)} requests answered; "
                   f"{differing} answers differ from the recording")
-    return 0 if missing == 0 else 2
+    if unanswered:
+        print(f"scripts/replay client: {missing} of {len(chosen)} requests got no answer on replay: "
+              + "; ".join(f"{', '.join(labels)} ({why})" for why, labels in unanswered.items()), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _why_unanswered(flow: http.HTTPFlow | None) -> str:
+    if flow is None:
+        return "not replayed"
+    if flow.response is None:
+        return f"error: {flow.error.msg}" if flow.error else "no response"
+    return f"HTTP {flow.response.status_code} without the recorded answer"
 
 
 def _status(flow: http.HTTPFlow | None) -> str:
@@ -378,8 +497,10 @@ def _flow_label(flow: http.HTTPFlow) -> str:
 
 def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
-    if not sep or not name.strip():
-        raise SystemExit(f"--header expects 'Name: value', got {text!r}")
+    if not sep or not name.strip() or any(c in text for c in "\r\n\0"):
+        raise CannotRun(f"--header expects 'Name: value', got {text!r}")
+    if not all(c.isascii() and (c.isalnum() or c in "!#$%&'*+-.^_`|~") for c in name.strip()):
+        raise CannotRun(f"--header {name.strip()!r} is not an HTTP header name")
     return name.strip(), value.strip()
 
 
@@ -399,11 +520,24 @@ def server_replay_command(queue: Path, args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def _check_listen(host: str, port: int) -> None:
+    """CannotRun if mitmdump could not listen on host:port (taken, or not an address of this machine)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except (OSError, IndexError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise CannotRun(f"cannot listen on {host}:{port}: {reason}") from None
+
+
 def server_replay(args: argparse.Namespace, console: Console) -> int:
     flows = [f for f in read_flows(args.files) if f.response is not None]
     if not flows:
         console.print("no recorded responses to serve")
         return 1
+    _check_listen(args.listen_host, args.port)
     flows.sort(key=lambda f: f.request.timestamp_start or 0)
     with tempfile.TemporaryDirectory(prefix="bastion-replay-") as tmp:
         queue = Path(tmp) / "responses.mitm"
@@ -412,10 +546,14 @@ def server_replay(args: argparse.Namespace, console: Console) -> int:
                       f"(unmatched requests: {args.extra}); Ctrl-C to stop")
         proc = subprocess.Popen(server_replay_command(queue, args))
         try:
-            return proc.wait()
+            code = proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
-            return proc.wait()
+            proc.wait()
+            return 0  # stopped as asked
+        if code != 0:
+            raise CannotRun(f"mitmdump exited with {code}")
+        return 0
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -427,27 +565,34 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def _cannot_run(message: str) -> NoReturn:
     """The command could not run (exit 2): distinct from a log that does not verify (exit 1)."""
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
+    raise CannotRun(message)
 
 
 def _key(args: argparse.Namespace) -> bytes:
     if not args.key_file and not os.environ.get(args.key_env):
-        _cannot_run(f"audit: no key: pass --key-file FILE or set ${args.key_env}")
+        _cannot_run(f"no key: pass --key-file FILE or set ${args.key_env}")
+    if args.key_file and os.path.isdir(args.key_file):
+        _cannot_run(f"audit key file {args.key_file} is a directory")
     try:
         key, _ = audit.load_key(None if args.key_file else args.key_env, args.key_file)
     except audit.AuditError as e:
-        _cannot_run(f"audit: {e}")
+        _cannot_run(f"{e}")
+    except OSError as e:
+        _cannot_run(f"cannot read the audit key file {args.key_file}: {e.strerror or e}")
     return key
 
 
-def audit_verify(args: argparse.Namespace, console: Console) -> int:
-    key = _key(args)
+def _verify(args: argparse.Namespace, key: bytes) -> audit.Verdict:
     try:
-        v = audit.verify_file(args.log, key, require_head=not args.allow_missing_head)
+        return audit.verify_file(args.log, key, require_head=not args.allow_missing_head)
     except (OSError, audit.AuditError) as e:
-        console.print(f"[red]cannot verify {args.log}: {e}[/red]")
-        return 2
+        _cannot_run(f"cannot verify {args.log}: {getattr(e, 'strerror', None) or e}")
+
+
+def audit_verify(args: argparse.Namespace, console: Console) -> int:
+    check_readable(args.log, "audit log")
+    key = _key(args)
+    v = _verify(args, key)
     for note in v.notes:
         console.print(f"note: {note}")
     if v.ok:
@@ -474,23 +619,40 @@ def _filter(args: argparse.Namespace) -> audit.Filter:
             sessions=tuple(args.session),
         )
     except ValueError as e:
-        _cannot_run(f"audit export: {e}")
+        _cannot_run(str(e))
 
 
 def audit_export(args: argparse.Namespace, console: Console) -> int:
     flt = _filter(args)
+    check_readable(args.log, "audit log")
+    if args.output and args.output != "-":
+        check_writable(args.output, "output file")
     if not args.no_verify:
-        v = audit.verify_file(args.log, _key(args), require_head=not args.allow_missing_head)
+        v = _verify(args, _key(args))
         if not v.ok:
             console.print(f"[bold red]refusing to export[/bold red]: {args.log} does not verify "
                           f"(line {v.bad_line}, seq {v.bad_seq}): {v.reason}; --no-verify exports anyway")
             return 1
     writer = audit.write_csv if args.format == "csv" else audit.write_json
     with open(args.log, "rb") as src, _output(args.output) as out:
-        n = writer((r for r in audit.read_records(src) if flt.match(r)), out)
-    if args.output:
+        n = writer((r for r in _records(args.log, src) if flt.match(r)), out)
+    if args.output and args.output != "-":
         console.print(f"{n} records written to {args.output}")
     return 0
+
+
+def _records(path: str, lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The records of a log, one JSON object a line; CannotRun names the first line that is not one."""
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            raise CannotRun(f"{path} line {number} is not an audit record (scripts/audit verify {path} says more)")
+        yield rec
 
 
 @contextlib.contextmanager
@@ -506,46 +668,58 @@ def _output(path: str | None) -> Iterator[Any]:
 # --- command line ---------------------------------------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mcp-bastion forensics", description=__doc__.split("\n\n")[0])
-    top = p.add_subparsers(dest="group", required=True)
+GROUPS = ("audit", "replay")
 
-    a = top.add_parser("audit", help="verify or export an audit log").add_subparsers(dest="cmd", required=True)
-    for name in ("verify", "export"):
-        sp = a.add_parser(name)
-        sp.add_argument("log", help="the audit log (JSON Lines)")
-        sp.add_argument("--key-file", help="file holding the HMAC key")
-        sp.add_argument("--key-env", default=DEFAULT_KEY_ENV,
-                        help="environment variable holding the key (default %(default)s)")
-        sp.add_argument("--allow-missing-head", action="store_true",
-                        help="accept a log without its .head file (records removed at the end go unnoticed)")
-        if name == "export":
-            sp.add_argument("--since", help="ISO time or duration ago (2h, 7d)")
-            sp.add_argument("--until", help="ISO time or duration ago (exclusive)")
-            sp.add_argument("--subject", action="append", default=[], help="repeatable")
-            sp.add_argument("--tool", action="append", default=[], help="repeatable")
-            sp.add_argument("--action", action="append", default=[], help="allow, deny, mask, ... (repeatable)")
-            sp.add_argument("--session", action="append", default=[], help="repeatable")
-            sp.add_argument("--format", choices=("json", "csv"), default="json")
-            sp.add_argument("-o", "--output", help="file to write (default: stdout)")
-            sp.add_argument("--no-verify", action="store_true", help="export without verifying the chain first")
 
-    r = top.add_parser("replay", help="timeline, client or server replay of a session recording"
-                       ).add_subparsers(dest="cmd", required=True)
-    t = r.add_parser("timeline", help="print who asked what and what the gateway did")
-    t.add_argument("files", nargs="+")
+def parser(group: str) -> argparse.ArgumentParser:
+    """The command line of `scripts/audit` (group "audit") or `scripts/replay` (group "replay")."""
+    _, usage, key, status, _ = __doc__.strip().split("\n\n")
+    lines = "\n".join("  scripts/" + line.strip() for line in usage.splitlines() if line.strip().startswith(group))
+    description = {"audit": "Verify the hash chain of a gateway's audit log, or export its records.",
+                   "replay": "Read a session recording: its timeline, or replay it as the client or the server."}
+    p = ArgumentParser(prog=f"scripts/{group}", description=description[group],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n\n".join([lines, *([key] if group == "audit" else []), status]))
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    if group == "audit":
+        for name in ("verify", "export"):
+            sp = sub.add_parser(name, help="prove the chain intact, or name the first bad record" if name == "verify"
+                                else "write the records (filtered) as JSON or CSV")
+            sp.add_argument("log", help="the audit log (JSON Lines)")
+            sp.add_argument("--key-file", help="file holding the HMAC key")
+            sp.add_argument("--key-env", default=DEFAULT_KEY_ENV,
+                            help="environment variable holding the key (default %(default)s)")
+            sp.add_argument("--allow-missing-head", action="store_true",
+                            help="accept a log without its .head file (records removed at the end go unnoticed)")
+            if name == "export":
+                sp.add_argument("--since", help="ISO time or duration ago (2h, 7d)")
+                sp.add_argument("--until", help="ISO time or duration ago (exclusive)")
+                sp.add_argument("--subject", action="append", default=[], help="repeatable")
+                sp.add_argument("--tool", action="append", default=[], help="repeatable")
+                sp.add_argument("--action", action="append", default=[], help="allow, deny, mask, ... (repeatable)")
+                sp.add_argument("--session", action="append", default=[], help="repeatable")
+                sp.add_argument("--format", choices=("json", "csv"), default="json")
+                sp.add_argument("-o", "--output", help="file to write (default: stdout)")
+                sp.add_argument("--no-verify", action="store_true", help="export without verifying the chain first")
+        return p
+
+    t = sub.add_parser("timeline", help="print who asked what and what the gateway did")
+    t.add_argument("files", nargs="+", metavar="FILE", help="a session recording (the Recorder's *.mitm)")
     t.add_argument("--json", action="store_true", help="one JSON object per message instead of a table")
-    c = r.add_parser("client", help="re-send the recorded requests to a server (mitmproxy client replay)")
-    c.add_argument("files", nargs="+")
+    c = sub.add_parser("client", help="re-send the recorded requests to a server (mitmproxy client replay)",
+                       epilog="Exit status: 0 every request was answered, 1 a request got no answer on replay "
+                              "(named on stderr) or nothing was left to replay, 2 could not run.")
+    c.add_argument("files", nargs="+", metavar="FILE", help="a session recording")
     c.add_argument("--to", help="base URL to send to (default: the recorded upstream), e.g. http://127.0.0.1:8000/mcp")
     c.add_argument("--header", action="append", default=[], help="'Name: value' added to every request (credentials)")
     c.add_argument("--include-streams", action="store_true", help="also re-open recorded GET event streams")
     c.add_argument("--include-refused", action="store_true", help="also re-send requests the gateway refused")
     c.add_argument("--save", help="write the replayed flows to this file")
-    s = r.add_parser("server", help="serve the recorded responses in place of the server (mitmproxy server replay)")
-    s.add_argument("files", nargs="+")
-    s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--listen-host", default="127.0.0.1")
+    s = sub.add_parser("server", help="serve the recorded responses in place of the server (mitmproxy server replay)")
+    s.add_argument("files", nargs="+", metavar="FILE", help="a session recording")
+    s.add_argument("--port", type=_port, default=8080, help="port to listen on (default %(default)s)")
+    s.add_argument("--listen-host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     s.add_argument("--extra", default="404", choices=("404", "400", "500", "204", "kill"),
                    help="answer to a request the recording has no match for")
     s.add_argument("--reuse", action="store_true", help="serve a recorded response more than once")
@@ -553,10 +727,49 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _port(text: str) -> int:
+    port = positive(int)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1-65535): {text}")
+    return port
+
+
+def console_for(stream: Any = None) -> Console:
+    """A terminal gets its own width; a pipe COLUMNS if set, else 160 columns, lines not wrapped."""
+    stream = stream or sys.stdout
+    tty = stream.isatty()
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() and int(columns) > 0 else None
+    console = Console(file=stream, highlight=False, width=width or (None if tty else 160),
+                      soft_wrap=not tty and width is None)
+    console.on_broken_pipe = _broken_pipe  # rich would exit 1 (our "found something"): the reader left early
+    return console
+
+
+def _broken_pipe() -> NoReturn:
+    raise BrokenPipeError(32, "Broken pipe")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # stopped: still remove the temp files of a replay
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+    """`scripts/audit ...` is main(["audit", ...]), `scripts/replay ...` main(["replay", ...])."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in GROUPS:
+        raise CannotRun("say which: scripts/audit ... or scripts/replay ... (python -m mcp_bastion.cli.forensics "
+                        "audit|replay ...)")
+    args = parser(argv[0]).parse_args(argv[1:])
+    args.group = argv[0]
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # stopped: still remove the temp files of a replay
+    try:
+        return _run(args)
+    except CannotRun as e:
+        print(f"scripts/{args.group} {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    console = console_for()
     if args.group == "audit":
         return (audit_verify if args.cmd == "verify" else audit_export)(args, console)
     if args.cmd == "timeline":
@@ -564,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             for row in timeline_rows(flows):
                 row.pop("_t", None)
-                print(json.dumps(row, sort_keys=True, ensure_ascii=False))
+                print(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str))
             return 0
         render_timeline(flows, args.files, console)
         return 0
@@ -574,8 +787,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # the reader stopped early (`| head`): no traceback, the shell's SIGPIPE status
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+    run(main, f"scripts/{sys.argv[1]}" if sys.argv[1:2] and sys.argv[1] in GROUPS else "mcp_bastion.cli.forensics")

@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 import urllib.parse
 from typing import Any
 
 from mcp_bastion.cli import gatewayapi
+from mcp_bastion.cli.common import ArgumentParser, run
 from mcp_bastion.cli.gatewayapi import CannotRun, Refused
 
 API = "/bastion/pins"
@@ -44,10 +46,9 @@ def _line(pin: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/pins", description=__doc__.strip().splitlines()[0],
+    parser = ArgumentParser(prog="scripts/pins", description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.strip().splitlines()[1:]))
-    parser.add_argument("--version", action="version", version="mcp-bastion pins 0.1.0")
     common = gatewayapi.common_arguments()
     common.add_argument("--store", help="work on this pin store file of a stopped gateway instead")
     common.add_argument("--as", dest="as_name", help="with --store: the name recorded as having accepted")
@@ -76,14 +77,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _online(args: argparse.Namespace) -> int:
     if args.command == "list":
-        pins = gatewayapi.call(args, "GET", API)
+        pins = gatewayapi.answer(gatewayapi.call(args, "GET", API), list, "a list of pins")
         _print_list(args, pins)
         return 0
     query = {k: v for k, v in (("name", args.item), ("upstream", args.upstream), ("kind", args.kind)) if v}
     if args.command == "diff":
-        pins = gatewayapi.call(args, "GET", API + "?" + urllib.parse.urlencode(query))
+        pins = gatewayapi.answer(gatewayapi.call(args, "GET", API + "?" + urllib.parse.urlencode(query)), list,
+                                 "a list of pins")
         return _print_diff(args, pins)
-    pin = gatewayapi.call(args, "POST", f"{API}/{args.command}", query)
+    pin = gatewayapi.answer(gatewayapi.call(args, "POST", f"{API}/{args.command}", query), dict, "a pin")
     print(f"{args.command}ed: {_line(pin)}" if args.command == "accept" else f"forgot: {_line(pin)}")
     return 0
 
@@ -91,6 +93,10 @@ def _online(args: argparse.Namespace) -> int:
 def _offline(args: argparse.Namespace) -> int:
     from mcp_bastion.core.pins import PinError, PinStore, diff
 
+    if os.path.isdir(args.store):
+        raise CannotRun(f"pin store {args.store} is a directory (give the gateway's pin_store file)")
+    if not os.path.exists(args.store):
+        raise CannotRun(f"pin store {args.store} does not exist (give the gateway's pin_store file)")
     try:
         store = PinStore(args.store)
         if args.command != "list" and args.command != "diff":
@@ -141,4 +147,4 @@ def _print_diff(args: argparse.Namespace, pins: list[dict[str, Any]]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "scripts/pins")

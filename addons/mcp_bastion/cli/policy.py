@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mcp_bastion.cli.common import ArgumentParser, CannotRun, check_readable, run
 from mcp_bastion.core.identity import Identity
 from mcp_bastion.core.jsonrpc import ParseError, parse_body
 from mcp_bastion.core.message import Message, http_request
@@ -35,12 +36,15 @@ from mcp_bastion.core.vocab import Meta
 _STAGE = {"client_to_server": "policy", "server_to_client": "resp:policy"}
 
 
-class UsageError(Exception):
+class UsageError(CannotRun):
     pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="scripts/policy", description="Check, explain and try out mcp-bastion rulesets.")
+    doc = __doc__.strip()
+    ap = ArgumentParser(prog="scripts/policy", description="Check, explain and try out mcp-bastion rulesets.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="\n".join(doc.splitlines()[1:]))
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="validate ruleset files (errors with line numbers)")
@@ -71,16 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explain":
             return explain(args, out)
         return what_if(args.ruleset, args.sessions, args.baseline, out)
-    except UsageError as e:
+    except CannotRun as e:
         print(f"scripts/policy {args.command}: {e}", file=sys.stderr)
         return 2
 
 
 def _load(path: str) -> Ruleset:
+    check_readable(path, "ruleset")
     try:
         return Ruleset.load(path)
     except RulesetError as e:
-        raise UsageError(f"ruleset refused:\n{e}") from None
+        problems = [str(p) for p in getattr(e, "problems", None) or [e]]
+        more = (f" (and {len(problems) - 1} more: scripts/policy check {path} lists them)"
+                if len(problems) > 1 else "")
+        raise UsageError(f"ruleset refused: {problems[0]}{more}") from None
 
 
 # --- check -----------------------------------------------------------------
@@ -90,9 +98,15 @@ def check(files: list[str], out) -> int:
     status = 0
     for path in files:
         try:
+            check_readable(path, "ruleset")
+        except CannotRun as e:  # not a problem of the ruleset: this file could not be checked at all
+            print(f"scripts/policy check: {e}", file=sys.stderr)
+            status = 2
+            continue
+        try:
             r = Ruleset.load(path)
         except RulesetError as e:
-            status = 1
+            status = max(status, 1)
             for p in e.problems:
                 print(p, file=out)
             continue
@@ -113,6 +127,14 @@ def _identity(args) -> Identity:
             raise UsageError(f"--identity is not JSON: {e}") from None
         if not isinstance(claims, dict):
             raise UsageError("--identity must be a JSON object of claims")
+        for key in ("sub", "iss", "email", "name", "client_id"):
+            if claims.get(key) is not None and not isinstance(claims[key], str):
+                raise UsageError(f"--identity: {key} must be a string")
+        for key in ("groups", "scopes"):
+            value = claims.get(key)
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise UsageError(f"--identity: {key} must be a list of strings")
     else:
         claims = {"sub": args.sub, "groups": args.group, "iss": args.issuer}
         if args.sub is None:
@@ -124,17 +146,24 @@ def _identity(args) -> Identity:
 
 def _messages(arg: str) -> list[Message]:
     if arg.lower().startswith("http:"):
+        if not arg[5:].isalpha():
+            raise UsageError(f"{arg!r}: give an HTTP method after http:, e.g. http:GET or http:DELETE")
         return [http_request(arg[5:])]
     if arg == "-":
-        text = sys.stdin.read()
+        text = getattr(sys.stdin, "buffer", sys.stdin).read()
     elif arg.startswith("@"):
-        try:
-            with open(arg[1:], encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise UsageError(f"cannot read {arg[1:]}: {e.strerror}") from None
+        if not arg[1:]:
+            raise UsageError("@ needs a file name: @FILE")
+        check_readable(arg[1:], "message file")
+        with open(arg[1:], "rb") as f:
+            text = f.read()
     else:
         text = arg
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{'stdin' if arg == '-' else arg[1:]} is not UTF-8 text (byte {e.start})") from None
     try:
         body = parse_body(text)
     except ParseError as e:
@@ -201,6 +230,7 @@ class Recorded:
 def _read_flows(path: str) -> Iterator[Any]:
     from mitmproxy import exceptions, http, io
 
+    check_readable(path, "session")
     try:
         with open(path, "rb") as f:
             for flow in io.FlowReader(f).stream():
@@ -249,11 +279,19 @@ def _flow_messages(flow) -> Iterator[tuple[str, Message]]:
                 yield "server_to_client", m
 
 
+def _recorded_identity(claims: Any) -> Identity:
+    """The identity a flow recorded; claims of the wrong type (a damaged file) count as absent."""
+    if isinstance(claims, dict):
+        claims = {k: v for k, v in claims.items()
+                  if k not in ("groups", "scopes") or isinstance(v, (str, list, tuple))}
+    return Identity.from_claims(claims)
+
+
 def _recorded(path: str) -> Iterator[Recorded]:
     for index, flow in enumerate(_read_flows(path), 1):
         if Meta.MCP not in flow.metadata:
             continue
-        identity = Identity.from_claims(flow.metadata.get(Meta.IDENTITY))
+        identity = _recorded_identity(flow.metadata.get(Meta.IDENTITY))
         upstream = flow.metadata.get(Meta.UPSTREAM) or f"{flow.request.host}:{flow.request.port}"
         pending = [d for d in flow.metadata.get(Meta.DECISIONS, []) if d.get("action") != "filter"]
         for direction, m in _flow_messages(flow):
@@ -297,4 +335,4 @@ def what_if(ruleset_path: str, sessions: list[str], baseline_path: str | None, o
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "scripts/policy")

@@ -54,6 +54,8 @@ class Identity:
         groups = claims.get("groups") or ()
         if isinstance(groups, str):
             groups = (groups,)
+        elif not isinstance(groups, (list, tuple)):
+            groups = ()  # a number, an object: no groups
         scopes = claims.get("scopes") or ()
 
         def text(key: str) -> str | None:

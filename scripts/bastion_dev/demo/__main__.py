@@ -28,6 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bastion_dev.issuer import DevIssuer
+from mcp_bastion.cli.common import ArgumentParser
+from mcp_bastion.cli.common import run as run_command
 
 from .client import Row, run_session
 
@@ -92,7 +94,9 @@ def gateway_options(workdir: Path, issuer: DevIssuer) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.strip().splitlines()[0])
+    ap = ArgumentParser(prog="scripts/demo", description=__doc__.strip().splitlines()[0],
+                        epilog="\n\n".join(__doc__.strip().split("\n\n")[1:]),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true", help="leave server and gateway running until Ctrl-C")
     ap.add_argument("--web", action="store_true", help="run mitmweb instead of mitmdump (implies --keep)")
     args = ap.parse_args(argv)
@@ -209,4 +213,4 @@ def show(rows: list[Row]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "scripts/demo")

@@ -24,8 +24,11 @@ pins (`?name=&kind=&upstream=` narrows them, with a readable diff of a change),
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +49,7 @@ from mcp_bastion.core.pins import (
     PinError,
     PinStore,
     diff,
+    fold,
     name_of,
     template_matches,
 )
@@ -111,13 +115,23 @@ class Pinning:
     def check(self, m: Message, cx: Context) -> Outcome:
         if not self.enabled or m.carried:
             return Pass()
+        upstream = canonical_upstream(cx.upstream)
         if m.direction == Direction.S2C:
-            if m.kind == Kind.RESPONSE and m.answers in LISTED and isinstance(m.params, dict):
-                return self._listed(m, cx)
-            return Pass()
+            if m.kind != Kind.RESPONSE or not isinstance(m.params, dict):
+                return Pass()
+            # What a list answer lists comes from the request it answers; an answer to anything else (or to
+            # no known request: another id spelling, a GET stream, a task) is read by its shape, as the Policy
+            # does, so a list cannot slip by under another method.
+            lists = [LISTED[m.answers]] if m.answers in LISTED else [
+                (key, kind) for key, kind in LISTED.values() if isinstance(m.params.get(key), list)]
+            out: Outcome = Pass()
+            for key, kind in lists:
+                out = self._listed(out.message if isinstance(out, Replace) else m, upstream, key, kind,
+                                   out.decisions)
+            return out
         if m.kind != Kind.REQUEST:
             return Pass()
-        blocked = self._blocked_target(m, cx.upstream or "")
+        blocked = self._blocked_target(m, upstream)
         if blocked is None:
             return Pass()
         pin, why, reason = blocked
@@ -132,15 +146,36 @@ class Pinning:
         kind = CALLS.get(m.method or "")
         if kind is not None:
             name = params.get("name")
-            pin = self.store.get(upstream, kind, name) if isinstance(name, str) else None
-            return self._blocking(pin) if pin is not None else None
-        if m.method == "resources/read" and isinstance(params.get("uri"), str):
-            for pin in self.store.all():
-                if pin.kind == TEMPLATE and pin.upstream == upstream and self._blocking(pin) is not None:
-                    template = (pin.changed or {}).get("definition", pin.definition).get("uriTemplate")
-                    if isinstance(template, str) and template_matches(template, params["uri"]):
+            if not isinstance(name, str):
+                return None  # the Policy refuses a call without a readable name
+            # Every pin whose name reads the same to rules (case, Unicode form, invisible characters).
+            for pin in self.store.find_folded(upstream, kind, _fold(name)):
+                blocked = self._blocking(pin)
+                if blocked is not None:
+                    return blocked
+            if self.store.full and not self.store.find_folded(upstream, kind, _fold(name)):
+                return self._unpinned(upstream, kind, name)
+            return None
+        uri = params.get("uri") if m.method in ("resources/read", "resources/subscribe") else None
+        if isinstance(uri, str):
+            spellings = {uri}
+            with contextlib.suppress(Exception):
+                spellings.add(normalize.uri(uri))
+            for pin in self.store.of(upstream, TEMPLATE):
+                if self._blocking(pin) is None:
+                    continue
+                templates = {pin.definition.get("uriTemplate"), (pin.changed or {}).get("definition", {})
+                             .get("uriTemplate")}
+                for template in templates:
+                    if isinstance(template, str) and any(template_matches(t, u) for t in _template_forms(template)
+                                                         for u in spellings):
                         return self._blocking(pin)
         return None
+
+    @staticmethod
+    def _unpinned(upstream: str, kind: str, name: str) -> tuple[Pin, str, str]:
+        pin = Pin(upstream, kind, name, "", {}, 0.0)
+        return pin, "the pin store is full, and this item was never pinned", "pin_store_full"
 
     def _blocking(self, pin: Pin) -> tuple[Pin, str, str] | None:
         """(pin, why, reason) if calls to the pinned item are refused."""
@@ -154,12 +189,11 @@ class Pinning:
                 return pin, f"its definition has {f['check']} ({f['where']}): {f['detail']}", f"pin_{f['check']}"
         return None
 
-    def _listed(self, m: Message, cx: Context) -> Outcome:
-        key, kind = LISTED[m.answers]
+    def _listed(self, m: Message, upstream: str, key: str, kind: str,
+                earlier: tuple[Verdict, ...] = ()) -> Outcome:
         items = m.params.get(key)
         if not isinstance(items, list):
-            return Pass()
-        upstream = cx.upstream or ""
+            return Pass(earlier)
         spec = self._spec()
         others = {_fold(n): u for n, u in self.store.names(kind, exclude_upstream=upstream).items()}
         kept: list[Any] = []
@@ -167,14 +201,19 @@ class Pinning:
         pinned = 0
         for item in items:
             name = name_of(kind, item)
-            if name is None:
-                kept.append(item)  # the Policy hides items without a readable name
+            if name is None:  # nothing to pin it by, or to call it by: a model must not read it
+                verdicts.append(Verdict(StageName.RESP_PIN, Action.FILTER, None, f"a {kind} without a name hidden",
+                                        {"pin": {"item": "", "kind": kind}}))
                 continue
             def findings(item: dict = item, name: str = name) -> list[dict[str, str]]:
                 found = [f.record() for f in scan(item, spec.description_limit)]
                 if kind != TEMPLATE and _fold(name) in others:
                     found.append(Finding(SHADOWING, "name", f"{name!r} is also a {kind} of "
                                                             f"{others[_fold(name)]}").record())
+                twins = [p.name for p in self.store.find_folded(upstream, kind, _fold(name)) if p.name != name]
+                if kind != TEMPLATE and twins:  # no rule can tell them apart
+                    found.append(Finding(SHADOWING, "name", f"{name!r} reads the same to rules as this upstream's "
+                                                            f"{kind} {twins[0]!r}").record())
                 return found
 
             status, pin = self.store.observe(upstream, kind, item, findings)  # scanned only if new or changed
@@ -209,8 +248,8 @@ class Pinning:
             verdicts.append(Verdict(StageName.RESP_PIN, Action.ALLOW, None,
                                     f"pinned {pinned} new {kind} definition(s) of {upstream}"))
         if len(kept) == len(items):
-            return Pass(tuple(verdicts))
-        return Replace(m.replace({**m.raw, "result": {**m.params, key: kept}}), tuple(verdicts))
+            return Pass((*earlier, *verdicts))
+        return Replace(m.replace({**m.raw, "result": {**m.params, key: kept}}), (*earlier, *verdicts))
 
     # --- the API ---------------------------------------------------------------------
 
@@ -237,7 +276,7 @@ class Pinning:
 
     def _serve(self, flow: http.HTTPFlow) -> None:
         who = fs.identity(flow)
-        groups = set((flow.metadata.get(Meta.IDENTITY) or {}).get("groups") or ())
+        groups = set(who.groups)
         if who.sub is None or not (groups & self.reviewers):
             replies.document(flow, 403, {"error": "only members of the pin_reviewers groups ("
                                                   + (", ".join(sorted(self.reviewers)) or "none configured")
@@ -255,10 +294,17 @@ class Pinning:
                 body = json.loads(flow.request.content or b"{}")
                 if not isinstance(body, dict) or not isinstance(body.get("name"), str):
                     raise ValueError('the body must be JSON: {"name": ..., "kind": ..., "upstream": ...}')
-                pins = self.store.find(body["name"], body.get("kind"), body.get("upstream"))
+                for k in ("kind", "upstream", "digest"):
+                    if body.get(k) is not None and not isinstance(body[k], str):
+                        raise ValueError(f"{k} must be a string")
+                if body.get("kind") is not None and body["kind"] not in ("tool", "prompt", "template"):
+                    raise ValueError("kind must be tool, prompt or template")
+                upstream = canonical_upstream(body["upstream"]) if body.get("upstream") else None
+                pins = self.store.find(body["name"], body.get("kind"), upstream)
                 claims = flow.metadata.get(Meta.IDENTITY) or {}
                 name = claims.get("name") or claims.get("email") or who.sub
-                pin = self.store.accept(pins, name) if path == "accept" else self.store.forget(pins)
+                pin = (self.store.accept(pins, name, expect=body.get("digest")) if path == "accept"
+                       else self.store.forget(pins))
                 logger.warning("mcp-bastion: %s %s the pin of %s %s of %s (%s)", name, "accepted" if path == "accept"
                                else "forgot", pin.kind, pin.name, pin.upstream, pin.digest[:19])
                 fs.add_decision(flow, stage=StageName.PIN, direction=Direction.C2S, action=Action.ALLOW,
@@ -268,14 +314,38 @@ class Pinning:
             else:
                 replies.document(flow, 404, {"error": "unknown pin API call"})
         except PinError as e:
-            replies.document(flow, 409 if "nothing to accept" in str(e) or "several" in str(e) else 404,
-                             {"error": str(e)})
+            replies.document(flow, 404 if str(e).startswith("no such") else 409, {"error": str(e)})
         except ValueError as e:
             replies.document(flow, 400, {"error": str(e)})
 
 
-def _fold(name: str) -> str:
+def canonical_upstream(upstream: str | None) -> str:
+    """One spelling per upstream: lower case, no trailing dot, IP literals in their usual form (127.1,
+    2130706433 and 127.0.0.1 are one host; so are localhost and 127.0.0.1)."""
+    if not upstream:
+        return ""
+    host, sep, port = upstream.rpartition(":") if not upstream.endswith("]") else (upstream, "", "")
+    if not sep or not port.isdigit():
+        host, port = upstream, ""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost":
+        host = "127.0.0.1"
     try:
-        return normalize.name(name) or name
-    except normalize.TooCostly:
-        return name
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        with contextlib.suppress(OSError, UnicodeError):
+            if host and all(c.isdigit() or c in ".xX" or c in "abcdefABCDEF" for c in host):
+                host = socket.inet_ntoa(socket.inet_aton(host))  # 127.1, 0x7f.1, 2130706433
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
+
+
+def _template_forms(template: str) -> set[str]:
+    """A template and its form with the scheme and host in lower case (they compare case-insensitively)."""
+    scheme, sep, rest = template.partition("://")
+    return {template, f"{scheme.lower()}{sep}{rest}"} if sep else {template}
+
+
+def _fold(name: str) -> str:
+    return fold(name)

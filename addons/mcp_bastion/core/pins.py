@@ -18,6 +18,7 @@ file, never half of one). Pure: no mitmproxy import.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import fcntl
 import hashlib
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mcp_bastion.core import normalize
 from mcp_bastion.core.audit import canonical
 from mcp_bastion.core.toolscan import visible
 
@@ -47,6 +49,14 @@ FIELDS = {
 }
 NEW, SAME, CHANGED, CHANGED_NOW = "new", "same", "changed", "changed-now"  # changed-now: first seen this change
 MAX_PINS = 50_000  # items pinned per store (beyond: nothing new is pinned, and what is not pinned is blocked)
+
+
+def fold(name: str) -> str:
+    """A name as rules read it (case and Unicode form folded, invisible characters dropped)."""
+    try:
+        return normalize.name(name) or name
+    except normalize.TooCostly:
+        return name
 
 
 def name_of(kind: str, item: Any) -> str | None:
@@ -104,8 +114,20 @@ class PinStore:
         self._lock = threading.Lock()
         self._held: Any = None  # the open lock file while this process owns the store
         self._dirty = False  # observed pins not yet in the file (`flush` writes them, once per list)
+        self._folded: dict[tuple[str, str, str], set[tuple[str, str, str]]] = {}  # (upstream, kind, folded) -> keys
+        self._by_upstream: dict[tuple[str, str], set[tuple[str, str, str]]] = {}  # (upstream, kind) -> keys
         if path and os.path.exists(path):
             self._load(path)
+        for pin in self._pins.values():
+            self._index(pin)
+
+    def _index(self, pin: Pin) -> None:
+        self._folded.setdefault((pin.upstream, pin.kind, fold(pin.name)), set()).add(pin.key)
+        self._by_upstream.setdefault((pin.upstream, pin.kind), set()).add(pin.key)
+
+    def _unindex(self, pin: Pin) -> None:
+        self._folded.get((pin.upstream, pin.kind, fold(pin.name)), set()).discard(pin.key)
+        self._by_upstream.get((pin.upstream, pin.kind), set()).discard(pin.key)
 
     def lock(self) -> None:
         """Own the store file: one process writes it (`<path>.lock`, an exclusive flock). PinError if taken."""
@@ -128,6 +150,18 @@ class PinStore:
 
     def get(self, upstream: str, kind: str, name: str) -> Pin | None:
         return self._pins.get((upstream, kind, name))
+
+    @property
+    def full(self) -> bool:
+        return len(self._pins) >= MAX_PINS
+
+    def of(self, upstream: str, kind: str) -> list[Pin]:
+        """The pins of one kind of one upstream."""
+        return [self._pins[k] for k in self._by_upstream.get((upstream, kind), ())]
+
+    def find_folded(self, upstream: str, kind: str, folded: str) -> list[Pin]:
+        """The pins of `upstream` whose names read as `folded` does to rules (case, Unicode form)."""
+        return [self._pins[k] for k in self._folded.get((upstream, kind, folded), ())]
 
     def all(self) -> list[Pin]:
         return sorted(self._pins.values(), key=lambda p: p.key)
@@ -160,13 +194,15 @@ class PinStore:
                 found = list(findings() if scanned is None else scanned)
                 pin = self._pins[(upstream, kind, name)] = Pin(upstream, kind, name, d, definition(kind, item), now,
                                                                findings=found)
+                self._index(pin)
                 self._dirty = True
                 return NEW, pin
             if pin.digest == d:
                 return SAME, pin
             if pin.changed is None or pin.changed["digest"] != d:
+                found = list(findings() if scanned is None else scanned)  # first: a scan that fails changes nothing
                 pin.changed = {"digest": d, "definition": definition(kind, item), "seen": now}
-                pin.changed_findings = list(findings() if scanned is None else scanned)
+                pin.changed_findings = found
                 self._dirty = True
                 return CHANGED_NOW, pin
             return CHANGED, pin
@@ -178,25 +214,39 @@ class PinStore:
                 self._save()
                 self._dirty = False
 
-    def accept(self, pins: list[Pin], by: str, now: float | None = None) -> Pin:
-        """Accept the changed definition of the one pin in `pins`: it becomes the pin."""
+    def accept(self, pins: list[Pin], by: str, now: float | None = None, expect: str | None = None) -> Pin:
+        """Accept the changed definition of the one pin in `pins`: it becomes the pin. With `expect`, only if
+        that is the digest of the change (the one the reviewer saw). Nothing changes unless it is written."""
         pin = _one(pins)
         with self._lock:
             if pin.changed is None:
                 raise PinError(f"{pin.kind} {pin.name} of {pin.upstream} has not changed: nothing to accept")
+            if expect is not None and pin.changed["digest"] != expect:
+                raise PinError(f"{pin.kind} {pin.name} changed again since you looked ({pin.changed['digest'][:19]}"
+                               f", not {expect[:19]}): look again before accepting")
+            before = copy.deepcopy(pin)
             pin.digest, pin.definition = pin.changed["digest"], pin.changed["definition"]
             pin.findings, pin.changed_findings = pin.changed_findings, []
             pin.changed, pin.accepted_by = None, by
             pin.pinned = time.time() if now is None else now
-            self._save()
-        return pin
+            try:
+                self._save()
+            except BaseException:
+                self._pins[pin.key] = before  # as it was: refused, and still refused
+                raise
+        return self._pins[pin.key]
 
     def forget(self, pins: list[Pin]) -> Pin:
         """Forget the one pin in `pins`: the next definition seen is pinned afresh."""
         pin = _one(pins)
         with self._lock:
             self._pins.pop(pin.key, None)
-            self._save()
+            try:
+                self._save()
+            except BaseException:
+                self._pins[pin.key] = pin
+                raise
+            self._unindex(pin)
         return pin
 
     # --- the file ------------------------------------------------------------------

@@ -64,7 +64,16 @@ from .message import (
     classify,
     target_of,
 )
-from .toolscan import CHECKS, DECEPTIVE_NAME, DESCRIPTION_LIMIT, INSTRUCTIONS, INVISIBLE, OVERSIZED, SHADOWING
+from .toolscan import (
+    CHECKS,
+    DECEPTIVE_NAME,
+    DESCRIPTION_LIMIT,
+    INSTRUCTIONS,
+    INVISIBLE,
+    OVERSIZED,
+    SHADOWING,
+    UNSCANNED,
+)
 from .vocab import (
     DEFAULT_RULE,
     MALFORMED_RULE,
@@ -145,7 +154,8 @@ class PinningSpec:
     """A ruleset's `pinning:` section: what a finding in a tool, prompt or template definition does."""
 
     findings: dict[str, str] = field(default_factory=lambda: {
-        INSTRUCTIONS: "hide", INVISIBLE: "hide", DECEPTIVE_NAME: "hide", SHADOWING: "hide", OVERSIZED: "warn"})
+        INSTRUCTIONS: "hide", INVISIBLE: "hide", DECEPTIVE_NAME: "hide", SHADOWING: "hide", OVERSIZED: "warn",
+        UNSCANNED: "hide"})
     description_limit: int = DESCRIPTION_LIMIT
 
 

@@ -16,10 +16,12 @@ as instructions. `scan` reports:
   (`A-Z a-z 0-9 _ - .`), such as a look-alike letter from another script;
 - `oversized`: a description longer than the limit (a place to bury a payload);
 - `shadowing`: a name another upstream already uses (added by the caller, which
-  knows the other upstreams).
+  knows the other upstreams);
+- `unscanned`: a definition larger or deeper than the scanner reads (a text past
+  64 K characters, nesting past 64 levels, more than 2,000 texts).
 
-Every pattern is linear (Python `re` without nested repetition, over text cut to
-a bounded length), so an upstream cannot make a scan slow. Pure: no mitmproxy import.
+Every pattern runs on RE2 (linear time, whatever the text), over text cut to a
+bounded length, so an upstream cannot make a scan slow. Pure: no mitmproxy import.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-INSTRUCTIONS, INVISIBLE, DECEPTIVE_NAME, OVERSIZED, SHADOWING = (
-    "instructions", "invisible", "deceptive_name", "oversized", "shadowing")
-CHECKS = (INSTRUCTIONS, INVISIBLE, DECEPTIVE_NAME, OVERSIZED, SHADOWING)
+from mcp_bastion.core.detectors import compile_pattern
+
+INSTRUCTIONS, INVISIBLE, DECEPTIVE_NAME, OVERSIZED, SHADOWING, UNSCANNED = (
+    "instructions", "invisible", "deceptive_name", "oversized", "shadowing", "unscanned")
+CHECKS = (INSTRUCTIONS, INVISIBLE, DECEPTIVE_NAME, OVERSIZED, SHADOWING, UNSCANNED)
 DESCRIPTION_LIMIT = 4096  # characters
 MAX_TEXT = 64 * 1024  # characters of any one text that are read
 MAX_TEXTS = 2000  # texts read per definition
-MAX_DEPTH = 32
+MAX_DEPTH = 64  # as deep as the gateway parses JSON at all
 PORTABLE_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,128}")
 
 
@@ -52,8 +56,8 @@ class Finding:
 
 # --- instructions --------------------------------------------------------------------
 
-_NEGATED = re.compile(r"\b(do\s*n[o']t|never|must\s*not|should\s*not|shall\s*not|cannot|can't|no)\s+(\w+\s+){0,2}$",
-                      re.IGNORECASE)
+_NEGATED = compile_pattern(r"\b(do\s*n[o']t|never|must\s*not|should\s*not|shall\s*not|cannot|can't|no)\s+"
+                           r"(\w+\s+){0,2}$", ignore_case=True)
 _SENSITIVE_PATH = (r"((~|\$home|%userprofile%)[/\\]\.?[\w.-]*|[/\\]\.(ssh|aws|gnupg|kube|docker|cursor|codeium|azure)"
                    r"\b[/\\]?[\w./-]*|\bid_(rsa|dsa|ecdsa|ed25519)\b|/etc/(passwd|shadow|sudoers)\b|"
                    r"\bmcp\.json\b|\bclaude_desktop_config\.json\b|\.git-credentials\b|\.netrc\b|\bwallet\.dat\b|"
@@ -65,8 +69,8 @@ _FOREIGN_VERBS = (r"(lee|leer|lire|lis\b|lies\b|lesen|leggi|leia|ler\b|pasa|envo
                   r"读取|读|讀取|发送|發送|填入|上传|上傳|読み|送信|읽)")
 # (why, pattern, negatable): a negatable match preceded by "do not", "never" ... is a warning to the model, not
 # an instruction to leak ("never include secret values in your reply").
-_INSTRUCTION_PATTERNS: list[tuple[str, re.Pattern[str], bool]] = [(why, re.compile(p, re.IGNORECASE), neg)
-                                                                  for why, p, neg in [
+_INSTRUCTION_PATTERNS: list[tuple[str, Any, bool]] = [(why, compile_pattern(p, ignore_case=True), neg)
+                                                    for why, p, neg in [
     ("a tag addressing the model",
      r"<\s*/?\s*(important|system|instructions?|secret|hidden|admin|sudo|critical|urgent|assistant|context|"
      r"directive|override|priority|mandatory|rules?|policy)(\s[^<>]{0,80})?>", False),
@@ -81,7 +85,7 @@ _INSTRUCTION_PATTERNS: list[tuple[str, re.Pattern[str], bool]] = [(why, re.compi
      r"\b(note|notes|remarque|hinweis|nota|guidance|instructions?|message|reminder|aviso|consigne)\s+(pour|for|an|"
      r"para|to|f[uü]r|per)\s+(l['’]\s*|the\s+|den\s+|die\s+|el\s+|la\s+|all['’]\s*)?(ai|assistant|assistente|"
      r"asistente|assistenten|model|modelo|llm|agent|agente|coding\s+assistants?|ia)\b", False),
-    ("a comment hiding text", r"<!--[^>]{0,2000}(ai|assistant|model|llm|agent|instruction|must|always|never)", False),
+    ("a comment hiding text", r"<!--[^>]{0,1000}(ai|assistant|model|llm|agent|instruction|must|always|never)", False),
     ("keeping something from the user",
      r"\b(do\s*n[o']t|never|must\s*not|should\s*not|shall\s*not|without)\s+(ever\s+)?"
      r"(tell|telling|inform|informing|mention|mentioning|reveal|revealing|notify|notifying|alert|alerting|show|"
@@ -170,9 +174,13 @@ _INSTRUCTION_PATTERNS: list[tuple[str, re.Pattern[str], bool]] = [(why, re.compi
      r"\b(this\s+is\s+(very\s+|extremely\s+)?(important|critical)|very\s+important)\s*[:!]\s*(you|the\s+(assistant|"
      r"model|ai|agent))\s+(must|should|need)", False),
 ]]
+# Every instruction pattern at once: most texts match none, and one search is far cheaper than thirty.
+_ANY_INSTRUCTION = compile_pattern("|".join(f"(?:{p.pattern})" for _, p, _ in _INSTRUCTION_PATTERNS),
+                                   ignore_case=True)
+_PLAIN = re.compile(r"[\x20-\x7e\t\n\r]*")
 # A property name that asks for something a tool has no business receiving.
-_SUSPECT_NAME = re.compile(r"id_(rsa|dsa|ecdsa|ed25519)|contents?_?(of|from)|reading_|ssh_?key_?content|"
-                           r"conversation_?history", re.IGNORECASE)
+_SUSPECT_NAME = compile_pattern(r"id_(rsa|dsa|ecdsa|ed25519)|contents?_?(of|from)|reading_|ssh_?key_?content|"
+                                r"conversation_?history", ignore_case=True)
 
 # --- invisible and control characters -------------------------------------------------
 
@@ -230,16 +238,31 @@ def shown(text: str, limit: int = 120) -> str:
 # --- walking a definition ----------------------------------------------------------------
 
 
-def texts(item: dict[str, Any]) -> Iterator[tuple[str, str]]:
+class _Walk:
+    """What `texts` left unread (a text past MAX_TEXT, a level past MAX_DEPTH, texts past MAX_TEXTS)."""
+
+    def __init__(self) -> None:
+        self.skipped: str | None = None
+
+
+def texts(item: dict[str, Any], walk: _Walk | None = None) -> Iterator[tuple[str, str]]:
     """(where, text) for every text of a definition a model may read."""
+    walk = walk if walk is not None else _Walk()
     count = 0
     stack: list[tuple[str, Any, int]] = [("", item, 0)]
-    while stack and count < MAX_TEXTS:
+    while stack:
+        if count >= MAX_TEXTS:
+            walk.skipped = f"more than {MAX_TEXTS} texts"
+            return
         where, value, depth = stack.pop()
         if isinstance(value, str):
             count += 1
+            if len(value) > MAX_TEXT:
+                walk.skipped = f"{where or 'value'}: {len(value)} characters, of which {MAX_TEXT} were read"
             yield where or "value", value[:MAX_TEXT]
         elif depth >= MAX_DEPTH:
+            if isinstance(value, (dict, list)) and value:
+                walk.skipped = f"{where}: nested deeper than {MAX_DEPTH} levels"
             continue
         elif isinstance(value, dict):
             for k, v in reversed(list(value.items())):
@@ -248,6 +271,7 @@ def texts(item: dict[str, Any]) -> Iterator[tuple[str, str]]:
                 path = f"{where}.{k}" if where else k
                 if where.endswith("properties") or where.endswith("definitions") or where.endswith("$defs"):
                     if count >= MAX_TEXTS:
+                        walk.skipped = f"more than {MAX_TEXTS} texts"
                         return
                     count += 1
                     yield f"{path} (name)", k[:MAX_TEXT]  # a property name is text the model reads too
@@ -277,22 +301,28 @@ def scan(item: dict[str, Any], description_limit: int = DESCRIPTION_LIMIT) -> li
     description = item.get("description")
     if isinstance(description, str) and len(description) > description_limit:
         add(OVERSIZED, "description", f"{len(description)} characters (limit {description_limit})")
-    for where, text in texts(item):
-        for i, ch in enumerate(text):
-            why = _invisible(ch) or _joiner_misused(text, i)
-            if why is not None:
-                add(INVISIBLE, where, f"{why} (U+{ord(ch):04X}) in {shown(text)!r}")
-                break
+    walk = _Walk()
+    for where, text in texts(item, walk):
+        if not _PLAIN.fullmatch(text):  # printable ASCII and ordinary white space have nothing to hide
+            for i, ch in enumerate(text):
+                why = _invisible(ch) or _joiner_misused(text, i)
+                if why is not None:
+                    add(INVISIBLE, where, f"{why} (U+{ord(ch):04X}) in {shown(text)!r}")
+                    break
         folded = _readable(text)
         if where.endswith("(name)") and _SUSPECT_NAME.search(folded):
             add(INSTRUCTIONS, where, f"a parameter name asking for what a tool does not need: {shown(folded)!r}")
+        if not _ANY_INSTRUCTION.search(folded):  # one pass for all patterns; which one, only on a hit
+            continue
         for why, pattern, negatable in _INSTRUCTION_PATTERNS:
             m = next((m for m in pattern.finditer(folded)
-                      if not (negatable and _NEGATED.search(folded, max(0, m.start() - 30), m.start()))), None)
+                      if not (negatable and _NEGATED.search(folded[max(0, m.start() - 30):m.start()]))), None)
             if m is not None:
                 start = max(0, m.start() - 20)
                 add(INSTRUCTIONS, where, f"{why}: {shown(folded[start:m.end() + 20])!r}")
                 break
+    if walk.skipped is not None:  # what was not read cannot be vouched for
+        add(UNSCANNED, "definition", f"not all of it could be read: {walk.skipped}")
     return findings
 
 

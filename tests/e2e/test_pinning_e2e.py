@@ -87,7 +87,10 @@ def test_a_tool_changed_at_run_time_is_hidden_and_refused_until_a_reviewer_accep
     assert "-  \"description\": \"Current weather for a city.\"" in shown.stdout
     assert "three-day forecast" in shown.stdout
     assert pins(gw, alice, "accept", "weather").returncode == 1  # not in pin_reviewers
-    accepted = pins(gw, bob, "accept", "weather")
+    stale = pins(gw, bob, "accept", "weather", "--digest", "sha256:" + "0" * 64)
+    assert stale.returncode == 1 and "changed again" in stale.stderr  # not the change bob looked at
+    digest = shown.stdout.rsplit("--digest ", 1)[1].split(")")[0]
+    accepted = pins(gw, bob, "accept", "weather", "--digest", digest)
     assert accepted.returncode == 0, accepted.stderr
     assert pins(gw, bob, "accept", "weather").returncode == 1  # nothing left to accept
     after = asyncio.run(asyncio.wait_for(listed(gw, alice, mode), TIMEOUT))

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", parents=[common], help="every pin")
     p.add_argument("--json", action="store_true", help="a JSON array of pins")
     sub.add_parser("diff", parents=[common, which], help="what changed since ITEM was pinned")
-    sub.add_parser("accept", parents=[common, which], help="accept ITEM's changed definition")
+    p = sub.add_parser("accept", parents=[common, which], help="accept ITEM's changed definition")
+    p.add_argument("--digest", help="accept only if the change is still this one (the digest `diff` printed)")
     sub.add_parser("forget", parents=[common, which], help="forget ITEM's pin")
     args = parser.parse_args(argv)
     try:
@@ -85,6 +86,8 @@ def _online(args: argparse.Namespace) -> int:
         pins = gatewayapi.answer(gatewayapi.call(args, "GET", API + "?" + urllib.parse.urlencode(query)), list,
                                  "a list of pins")
         return _print_diff(args, pins)
+    if args.command == "accept" and args.digest:
+        query["digest"] = args.digest
     pin = gatewayapi.answer(gatewayapi.call(args, "POST", f"{API}/{args.command}", query), dict, "a pin")
     print(f"{args.command}ed: {_line(pin)}" if args.command == "accept" else f"forgot: {_line(pin)}")
     return 0
@@ -112,7 +115,8 @@ def _offline(args: argparse.Namespace) -> int:
             return _print_diff(args, [{**p.view(), "diff": diff(p)} for p in pins])
         try:
             if args.command == "accept":
-                pin = store.accept(pins, args.as_name or f"{getpass.getuser()} (scripts/pins --store)")
+                pin = store.accept(pins, args.as_name or f"{getpass.getuser()} (scripts/pins --store)",
+                                   expect=args.digest or None)
             else:
                 pin = store.forget(pins)
         except PinError as e:
@@ -141,6 +145,7 @@ def _print_diff(args: argparse.Namespace, pins: list[dict[str, Any]]) -> int:
         print(f"{pin['kind']} {pin['name']} ({pin['upstream']}) has not changed since it was pinned")
         return 1
     print(pin["diff"])
+    print(f"(to accept exactly this change: scripts/pins accept {pin['name']} --digest {pin['changed']['digest']})")
     for f in pin.get("changed_findings") or []:
         print(f"finding in the new definition: {f['check']} at {f['where']}: {f['detail']}")
     return 0

@@ -50,6 +50,7 @@ from mitmproxy import ctx, exceptions, http
 from mcp_bastion.core import audit, errors
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.vocab import Action, Meta, StageName
+from mcp_bastion.glue import decisions
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.failclosed import fail_closed
 from mcp_bastion.glue.recording.audit_writer import DEFAULT_KEY_ENV, AuditWriter, HeadNotMoved
@@ -190,7 +191,7 @@ class AuditLog:
             return
         self.written.add(flow)
         self.active.pop(flow.id, None)
-        records = audit.build_records(flow_facts(flow, incomplete))
+        records = decisions.records(flow, incomplete)  # built once, shared with the decision log and traces
         if not self._write(records, keep=True):
             flow.metadata[Meta.ERROR] = f"audit: {self.health.failure}"
             logger.error("mcp-bastion: AUDIT LOG WRITE FAILED for %s (%s): %s; kept for a retry",

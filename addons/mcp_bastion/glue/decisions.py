@@ -5,6 +5,7 @@ traces say (the same per-message view the audit log records, from `core.audit.bu
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from mitmproxy import http
@@ -20,11 +21,29 @@ FIELDS = ("time", "flow", "session", "subject", "groups", "client_id", "upstream
 TARGETS = ("tool", "resource", "prompt", "task", "target")
 
 
+_built: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[tuple, list[dict[str, Any]]]] = weakref.WeakKeyDictionary()
+
+
+def records(flow: http.HTTPFlow, incomplete: str | None = None) -> list[dict[str, Any]]:
+    """The per-message audit view of a finished flow (`core.audit.build_records`), built once however many
+    readers there are (audit log, decision log, traces). The records are shared: readers must not change them."""
+    if incomplete is not None:
+        return audit.build_records(flow_facts(flow, incomplete))
+    key = (len(flow.metadata.get(Meta.DECISIONS) or ()), flow.response.status_code if flow.response else None,
+           flow.error.msg if flow.error else None, len(fs.mcp_state(flow).get("events") or ()))
+    hit = _built.get(flow)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    built = audit.build_records(flow_facts(flow))
+    _built[flow] = (key, built)
+    return built
+
+
 def lines(flow: http.HTTPFlow) -> list[dict[str, Any]]:
     """The decision-log entries of a finished flow, one per message decision."""
     if not fs.is_mcp(flow) and not flow.metadata.get(Meta.DECISIONS):
         return []
-    return [{k: r[k] for k in FIELDS if r.get(k) is not None} for r in audit.build_records(flow_facts(flow))]
+    return [{k: r[k] for k in FIELDS if r.get(k) is not None} for r in records(flow)]
 
 
 def console_line(entry: dict[str, Any]) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
+import tempfile
 import time
 
 import httpx
@@ -100,9 +102,14 @@ INSPECTOR = str(PEERS / "@modelcontextprotocol" / "inspector" / "clients" / "lau
 
 
 def inspector(endpoint: str, token: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([NODE22, INSPECTOR, "--cli", endpoint, "--transport", "http",
-                           "--header", f"Authorization: Bearer {token}", *args],
-                          capture_output=True, text=True, timeout=120)
+    """The CLI keeps state under ~/.mcp-inspector: HOME goes to a throw-away folder, and --stored-auth-only
+    keeps it from starting an interactive OAuth login should the gateway ever answer 401."""
+    with tempfile.TemporaryDirectory(prefix="bastion-inspector-") as home:
+        env = {**os.environ, "HOME": home, "MCP_CATALOG_PATH": os.path.join(home, "mcp.json"),
+               "MCP_CLIENT_CONFIG_PATH": os.path.join(home, "clients.json")}
+        return subprocess.run([NODE22, INSPECTOR, "--cli", endpoint, "--transport", "http",
+                               "--header", f"Authorization: Bearer {token}", "--stored-auth-only", *args],
+                              capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_default_plus_a_grant_works_for_the_mcp_inspector_cli(tmp_path):

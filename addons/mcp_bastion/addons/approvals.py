@@ -61,7 +61,7 @@ from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Context, Hold, Outcome, Pass, Refuse, Verdict
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
-from mcp_bastion.glue import approvals_page, replies
+from mcp_bastion.glue import api, approvals_page, replies
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.holding import FORWARD, TICKET_HEADER, HoldingServer, Ticket, expectation
 
@@ -429,27 +429,13 @@ class Approvals:
 
     # --- the API ------------------------------------------------------------------------
 
-    @staticmethod
-    def _is_api(flow: http.HTTPFlow) -> bool:
-        path = flow.request.path.split("?", 1)[0]
-        return path == API_PREFIX or path.startswith(API_PREFIX + "/")
-
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """After Auth: an API call is not MCP traffic (no message stage applies); `request` answers it."""
         self._flows[flow.id] = flow  # a held call's flow shows as intercepted in mitmweb
-        if self._is_api(flow) and not (flow.response or flow.error):
-            flow.metadata.pop(Meta.MCP, None)
-            flow.metadata[Meta.API] = True
-            flow.comment = "approval API (served by mcp-bastion)"
+        api.claim(flow, API_PREFIX, "approval API")
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not self._is_api(flow) or not flow.metadata.get(Meta.API) or flow.response or flow.error or not flow.live:
-            return  # not this API's call, or Auth refused its token (401)
-        try:
-            self._serve(flow)
-        except Exception as e:  # an API call is answered, whatever happens
-            logger.error("mcp-bastion: approval API failed on %s: %r", flow.request.path, e, exc_info=e)
-            replies.document(flow, 500, {"error": "the approval API failed; nothing was decided"})
+        api.serve(flow, API_PREFIX, "approval API", self._serve, "nothing was decided")
 
     def _serve(self, flow: http.HTTPFlow) -> None:
         path = flow.request.path.split("?", 1)[0]

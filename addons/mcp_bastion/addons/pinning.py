@@ -57,8 +57,8 @@ from mcp_bastion.core.pipeline import Context, Outcome, Pass, Refuse, Replace, V
 from mcp_bastion.core.rules import PinningSpec, Ruleset
 from mcp_bastion.core.toolscan import SHADOWING, Finding, scan
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
+from mcp_bastion.glue import api, replies
 from mcp_bastion.glue import flowstate as fs
-from mcp_bastion.glue import replies
 
 logger = logging.getLogger("mcp_bastion")
 
@@ -195,7 +195,13 @@ class Pinning:
         if not isinstance(items, list):
             return Pass(earlier)
         spec = self._spec()
-        others = {_fold(n): u for n, u in self.store.names(kind, exclude_upstream=upstream).items()}
+        shadowed: dict[str, str] | None = None  # other upstreams' names, read only if something is new
+
+        def others() -> dict[str, str]:
+            nonlocal shadowed
+            if shadowed is None:
+                shadowed = {_fold(n): u for n, u in self.store.names(kind, exclude_upstream=upstream).items()}
+            return shadowed
         kept: list[Any] = []
         verdicts: list[Verdict] = []
         pinned = 0
@@ -207,9 +213,9 @@ class Pinning:
                 continue
             def findings(item: dict = item, name: str = name) -> list[dict[str, str]]:
                 found = [f.record() for f in scan(item, spec.description_limit)]
-                if kind != TEMPLATE and _fold(name) in others:
+                if kind != TEMPLATE and _fold(name) in others():
                     found.append(Finding(SHADOWING, "name", f"{name!r} is also a {kind} of "
-                                                            f"{others[_fold(name)]}").record())
+                                                            f"{others()[_fold(name)]}").record())
                 twins = [p.name for p in self.store.find_folded(upstream, kind, _fold(name)) if p.name != name]
                 if kind != TEMPLATE and twins:  # no rule can tell them apart
                     found.append(Finding(SHADOWING, "name", f"{name!r} reads the same to rules as this upstream's "
@@ -253,26 +259,12 @@ class Pinning:
 
     # --- the API ---------------------------------------------------------------------
 
-    @staticmethod
-    def _is_api(flow: http.HTTPFlow) -> bool:
-        path = flow.request.path.split("?", 1)[0]
-        return path == API_PREFIX or path.startswith(API_PREFIX + "/")
-
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """After Auth: an API call is not MCP traffic (no message stage applies); `request` answers it."""
-        if self._is_api(flow) and not (flow.response or flow.error):
-            flow.metadata.pop(Meta.MCP, None)
-            flow.metadata[Meta.API] = True
-            flow.comment = "pin API (served by mcp-bastion)"
+        api.claim(flow, API_PREFIX, "pin API")
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not self._is_api(flow) or not flow.metadata.get(Meta.API) or flow.response or flow.error or not flow.live:
-            return
-        try:
-            self._serve(flow)
-        except Exception as e:  # an API call is answered, whatever happens
-            logger.error("mcp-bastion: pin API failed on %s: %r", flow.request.path, e, exc_info=e)
-            replies.document(flow, 500, {"error": "the pin API failed; nothing was changed"})
+        api.serve(flow, API_PREFIX, "pin API", self._serve, "nothing was changed")
 
     def _serve(self, flow: http.HTTPFlow) -> None:
         who = fs.identity(flow)

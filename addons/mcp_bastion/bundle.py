@@ -25,6 +25,7 @@ the order a flow meets them:
 9. DecisionLog, Metrics, Tracing: a JSON line and a console line per decision; Prometheus metrics and
    health probes on the admin listener; OpenTelemetry spans. They read finished flows, never change them.
 10. Mitmweb, ContentView: what a reviewer sees in mitmweb and the console.
+11. Timing: with `stage_timing` on, the CPU time of every stage and hook above, for /metrics and the benchmark.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from mcp_bastion.addons.policy import Policy
 from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.addons.sessions import Sessions
 from mcp_bastion.addons.tasks import Tasks
+from mcp_bastion.addons.timing import Timing
 from mcp_bastion.addons.tracing import Tracing
 from mcp_bastion.addons.upstream import UpstreamCheck
 from mcp_bastion.addons.upstream_token import UpstreamToken
@@ -78,7 +80,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         writers=[recorder.health, auditlog.health],
         issuers=lambda: auth.verifier.status() if auth.verifier is not None else None,
     ))
-    return [
+    addons = [
         Gateway(),
         auth,
         approvals,
@@ -99,3 +101,6 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         Mitmweb(),
         ContentView(),
     ]
+    timing = Timing(addons)
+    metrics.sources.timings = timing.clocks
+    return [*addons, timing]

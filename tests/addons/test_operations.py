@@ -158,3 +158,43 @@ async def test_each_message_becomes_a_span_with_identity_and_decision(rules):
     assert tuple(ok.attributes["enduser.groups"]) == ("engineering",) and ok.status.is_ok
     assert no.attributes["mcp.rule"] == "no-deletes" and not no.status.is_ok
     assert ok.end_time >= ok.start_time
+
+
+async def test_stage_timing_counts_each_stage_and_hook_on_the_admin_listener_and_off_again(rules):
+    from mcp_bastion.addons.auditlog import AuditLog as Audit
+    from mcp_bastion.addons.timing import Timing
+    from mcp_bastion.core import timing
+
+    timing.STAGES.reset()
+    timing.HOOKS.reset()
+    port = free_port()
+    with bundled(ruleset=rules, admin_listen=f"127.0.0.1:{port}", stage_timing=True) as b:
+        metrics = b.addon(Metrics)
+        await metrics.running()
+        try:
+            assert "request" in vars(b.addon(Audit))  # wrapped on the instance
+            await traffic(b)
+            text = (await get(port, "/metrics"))[1]
+            checks = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+                      for line in text.splitlines() if line.startswith("bastion_stage_checks_total")}
+            assert checks['stage="policy"'] == 2 and checks['stage="resp:policy"'] >= 1
+            assert checks['stage="wire"'] == 2  # every stage of the pipeline, not only the policy
+            hooks = [line for line in text.splitlines() if line.startswith("bastion_hook_calls_total")]
+            assert 'bastion_hook_calls_total{hook="auditlog.response"} 2.0' in hooks
+            assert any(line.startswith('bastion_hook_calls_total{hook="pipeline.request"} 2.0') for line in hooks)
+            cpu = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('bastion_hook_cpu_seconds_total{hook="gateway.request"}')]
+            assert cpu and cpu[0] > 0
+            b.tctx.options.update(stage_timing=False)
+            assert "request" not in vars(b.addon(Audit)) and not timing.STAGES.enabled
+            assert b.addon(Timing).clocks() is None
+            assert "bastion_stage_cpu_seconds" not in (await get(port, "/metrics"))[1]
+        finally:
+            metrics.done()
+            b.addon(Timing).done()
+
+
+async def test_stage_timing_off_leaves_every_hook_the_class_method(rules):
+    with bundled(ruleset=rules) as b:
+        for addon in b.addons:
+            assert not {"request", "response", "requestheaders", "responseheaders"} & set(vars(addon))

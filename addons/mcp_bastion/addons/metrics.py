@@ -48,6 +48,7 @@ class Sources:
     approvals: Callable[[], list[Any]] | None = None  # every approval the store holds
     writers: list[Any] = field(default_factory=list)  # WriteHealth of the recorder and the audit log
     issuers: Callable[[], dict[str, dict[str, Any]] | None] | None = None  # verifier status per issuer, or None
+    timings: Callable[[], dict[str, dict[str, tuple[int, float]]] | None] | None = None  # Timing.clocks
 
 
 class _Scraped:
@@ -84,6 +85,17 @@ class _Scraped:
             fetches.add_metric([issuer, "ok"], s.get("fetches", 0))
             fetches.add_metric([issuer, "error"], s.get("fetch_errors", 0))
         out += [keys, age, fetches]
+        clocks = self.sources.timings() if self.sources.timings is not None else None
+        if clocks is not None:  # stage_timing on
+            for kind, count in (("stage", "checks"), ("hook", "calls")):
+                cpu = CounterMetricFamily(f"bastion_{kind}_cpu_seconds", f"CPU time per {kind} (stage_timing)",
+                                          labels=[kind])
+                n = CounterMetricFamily(f"bastion_{kind}_{count}", f"{count.capitalize()} per {kind} "
+                                        "(stage_timing)", labels=[kind])
+                for name, (calls, seconds) in sorted(clocks[kind].items()):
+                    cpu.add_metric([name], seconds)
+                    n.add_metric([name], calls)
+                out += [cpu, n]
         return out
 
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .errors import APPROVAL_REQUIRED, DENIED, INVALID_REQUEST, Refusal
 from .message import Message, embedded, with_embedded
+from .timing import STAGES, now
 from .vocab import Action, Direction, Kind, StageName
 
 
@@ -231,7 +232,12 @@ def _one(stages: Sequence[Stage], m: Message, cx: Context
     result = Result(m, m, Pass())
     for stage in stages:
         assert result.message is not None
-        out = stage.check(result.message, cx)
+        if STAGES.enabled:
+            t0 = now()
+            out = stage.check(result.message, cx)
+            STAGES.add(_named(stage, result.message), now() - t0)
+        else:
+            out = stage.check(result.message, cx)
         while isinstance(out, Hold):
             result.decisions.extend(out.decisions)
             out = yield stage, result.message, out

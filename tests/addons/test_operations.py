@@ -198,3 +198,24 @@ async def test_stage_timing_off_leaves_every_hook_the_class_method(rules):
     with bundled(ruleset=rules) as b:
         for addon in b.addons:
             assert not {"request", "response", "requestheaders", "responseheaders"} & set(vars(addon))
+
+
+def test_the_decision_lines_follow_mitmdumps_verbosity():
+    """At flow_detail 1 our lines replace mitmproxy's request lines; at 0 (the user's `-q`) there are none."""
+    from mitmproxy.addons.dumper import Dumper
+    from mitmproxy.test import taddons
+
+    from mcp_bastion.addons.decisionlog import DecisionLog
+
+    log = DecisionLog()
+    with taddons.context(Dumper(), log) as tctx:
+        tctx.options.update(flow_detail=1)
+        assert log.console and tctx.options.flow_detail == 0  # ours stand in for mitmproxy's
+        tctx.options.update(flow_detail=3)
+        assert not log.console
+        tctx.options.update(flow_detail=0)
+        assert not log.console  # the user asked for quiet
+        tctx.options.update(flow_detail=1)
+        assert log.console
+        tctx.options.update(decision_console=False)
+        assert not log.console and tctx.options.flow_detail == 1  # mitmproxy's own lines back

@@ -179,7 +179,7 @@ class Auth:
             return
         flow.metadata[Meta.IDENTITY] = None  # until a token is verified
         if not authorization and approvals_page.wanted(flow.request.method, path,
-                                                        flow.request.headers.get("accept", "")):
+                                                        fs.header(flow.request.headers, "accept", "")):
             return  # the reviewer's page holds no data: it signs in to the approval API with a token
         if self.verifier is None:
             reason = "identity checks are off"

@@ -10,7 +10,8 @@ it is a feed, and a write that fails is logged, not refused.
 
 At mitmdump's default verbosity the console shows, instead of mitmproxy's bare
 `POST /mcp << 200 OK`, one line per decision:
-`alice  tools/call deploy  -> approve [prod-deploys] 12 ms`.
+`alice  tools/call deploy  -> approve [prod-deploys] 12 ms`. At `flow_detail`
+0 (`mitmdump -q`, or set by the user) it shows none, like mitmproxy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class DecisionLog:
     def __init__(self) -> None:
         self.out: IO[str] | None = None
         self.console = True  # the option's default (configure decides, with mitmdump's flow_detail)
+        self._quieted = False  # we set flow_detail from 1 to 0 (our lines stand in for mitmproxy's)
         self.done_flows: set[str] = set()
 
     def load(self, loader) -> None:
@@ -53,9 +55,18 @@ class DecisionLog:
                     raise exceptions.OptionsError(f"decision_log: cannot open {target}: {e.strerror or e}") from None
         if {"decision_console", "flow_detail"} & updated:
             detail = getattr(ctx.options, "flow_detail", None)  # mitmdump's; mitmweb has none
-            self.console = bool(ctx.options.decision_console) and (detail is None or detail <= 1)
+            # At flow_detail 0 (set by the user, e.g. `-q` or `--set flow_detail=0`) the console shows no
+            # per-flow lines, and neither do we; at 1 our lines stand in for mitmproxy's bare request lines.
+            quieted_by_us = detail == 0 and self._quieted
+            self.console = bool(ctx.options.decision_console) and (detail in (None, 1) or quieted_by_us)
             if self.console and detail == 1:
-                ctx.options.flow_detail = 0  # the decision lines stand in for mitmproxy's request lines
+                self._quieted = True
+                ctx.options.flow_detail = 0
+            elif quieted_by_us and not self.console:  # decision_console turned off: mitmproxy's lines again
+                self._quieted = False
+                ctx.options.flow_detail = 1
+            elif detail != 0:
+                self._quieted = False
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)

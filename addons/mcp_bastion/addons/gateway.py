@@ -219,7 +219,7 @@ class Gateway:
             return True
         req = flow.request
         names = [(req.host, req.port)]
-        header = req.headers.get("host")
+        header = fs.header(req.headers, "host")
         if header:
             host, _, port = header.rpartition(":") if not header.endswith("]") else (header, "", "")
             if not host or (port and not port.isdigit()):
@@ -260,7 +260,7 @@ class Gateway:
             return
         self._claim(flow)
         req = flow.request
-        origin = req.headers.get("origin")
+        origin = fs.header(req.headers, "origin")
         if not origin_allowed(origin, self.allowed_origins):
             refuse(flow, Refusal(403, errors.FORBIDDEN, f"origin {origin!r} is not allowed", {"reason": "origin"}),
                    stage=StageName.PARSE)
@@ -291,7 +291,7 @@ class Gateway:
                 )
                 return
             req.host_header = url.hostport(req.scheme, req.host, req.port)
-        length = req.headers.get("content-length", "")
+        length = fs.header(req.headers, "content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             refuse(
                 flow,
@@ -315,7 +315,7 @@ class Gateway:
         # The gateway reads every response it forwards: ask the upstream not to compress.
         req.headers["accept-encoding"] = "identity"
         state = fs.mcp_state(flow)
-        state["session"] = req.headers.get("mcp-session-id")
+        state["session"] = fs.header(req.headers, "mcp-session-id")
         if req.method == "POST":
             self._parse_post(flow)
         elif req.method in ("GET", "DELETE", "HEAD", "OPTIONS"):
@@ -346,7 +346,7 @@ class Gateway:
 
     def _parse_post(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        ctype = media_type(req.headers.get("content-type"))
+        ctype = media_type(fs.header(req.headers, "content-type"))
         if ctype != "application/json":
             refuse(
                 flow,
@@ -356,13 +356,13 @@ class Gateway:
                 stage=StageName.PARSE,
             )
             return
-        charset = charset_problem(req.headers.get("content-type"))
+        charset = charset_problem(fs.header(req.headers, "content-type"))
         if charset is not None:
             refuse(flow, Refusal(415, errors.REFUSED_INPUT, f"request refused: {charset}", {"reason": "charset"}),
                    stage=StageName.PARSE)
             return
         try:
-            raw = decode_content(req.raw_content or b"", req.headers.get("content-encoding"), self.max_body)
+            raw = decode_content(req.raw_content or b"", fs.header(req.headers, "content-encoding"), self.max_body)
             body = parse_body(raw, max_bytes=self.max_body, max_depth=self.max_depth)
         except ParseError as e:
             refuse(flow, parse_refusal(e), stage=StageName.PARSE, body=None)
@@ -398,7 +398,7 @@ class Gateway:
         state["transport"] = "streamable-http" if "mcp-session-id" in req.headers or _has_init(body) else "http"
         state["batch"] = body.batch
         try:
-            state["era"] = era(req.headers.get(VERSION_HEADER), next(
+            state["era"] = era(fs.header(req.headers, VERSION_HEADER), next(
                 (v for m in body.messages if (v := request_version(m)) is not None), None))
         except Mismatch:
             state["era"] = "conflicting"  # the Wire stage refuses it
@@ -422,9 +422,9 @@ class Gateway:
         """Stream an event stream through `SSEStream`; buffer everything else so that `response` reads it."""
         resp = flow.response
         assert resp is not None
-        if media_type(resp.headers.get("content-type")) != "text/event-stream":
+        if media_type(fs.header(resp.headers, "content-type")) != "text/event-stream":
             resp.stream = False  # never forward a body nobody has read
-            length = resp.headers.get("content-length", "")
+            length = fs.header(resp.headers, "content-length", "")
             if length.isdigit() and int(length) > self.max_body:
                 self._withhold_unread(flow, _upstream_error(f"body of {length} bytes exceeds {self.max_body}"))
             return
@@ -434,8 +434,8 @@ class Gateway:
             del resp.headers["content-length"]
             if resp.http_version == "HTTP/1.1":
                 resp.headers["transfer-encoding"] = "chunked"
-        coding = resp.headers.get("content-encoding", "identity").strip().lower()
-        charset = charset_problem(resp.headers.get("content-type"))
+        coding = fs.header(resp.headers, "content-encoding", "identity").strip().lower()
+        charset = charset_problem(fs.header(resp.headers, "content-type"))
         broken = f"compressed event stream ({coding})" if coding not in ("", "identity") else (
             f"event stream declaring {charset}" if charset else None)
         if "content-encoding" in resp.headers:
@@ -484,15 +484,15 @@ class Gateway:
         if Meta.ERROR in flow.metadata:  # e.g. routing failed in responseheaders
             self._withhold(flow, "the response could not be checked")
             return
-        ctype = media_type(resp.headers.get("content-type"))
+        ctype = media_type(fs.header(resp.headers, "content-type"))
         state = fs.mcp_state(flow)
         if ctype == "application/json" and resp.raw_content:
-            charset = charset_problem(resp.headers.get("content-type"))
+            charset = charset_problem(fs.header(resp.headers, "content-type"))
             if charset is not None:
                 self._withhold(flow, f"upstream declared {charset}")
                 return
             try:
-                raw = decode_content(resp.raw_content, resp.headers.get("content-encoding"), self.max_body)
+                raw = decode_content(resp.raw_content, fs.header(resp.headers, "content-encoding"), self.max_body)
                 body = parse_body(raw, max_bytes=self.max_body, max_depth=self.max_depth)
             except ParseError as e:
                 self._withhold(flow, f"upstream sent an unreadable response ({e.reason})")

@@ -52,6 +52,7 @@ class Masking:
         self._ruleset = ruleset
         self.key: bytes | None = None
         self._built: tuple[int, dict[str, Profile]] | None = None  # (id of the ruleset's masking spec, profiles)
+        self._names: tuple[dict[str, Profile], frozenset[str]] | None = None  # (profiles, their names)
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -86,9 +87,12 @@ class Masking:
     def masking_profiles(self) -> frozenset[str]:
         """The profiles this stage can apply now (a `mask` rule naming another is a denial)."""
         try:
-            return frozenset(self.profiles())
+            profiles = self.profiles()
         except MaskingError:
             return frozenset()
+        if self._names is None or self._names[0] is not profiles:
+            self._names = (profiles, frozenset(profiles))
+        return self._names[1]
 
     def profiles(self) -> dict[str, Profile]:
         spec = self._ruleset().masking

@@ -69,6 +69,11 @@ class Pipeline:
         self._guarded = tuple(_Guarded(s) for s in stages)
         self._streams: weakref.WeakKeyDictionary[http.HTTPFlow, Context] = weakref.WeakKeyDictionary()
         self.answers = replies.UpstreamAnswers()
+        # The stages are fixed: their names, and whether one holds for approval, are worked out once.
+        self._request_names = tuple(str(s.name) for s in self.stages)
+        self._response_names = tuple(str(s.name.response) for s in self.stages)
+        self.approvals = any(getattr(s, "holds_approvals", False) for s in self.stages)
+        """A stage holds calls for approval (`holds_approvals`): an approve rule with approvers waits for it."""
 
     @property
     def request_stages(self) -> list[StageName]:
@@ -80,11 +85,6 @@ class Pipeline:
 
     def _context(self, flow: http.HTTPFlow) -> Context:
         return fs.context(flow, self.masking_profiles(), self.approvals)
-
-    @property
-    def approvals(self) -> bool:
-        """A stage holds calls for approval (`holds_approvals`): an approve rule with approvers waits for it."""
-        return any(getattr(s, "holds_approvals", False) for s in self.stages)
 
     def masking_profiles(self) -> frozenset[str]:
         """The masking profiles the stages can apply now (a `mask` rule needs one): a stage declares
@@ -131,8 +131,7 @@ class Pipeline:
             flow.request.content = dumps([m.raw for m in kept] if body.batch else kept[0].raw)
             fs.set_request_body(flow, Body(kept, body.batch, None))
             self._rewrite_headers(flow, run)
-        for name in self.request_stages:
-            fs.mark_stage(flow, name)
+        fs.mark_stages(flow, self._request_names)
 
     def _rewrite_headers(self, flow: http.HTTPFlow, run: Run) -> None:
         """A request a stage rewrote keeps its routing headers in agreement with it (`Mcp-Param-*`
@@ -165,8 +164,7 @@ class Pipeline:
                     sensitive = getattr(stage, "sensitive", None)
                     if sensitive is not None:
                         flow.response.stream.sensitive = functools.partial(sensitive, cx.mask_profiles)
-            for name in self.response_stages:
-                fs.mark_stage(flow, name)
+            fs.mark_stages(flow, self._response_names)
 
     @fail_closed(StageName.RESP_POLICY)
     async def response(self, flow: http.HTTPFlow) -> None:
@@ -188,8 +186,7 @@ class Pipeline:
                     resp.status_code = 202
                     resp.content = b""
                     fs.set_response_body(flow, None)
-        for name in self.response_stages:
-            fs.mark_stage(flow, name)
+        fs.mark_stages(flow, self._response_names)
 
     def on_event(self, flow: http.HTTPFlow, messages: list[Message], batch: bool) -> list[Any]:
         """The stages over one SSE event's messages; returns the JSON values the client gets."""

@@ -33,7 +33,7 @@ HEADER = "mcp-session-id"
 
 def presented(flow: http.HTTPFlow) -> str | None:
     """The session id a request presents: the header, or an HTTP+SSE endpoint's `session_id`."""
-    sid = flow.request.headers.get(HEADER)
+    sid = fs.header(flow.request.headers, HEADER)
     if sid is None and "?" in flow.request.path:
         values = flow.request.query.get_all("session_id")
         sid = values[0] if values else None
@@ -64,7 +64,7 @@ class Sessions:
         if not fs.is_mcp(flow) or fs.refused(flow) or flow.response is None:
             return
         owner = owner_of(fs.identity(flow))
-        sid = flow.response.headers.get(HEADER)
+        sid = fs.header(flow.response.headers, HEADER)
         if sid is not None and 200 <= flow.response.status_code < 300 and presented(flow) is None:
             if not self.bindings.bind(sid, owner):  # the upstream handed out a session someone else holds
                 logger.error("mcp-bastion: upstream reused session id %r for another identity", sid[:16])

@@ -114,11 +114,49 @@ def asked(flow: http.HTTPFlow) -> dict[Any, Message]:
     return {m.id: m for m in body.messages if m.kind == Kind.REQUEST and m.id is not None}
 
 
+# --- headers ----------------------------------------------------------------------
+
+_header_maps: dict[int, tuple[tuple, dict[str, str]]] = {}  # id(fields) -> (fields, map); holds `fields`
+_HEADER_MAPS_MAX = 4096  # header versions remembered (about two per flow in flight)
+
+
+def header(headers: http.Headers, name: str, default: str | None = None) -> str | None:
+    """`headers.get(name, default)` for a lowercase ASCII `name`, from a map built once per
+    version of the headers (mitmproxy's own lookup scans and decodes every field each time,
+    and a flow's headers are read a few dozen times). Any change to headers replaces their
+    `fields` tuple, so a changed set gets a new map; the cache holds each tuple it maps, so
+    an id is never reused while it is cached."""
+    fields = headers.fields
+    known = _header_maps.get(id(fields))
+    if known is None or known[0] is not fields:
+        values: dict[str, list[str]] = {}
+        for key, value in fields:
+            values.setdefault(key.lower().decode("utf-8", "surrogateescape"), []).append(
+                value.decode("utf-8", "surrogateescape"))
+        known = (fields, {key: ", ".join(v) for key, v in values.items()})  # folded, like Headers.get
+        if len(_header_maps) >= _HEADER_MAPS_MAX:
+            _header_maps.clear()
+        _header_maps[id(fields)] = known
+    return known[1].get(name, default)
+
+
 # --- who, and the stages passed ----------------------------------------------
 
 
+_identities: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[dict[str, Any], Identity]] = weakref.WeakKeyDictionary()
+
+
 def identity(flow: http.HTTPFlow) -> Identity:
-    return Identity.from_claims(flow.metadata.get(Meta.IDENTITY))
+    """The caller, read from the flow's identity claims (built once per flow while the claims stay the same)."""
+    claims = flow.metadata.get(Meta.IDENTITY)
+    if not isinstance(claims, dict):
+        return Identity.from_claims(claims)
+    known = _identities.get(flow)
+    if known is not None and known[0] == claims:
+        return known[1]
+    ident = Identity.from_claims(claims)
+    _identities[flow] = (dict(claims), ident)
+    return ident
 
 
 def context(flow: http.HTTPFlow, masking_profiles: frozenset[str] = frozenset(), approvals: bool = False) -> Context:
@@ -126,10 +164,10 @@ def context(flow: http.HTTPFlow, masking_profiles: frozenset[str] = frozenset(),
     return Context(
         identity=identity(flow),
         upstream=flow.metadata.get(Meta.UPSTREAM),
-        session=flow.request.headers.get("mcp-session-id"),
+        session=header(flow.request.headers, "mcp-session-id"),
         flow_id=flow.id,
         http_method=flow.request.method,
-        protocol_version=flow.request.headers.get("mcp-protocol-version"),
+        protocol_version=header(flow.request.headers, "mcp-protocol-version"),
         masking_profiles=masking_profiles,
         mask_profiles=tuple((flow.metadata.get(Meta.MASK) or {}).get("profiles") or ()),
         approvals=approvals,
@@ -140,6 +178,14 @@ def mark_stage(flow: http.HTTPFlow, stage: StageName | str) -> None:
     stages = flow.metadata.setdefault(Meta.STAGES, [])
     if stage not in stages:
         stages.append(str(stage))
+
+
+def mark_stages(flow: http.HTTPFlow, names: tuple[str, ...]) -> None:
+    """`mark_stage` for each of `names` (plain strings)."""
+    stages = flow.metadata.setdefault(Meta.STAGES, [])
+    for name in names:
+        if name not in stages:
+            stages.append(name)
 
 
 def passed(flow: http.HTTPFlow, stage: StageName | str) -> bool:

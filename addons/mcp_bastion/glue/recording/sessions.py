@@ -8,6 +8,7 @@ import time
 from mitmproxy import http
 
 from mcp_bastion.core.vocab import Meta, StageName
+from mcp_bastion.glue import flowstate as fs
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.@-]+")
 
@@ -26,15 +27,15 @@ def session_of(flow: http.HTTPFlow) -> str | None:
     query parameter of the message URL, or the one announced in the stream's
     `endpoint` event (`Meta.LEGACY_SESSION`, set by the Gateway).
     """
-    sid = flow.request.headers.get("mcp-session-id") or (
+    sid = fs.header(flow.request.headers, "mcp-session-id") or (
         flow.request.query.get("session_id") if "?" in flow.request.path else None)
     if sid and flow.metadata.get(Meta.REFUSED) and StageName.SESSION not in flow.metadata.get(Meta.STAGES, ()):
         # Refused before the session was found to be this caller's (forged, stale, another's, or no
         # valid token): not filed under that session, so nobody can write into another's recording.
         return None
     if not sid and flow.response is not None:
-        sid = flow.response.headers.get("mcp-session-id")
-    if not sid:
+        sid = fs.header(flow.response.headers, "mcp-session-id")
+    if not sid and "?" in flow.request.path:
         sid = flow.request.query.get("session_id")
     if not sid:
         sid = flow.metadata.get(Meta.LEGACY_SESSION)

@@ -43,9 +43,9 @@ Which records
 from __future__ import annotations
 
 import csv
-import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 from .message import SUMMARY_KEYS
 from .vocab import Meta
@@ -91,9 +93,22 @@ class FlowFacts:
     latency_ms: float | None = None
 
 
+_iso_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
 def iso_time(epoch: float) -> str:
-    """`2025-01-31T12:00:00.123Z`"""
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """`2025-01-31T12:00:00.123Z` (the same text as datetime's isoformat, with each second formatted once)."""
+    global _iso_second
+    if not 0 <= epoch < 253402300800:  # before 1970 or after 9999: datetime's own way
+        return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    frac, whole = math.modf(epoch)
+    us = round(frac * 1e6)  # as datetime.fromtimestamp rounds (half to even), carrying into the second
+    if us >= 1_000_000:
+        whole, us = whole + 1, us - 1_000_000
+    second = int(whole)
+    if _iso_second[0] != second:
+        _iso_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_iso_second[1]}.{us // 1000:03d}Z"
 
 
 def parse_iso(text: str) -> float:
@@ -365,13 +380,39 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def canonical(record: dict[str, Any]) -> bytes:
-    """The bytes a record's MAC covers: sorted keys, compact, UTF-8."""
+    """Sorted keys, compact, UTF-8, spelled by Python's json (pin and approval digests: stable for good)."""
     return _CANONICAL.encode(record).encode("utf-8")
 
 
+def chain_bytes(record: dict[str, Any]) -> bytes:
+    """The bytes a record's (or the head's) MAC covers: sorted keys, compact, UTF-8.
+
+    Spelled by orjson, about ten times faster than `canonical`; the two differ only
+    in how they write a float below 1e-4 (`0.00001` / `1e-05`) and NaN. A value orjson
+    cannot write (an integer beyond 64 bits, a key that is not a string) takes
+    `canonical`. A verifier accepts either spelling (`record_mac_matches`), so logs
+    written before orjson was used verify as they did.
+    """
+    try:
+        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # orjson.JSONEncodeError is one
+        return canonical(record)
+
+
 def record_mac(key: bytes, record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "hash"} if "hash" in record else record
+    return hmac.digest(key, chain_bytes(body), "sha256").hex()
+
+
+def record_mac_matches(key: bytes, record: dict[str, Any]) -> bool:
+    """Whether `record["hash"]` is its MAC, over either spelling of its canonical JSON (see `chain_bytes`)."""
+    claimed = record.get("hash")
+    if not isinstance(claimed, str):
+        return False
+    if hmac.compare_digest(record_mac(key, record), claimed):
+        return True
     body = {k: v for k, v in record.items() if k != "hash"}
-    return hmac.digest(key, canonical(body), "sha256").hex()
+    return hmac.compare_digest(hmac.digest(key, canonical(body), "sha256").hex(), claimed)
 
 
 class Chain:
@@ -394,11 +435,14 @@ _LINE_ORDER = ("seq", "time", "session", "subject", "groups", "client_id", "upst
 
 
 def line_of(record: dict[str, Any]) -> bytes:
-    """One log line: the fields people read first, `prev` and `hash` last (the MAC is over `canonical`)."""
+    """One log line: the fields people read first, `prev` and `hash` last (the MAC is over `chain_bytes`)."""
     ordered = {k: record[k] for k in _LINE_ORDER if k in record}
     ordered.update((k, v) for k, v in record.items() if k not in ordered and k not in ("prev", "hash"))
     ordered.update((k, record[k]) for k in ("prev", "hash") if k in record)
-    return _COMPACT.encode(ordered).encode("utf-8") + b"\n"
+    try:
+        return orjson.dumps(ordered, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return _COMPACT.encode(ordered).encode("utf-8") + b"\n"
 
 
 def head_path(log: str | os.PathLike) -> Path:
@@ -410,14 +454,17 @@ HEAD_SIZE = 256  # bytes of the head file: canonical JSON, spaces, newline
 
 def make_head(key: bytes, seq: int, last_hash: str) -> dict[str, Any]:
     head = {"seq": seq, "hash": last_hash, "time": iso_time(time.time())}
-    head["mac"] = hmac.new(key, b"head|" + canonical(head), hashlib.sha256).hexdigest()
+    head["mac"] = hmac.digest(key, b"head|" + chain_bytes(head), "sha256").hex()
     return head
 
 
 def check_head(key: bytes, head: dict[str, Any]) -> bool:
+    """Whether the head's MAC verifies, over either spelling of its canonical JSON (see `chain_bytes`)."""
+    if not isinstance(head.get("mac"), str):
+        return False
     body = {k: v for k, v in head.items() if k != "mac"}
-    expected = hmac.new(key, b"head|" + canonical(body), hashlib.sha256).hexdigest()
-    return isinstance(head.get("mac"), str) and hmac.compare_digest(expected, head["mac"])
+    return any(hmac.compare_digest(hmac.digest(key, b"head|" + spelled(body), "sha256").hex(), head["mac"])
+               for spelled in (chain_bytes, canonical))
 
 
 def read_head(log: str | os.PathLike) -> dict[str, Any] | None:
@@ -458,7 +505,7 @@ class HeadFile:
         self._trim = os.fstat(self.fd).st_size > HEAD_SIZE  # not one of ours: cut what follows our record
 
     def write(self, head: dict[str, Any]) -> None:
-        data = canonical(head)
+        data = chain_bytes(head)
         if len(data) >= HEAD_SIZE:
             raise AuditError(f"head record of {len(data)} bytes does not fit in {HEAD_SIZE}")
         data = data.ljust(HEAD_SIZE - 1) + b"\n"
@@ -572,7 +619,7 @@ def verify_lines(lines: Iterable[bytes], key: bytes, *, prev: str = GENESIS, seq
         if not isinstance(rec, dict) or not isinstance(rec.get("hash"), str):
             return bad("not an audit record")
         rec_seq = rec.get("seq")
-        if not hmac.compare_digest(record_mac(key, rec), rec["hash"]):
+        if not record_mac_matches(key, rec):
             return bad("hash mismatch: the record was modified (or the key is wrong)", rec_seq)
         if rec.get("prev") != prev:
             return bad("chain broken: prev is not the previous record's hash "

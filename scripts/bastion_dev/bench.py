@@ -1,7 +1,7 @@
 """
 Benchmarks: what the gateway costs, measured against bare mitmdump and no proxy.
 
-    scripts/bench [--quick] [--json PATH] [--configs direct,bare,bundle]
+    scripts/bench [--quick] [--json PATH] [--configs direct,bare,bundle,masked]
 
 Starts a fast MCP upstream (`scripts/bastion_dev/bench_upstream.py`) on 127.0.0.1 and
 measures, one after the other against the same upstream:
@@ -12,19 +12,24 @@ measures, one after the other against the same upstream:
    this configuration loads a three-line script that sets `response.stream` for
    `text/event-stream` responses and does nothing else;
 3. `bundle`: `mitmdump -s addons/bastion.py` with the options of
-   `BUNDLE_OPTIONS` that the bundle declares when the benchmark runs.
+   `BUNDLE_OPTIONS` that the bundle declares when the benchmark runs;
+4. `masked`: the bundle as in 3, its ruleset starting with a rule that masks
+   the answer to every tools/call with the `pii` profile.
 
 For each: tools/call latency p50/p95/p99 at concurrency 1 (small JSON, large
 JSON, SSE), calls/s and the proxy's CPU time per call at a concurrency that
-saturates the machine, SSE time to first event, the proxy's peak RSS, and the
-RSS growth while a 100 MiB event stream passes through. Microbenchmarks time
-the per-message work of the core modules. Results print as a table and are
-written as JSON (and the same table as Markdown next to it).
+saturates the machine, SSE time to first event, the proxy's peak RSS, the RSS
+growth while a 100 MiB event stream passes through, and the RSS before and
+after 10,000 sessions that are opened and abandoned. With `stage_timing` on
+(configurations 3 and 4), the gateway's /metrics says the CPU time of each
+pipeline stage and addon hook per call of the throughput steps. Microbenchmarks
+time the per-message work of the core modules. Results print as tables and are
+written as JSON (and the same tables as Markdown next to it).
 
 Speed is reported here, never asserted: targets are listed as met or missed
 (a --quick run judges none: its figures mean little). What runs now is said on
-stderr ("config bundle (3/3), 4/10: ..."). Ctrl-C or SIGTERM stops every
-process the run started (upstream, mitmdump, the dev issuer) before it exits.
+stderr ("config bundle (3/4), 4/11: ..."). Ctrl-C or SIGTERM stops every
+process the run started (upstream, mitmdump, the dev issuer, py-spy) before it exits.
 
 Exit status: 0 the run was made (figures it could not make are n/a, with why),
 2 it could not run (bad arguments, an unwritable --json) or was interrupted.
@@ -42,6 +47,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,8 +68,9 @@ BUNDLE = ROOT / "addons" / "bastion.py"
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
 DEFAULT_JSON_DIR = ROOT / "var" / "bench"
 
-CONFIGS = ("direct", "bare", "bundle")
-TITLES = {"direct": "1 direct", "bare": "2 bare mitmdump", "bundle": "3 full bundle"}
+CONFIGS = ("direct", "bare", "bundle", "masked")
+TITLES = {"direct": "1 direct", "bare": "2 bare mitmdump", "bundle": "3 full bundle", "masked": "4 masked (pii)"}
+BUNDLE_CONFIGS = ("bundle", "masked")  # mitmdump -s <script> with BUNDLE_OPTIONS
 
 STREAM_SSE_SCRIPT = '''\
 def responseheaders(flow):
@@ -71,16 +78,19 @@ def responseheaders(flow):
         flow.response.stream = True
 '''
 
-# Configuration 3: one line per option, (component, option, value). In values,
-# {tmp} is the run's temporary directory and {ruleset} the ruleset written by
-# `bench_ruleset()`. An option the loaded bundle does not declare is left out
-# and its component reported n/a (mitmdump would silently ignore it).
-# Identity (oidc_issuer, oidc_resource) is set up by `bundle_setup` with the dev issuer.
+# Configurations 3 and 4: one line per option, (component, option, value). In
+# values, {tmp} is the configuration's temporary directory, {ruleset} the ruleset
+# written by `bench_ruleset()` and {admin_port} a free port. An option the loaded
+# bundle does not declare is left out and its component reported n/a (mitmdump
+# would silently ignore it). Identity (oidc_issuer, oidc_resource) is set up by
+# `bundle_setup` with the dev issuer.
 BUNDLE_OPTIONS: list[tuple[str, str, str]] = [
     ("policy", "ruleset", "{ruleset}"),
     ("recording", "record_dir", "{tmp}/recordings"),
     ("audit", "audit_log", "{tmp}/audit.jsonl"),
     ("audit", "audit_key_file", "{tmp}/audit.key"),
+    ("stage timing", "stage_timing", "true"),
+    ("stage timing", "admin_listen", "127.0.0.1:{admin_port}"),
 ]
 COMMON_MITMDUMP_OPTIONS = {"flow_detail": "0"}  # no per-flow console line in either configuration
 
@@ -92,21 +102,24 @@ class Settings:
     samples: int = 2000  # sequential calls per latency measurement (large JSON and SSE gap use a tenth)
     duration: float = 10.0  # seconds per throughput measurement
     concurrency: int = 32  # connections in a throughput measurement
+    sessions: int = 10_000  # sessions opened and abandoned in the sessions step
+    session_concurrency: int = 16  # sessions under way at a time
     large_bytes: int = 1 << 20
     stream_bytes: int = 100 << 20
     gap_ms: float = 20.0  # pause between the first SSE event and the result (time to first event)
     micro_seconds: float = 1.0  # per microbenchmark
     warmup: int = 200
     step_timeout: float = 600.0  # a measurement that takes longer is reported n/a
-    script: Path = BUNDLE  # the mitmdump script of configuration 3
+    script: Path = BUNDLE  # the mitmdump script of configurations 3 and 4
     profile: Path | None = None  # run the proxies under cProfile: stats in <profile>.<config>.prof
+    spy: Path | None = None  # sample the proxies with py-spy in the small JSON throughput step: <spy>.<config>.txt
     judge_targets: bool = True  # False for a --quick run: its figures mean too little to judge
 
     @classmethod
     def quick(cls) -> Settings:
-        """A tiny run: a few calls each, a 2 MiB stream (for smoke tests, not for figures)."""
-        return cls(samples=20, duration=0.3, concurrency=4, large_bytes=64 << 10, stream_bytes=2 << 20,
-                   gap_ms=5.0, micro_seconds=0.02, warmup=5, step_timeout=60.0)
+        """A tiny run: a few calls each, a 2 MiB stream, 50 sessions (for smoke tests, not for figures)."""
+        return cls(samples=20, duration=0.3, concurrency=4, sessions=50, large_bytes=64 << 10,
+                   stream_bytes=2 << 20, gap_ms=5.0, micro_seconds=0.02, warmup=5, step_timeout=60.0)
 
 
 QUICK_NOTE = "targets not judged in --quick runs"
@@ -326,10 +339,17 @@ class Load:
             conn.close()
         return out
 
-    async def saturate(self, call: Call, concurrency: int, duration: float) -> tuple[int, float]:
-        """`concurrency` connections calling back to back for `duration` seconds: (calls, seconds)."""
+    async def saturate(self, call: Call, concurrency: int, duration: float,
+                       at_start: Callable[[], None] | None = None) -> tuple[int, float]:
+        """`concurrency` connections calling back to back for `duration` seconds: (calls, seconds).
+
+        `at_start` runs once the connections are open, right before the first call: what it reads
+        of the proxy then covers the calls and nothing else.
+        """
         conns = [await self.connect() for _ in range(concurrency)]
         counts = [0] * concurrency
+        if at_start is not None:
+            at_start()
         start = time.perf_counter()
         deadline = start + duration
 
@@ -349,6 +369,29 @@ class Load:
             for conn in conns:
                 conn.close()
         return sum(counts), time.perf_counter() - start
+
+    async def sessions(self, n: int, concurrency: int) -> float:
+        """n sessions, `concurrency` at a time: initialize, one small call, then the connection is closed
+        without a DELETE (a session its client abandons). Returns the seconds they took."""
+        left = iter(range(n))
+
+        async def worker() -> None:
+            for _ in left:
+                conn = await self.connect()
+                try:
+                    reply = await conn.call_tool("small", {})
+                    check_result(reply, conn.next_id)
+                finally:
+                    conn.close()
+
+        start = time.perf_counter()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(n, concurrency)):
+                    group.create_task(worker())
+        except ExceptionGroup as eg:  # the first failure stopped the others
+            raise eg.exceptions[0] from None
+        return time.perf_counter() - start
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -497,7 +540,101 @@ class Memory:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-# --- configuration 3 ------------------------------------------------------------
+def py_spy() -> str | None:
+    """py-spy on PATH, or next to this Python (installed in the venv)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
+
+
+class Spy:
+    """py-spy sampling a proxy during one step (--spy). One that is missing or cannot attach is said on
+    stderr and the run goes on: the samples are an aid, not a figure."""
+
+    def __init__(self, out: Path, log: Path):
+        self.out = out
+        self.log = log
+        self.proc: Process | None = None
+
+    def start(self, pid: int, seconds: float) -> None:
+        exe = py_spy()
+        if exe is None:
+            say(f"--spy: no py-spy on PATH nor next to {sys.executable}; {self.out} not written")
+            return
+        args = [exe, "record", "-p", str(pid), "-d", str(max(1, math.ceil(seconds))), "-r", "200", "-f", "raw",
+                "-o", str(self.out)]
+        try:
+            self.proc = Process(args, 0, self.log)
+        except OSError as e:
+            say(f"--spy: py-spy did not start ({e}); {self.out} not written")
+
+    def finish(self, timeout: float) -> None:
+        """Wait until py-spy has written its samples (it stops by itself), and say where they are or why not."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        try:
+            code = proc.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        proc.stop()
+        if code == 0 and self.out.is_file():
+            say(f"--spy: samples in {self.out}")
+        else:
+            say(f"--spy: py-spy could not sample the proxy ({'exit ' + str(code) if code is not None else 'no end'}):"
+                f" {' '.join(proc.tail().split())[-400:]}")
+
+
+# --- what the gateway says of itself: CPU per stage and per hook -------------------
+
+# The counters `stage_timing` adds to /metrics, by family (the parser names a counter without `_total`):
+# (kind, index): kind is the label that names the stage or hook, index 0 a count and 1 CPU seconds.
+STAGE_FAMILIES = {
+    "bastion_stage_checks": ("stage", 0),
+    "bastion_stage_cpu_seconds": ("stage", 1),
+    "bastion_hook_calls": ("hook", 0),
+    "bastion_hook_cpu_seconds": ("hook", 1),
+}
+Counters = dict[tuple[str, str], tuple[float, float]]  # (kind, name) -> (checks or calls, CPU seconds)
+
+
+def read_counters(text: str) -> Counters:
+    """The stage and hook counters of a /metrics page (Prometheus text format)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, str], list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        base = family.name.removesuffix("_total")
+        if base not in STAGE_FAMILIES:
+            continue
+        kind, index = STAGE_FAMILIES[base]
+        for sample in family.samples:
+            if sample.name in (base, base + "_total") and kind in sample.labels:
+                out.setdefault((kind, sample.labels[kind]), [0.0, 0.0])[index] = sample.value
+    return {key: (n, cpu) for key, (n, cpu) in out.items()}
+
+
+def scrape(port: int) -> Counters:
+    """The stage and hook counters on the gateway's admin listener now (no proxy of the environment)."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return read_counters(response.read().decode())
+
+
+def per_call(before: Counters, after: Counters, calls: int) -> dict[str, dict[str, dict[str, float]]]:
+    """What each stage and hook cost per call between two scrapes: {kind: {name: {cpu_us, per_call}}}.
+
+    `per_call` is how many checks (calls of a hook) a call made: a stage that runs 0 times costs nothing.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {"stage": {}, "hook": {}}
+    for (kind, name), (n, cpu) in sorted(after.items()):
+        n0, cpu0 = before.get((kind, name), (0.0, 0.0))
+        out[kind][name] = {"cpu_us": (cpu - cpu0) / calls * 1e6, "per_call": (n - n0) / calls}
+    return out
+
+
+# --- configurations 3 and 4 ----------------------------------------------------
 
 
 def shipped_ruleset() -> Path:
@@ -517,18 +654,25 @@ BENCH_RULE = {"id": "bench-allow", "description": "Added by the benchmark: what 
               "action": "allow"}
 MASK_RULE = {"id": "bench-mask", "description": "Added by the benchmark: one small tool answered through `pii`.",
              "match": {"tools": ["small_pii"]}, "action": "mask", "profile": "pii"}
+MASK_ALL_RULE = {"id": "bench-mask-all",
+                 "description": "Added by the benchmark (configuration 4): every tools/call answered through `pii`.",
+                 "match": {"direction": "client_to_server", "methods": ["tools/call"]},
+                 "action": "mask", "profile": "pii"}
+PII_VALUES = (b"jane@example.com", b"4111 1111 1111 1111")  # what the upstream's small_pii answers with
 
 
-def bench_ruleset(tmp: Path) -> Path:
+def bench_ruleset(tmp: Path, mask_all: bool = False) -> Path:
     """The shipped ruleset with one rule appended that allows what none of its rules decided.
 
     Every message is then evaluated against all the shipped rules (the
     realistic cost) and the benchmark's own tools are not refused by the default.
+    The first rule masks small_pii's answers; with `mask_all` it masks every
+    tools/call's instead (so that no other rule could be what masks small_pii).
     """
     import yaml
 
     doc = yaml.safe_load(shipped_ruleset().read_text())
-    doc["rules"] = [MASK_RULE] + list(doc.get("rules") or []) + [BENCH_RULE]
+    doc["rules"] = [MASK_ALL_RULE if mask_all else MASK_RULE] + list(doc.get("rules") or []) + [BENCH_RULE]
     path = tmp / "ruleset.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -550,25 +694,32 @@ class Component:
     name: str
     status: str  # "on", "n/a", or what went wrong
     detail: str
+    config: str = "bundle"  # the configuration (3 or 4) it is part of
 
 
 @dataclass
 class BundleSetup:
-    """The options, bearer token and component report of configuration 3."""
+    """The options, bearer token, admin port (stage timing on) and component report of configuration 3 or 4."""
 
     options: dict[str, str]
     token: str | None
+    admin_port: int | None
     components: list[Component]
 
 
-def bundle_setup(script: Path, tmp: Path, port: int, stack: contextlib.ExitStack) -> BundleSetup:
-    """Choose the bundle's options from BUNDLE_OPTIONS and start the dev issuer (closed with `stack`)."""
+def bundle_setup(script: Path, tmp: Path, port: int, stack: contextlib.ExitStack,
+                 config: str = "bundle") -> BundleSetup:
+    """Choose the bundle's options from BUNDLE_OPTIONS and start the dev issuer (closed with `stack`).
+
+    `tmp` is the configuration's own directory: what one configuration wrote never passes for another's.
+    """
     try:
         declared = declared_options(script)
         load_error = None
     except Exception as e:  # reported; mitmdump itself will say what is wrong
         declared, load_error = set(), f"the bundle did not load in-process ({type(e).__name__}: {e})"
-    values = {"tmp": str(tmp), "ruleset": str(bench_ruleset(tmp))}
+    mask_all = config == "masked"
+    values = {"tmp": str(tmp), "ruleset": str(bench_ruleset(tmp, mask_all)), "admin_port": str(free_port())}
     options: dict[str, str] = {}
     components: dict[str, Component] = {}
     wanted: dict[str, dict[str, str]] = {}
@@ -578,16 +729,18 @@ def bundle_setup(script: Path, tmp: Path, port: int, stack: contextlib.ExitStack
         missing = [name for name in chosen if name not in declared]
         if missing:
             components[component] = Component(component, "n/a",
-                                              load_error or f"the bundle declares no option {missing[0]}")
+                                              load_error or f"the bundle declares no option {missing[0]}", config)
         else:
             options.update(chosen)
-            components[component] = Component(component, "on", ", ".join(f"{k}={v}" for k, v in chosen.items()))
+            components[component] = Component(component, "on", ", ".join(f"{k}={v}" for k, v in chosen.items()),
+                                               config)
     (tmp / "recordings").mkdir(exist_ok=True)
     token = None
     if "oidc_issuer" not in declared:
-        components["identity"] = Component("identity", "n/a", load_error or "the bundle declares no option oidc_issuer")
+        components["identity"] = Component("identity", "n/a", load_error or "the bundle declares no option oidc_issuer",
+                                           config)
     elif importlib.util.find_spec("bastion_dev.issuer") is None:
-        components["identity"] = Component("identity", "n/a", "no dev issuer (bastion_dev.issuer)")
+        components["identity"] = Component("identity", "n/a", "no dev issuer (bastion_dev.issuer)", config)
     else:
         from bastion_dev.issuer import DevIssuer
 
@@ -595,11 +748,20 @@ def bundle_setup(script: Path, tmp: Path, port: int, stack: contextlib.ExitStack
         issuer = stack.enter_context(DevIssuer(audience=resource))
         options.update({"oidc_issuer": issuer.url, "oidc_resource": resource})
         token = issuer.mint("alice")
-        components["identity"] = Component("identity", "on", f"dev issuer {issuer.url}, RS256 token of alice")
-    if "policy" in components and components["policy"].status == "on":
-        components["policy"].detail = (f"{shipped_ruleset().relative_to(ROOT)} + rule {BENCH_RULE['id']} "
-                                       "(allow the rest)")
-    return BundleSetup(options, token, list(components.values()))
+        components["identity"] = Component("identity", "on", f"dev issuer {issuer.url}, RS256 token of alice",
+                                           config)
+    policy = components["policy"]
+    first = MASK_ALL_RULE if mask_all else MASK_RULE
+    if policy.status == "on":
+        policy.detail = (f"{shipped_ruleset().relative_to(ROOT)}, rule {first['id']} first and "
+                         f"{BENCH_RULE['id']} (allow the rest) last")
+        components["masking"] = Component("masking", "on", "pii on the answer to " + (
+            "every tools/call" if mask_all else "small_pii (row 'p50, an answer to mask')"), config)
+    else:
+        components["masking"] = Component("masking", "n/a", f"no ruleset: {policy.detail}", config)
+    stage_timing = components["stage timing"].status == "on"
+    admin_port = int(values["admin_port"]) if stage_timing else None
+    return BundleSetup(options, token, admin_port, list(components.values()))
 
 
 def mitmdump_args(upstream_port: int, port: int, scripts: list[Path], options: dict[str, str],
@@ -621,15 +783,20 @@ Metrics = dict[str, float | None]
 
 
 class Measurement:
-    """All figures of one configuration. `pid` is the proxy's (None for direct)."""
+    """All figures of one configuration. `pid` is the proxy's (None for direct); `admin` the port of
+    its admin listener when it counts CPU per stage (`stage_timing`); `spy` samples it (--spy)."""
 
-    def __init__(self, load: Load, pid: int | None, settings: Settings, progress: Callable[[str], None] = say):
+    def __init__(self, load: Load, pid: int | None, settings: Settings, progress: Callable[[str], None] = say,
+                 admin: int | None = None, spy: Spy | None = None):
         self.progress = progress
         self.load = load
         self.memory = Memory(pid) if pid else None
         self.s = settings
+        self.admin = admin
+        self.spy = spy
         self.metrics: Metrics = {}
         self.errors: dict[str, str] = {}
+        self.stages: dict[str, dict[str, Any]] = {}  # per throughput step: calls, then per_call()'s figures
         self.earlier_peak = 0.0  # VmHWM before the stream step reset it
 
     async def run(self) -> None:
@@ -646,6 +813,7 @@ class Measurement:
             "small.cN": f"throughput, small JSON, {s.concurrency} connections for {s.duration:g} s",
             "sse.cN": f"throughput, SSE result, {s.concurrency} connections for {s.duration:g} s",
             "stream": f"a {s.stream_bytes / (1 << 20):g} MiB event stream",
+            "sessions": f"{s.sessions:,} sessions opened and abandoned, {s.session_concurrency} at a time",
         }
         steps: list[tuple[str, Callable]] = [
             ("ready", self.load.wait_ready),
@@ -658,6 +826,7 @@ class Measurement:
             ("small.cN", lambda: self.throughput("small.cN", Call("small"))),
             ("sse.cN", lambda: self.throughput("sse.cN", Call("sse"))),
             ("stream", self.stream),
+            ("sessions", self.sessions),
         ]
         for i, (name, step) in enumerate(steps, 1):
             self.progress(f"{i}/{len(steps)}: {what[name]}")
@@ -686,11 +855,50 @@ class Measurement:
             self.metrics[f"ttfe.p{p}"] = percentile(times, p)
 
     async def throughput(self, key: str, call: Call) -> None:
-        cpu0 = self.memory.cpu_seconds() if self.memory else None
-        calls, seconds = await self.load.saturate(call, self.s.concurrency, self.s.duration)
+        """Calls/s; the proxy's CPU per call, in all and (stage timing on) per stage and hook.
+
+        The proxy is read once its connections are open, so the figures cover the calls alone;
+        with --spy, py-spy samples it during the small JSON step.
+        """
+        spy = self.spy if key == "small.cN" and self.memory else None
+        start: dict[str, Any] = {}
+
+        def at_start() -> None:
+            if self.admin:
+                start["counters"] = self.counters(key)
+            if spy:
+                spy.start(self.memory.pid, self.s.duration)
+            if self.memory:
+                start["cpu"] = self.memory.cpu_seconds()
+
+        try:
+            calls, seconds = await self.load.saturate(call, self.s.concurrency, self.s.duration, at_start)
+            cpu = self.memory.cpu_seconds() if self.memory else None
+        finally:
+            if spy:
+                spy.finish(self.s.duration + 30)
         self.metrics[f"{key}.calls_s"] = calls / seconds
         if self.memory and calls:
-            self.metrics[f"{key}.cpu_us"] = (self.memory.cpu_seconds() - cpu0) / calls * 1e6
+            self.metrics[f"{key}.cpu_us"] = (cpu - start["cpu"]) / calls * 1e6
+        if start.get("counters") is not None and calls:
+            after = self.counters(key)
+            if after is not None:
+                figures = per_call(start["counters"], after, calls)
+                self.stages[key] = {"calls": calls, **figures}
+                for kind in ("stage", "hook"):
+                    self.metrics[f"{key}.{kind}s_cpu_us"] = sum(f["cpu_us"] for f in figures[kind].values())
+
+    def counters(self, key: str) -> Counters | None:
+        """The stage and hook counters now; None (and why, under `<key>.stages`) when there are none."""
+        try:
+            counters = scrape(self.admin)
+        except (OSError, ValueError) as e:
+            self.errors[f"{key}.stages"] = f"GET /metrics on the admin listener: {type(e).__name__}: {e}"[:500]
+            return None
+        if not counters:
+            self.errors[f"{key}.stages"] = "/metrics shows no bastion_stage_* counters (stage_timing not in force)"
+            return None
+        return counters
 
     async def stream(self) -> None:
         """One long event stream; the proxy's RSS is sampled while it passes."""
@@ -728,6 +936,17 @@ class Measurement:
             self.metrics["stream.rss_peak"] = peak
             self.metrics["stream.rss_growth"] = peak - before
             self.metrics["stream.rss_after"] = self.memory.rss_mb()
+
+    async def sessions(self) -> None:
+        """Sessions opened and abandoned (what a gateway must not keep forever): the proxy's RSS before and after."""
+        before = self.memory.rss_mb() if self.memory else None
+        seconds = await self.load.sessions(self.s.sessions, self.s.session_concurrency)
+        self.metrics["sessions.per_s"] = self.s.sessions / seconds
+        if self.memory:
+            after = self.memory.rss_mb()
+            self.metrics["sessions.rss_before"] = before
+            self.metrics["sessions.rss_after"] = after
+            self.metrics["sessions.rss_growth"] = after - before
 
 
 # --- microbenchmarks ------------------------------------------------------------
@@ -916,6 +1135,9 @@ class Result:
     def metric(self, config: str, key: str) -> float | None:
         return self.configs.get(config, {}).get("metrics", {}).get(key)
 
+    def component(self, config: str, name: str) -> Component | None:
+        return next((c for c in self.components if c.config == config and c.name == name), None)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": 1,
@@ -925,6 +1147,7 @@ class Result:
             "components": [dataclasses.asdict(c) for c in self.components],
             "micro": self.micro,
             "rows": table_rows(self),
+            "stage_cpu": stage_table(self),
             "targets": targets(self),
             "targets_judged": self.settings.judge_targets,
             **({} if self.settings.judge_targets else {"targets_note": QUICK_NOTE}),
@@ -958,7 +1181,7 @@ def run_config(name: str, up_port: int, tmp: Path, settings: Settings, result: R
     out: dict[str, Any] = {"metrics": {}, "errors": {}}
     try:
         with contextlib.ExitStack() as stack:
-            token, pid = None, None
+            token, pid, admin, spy = None, None, None, None
             if name == "direct":
                 port = up_port
             else:
@@ -968,29 +1191,44 @@ def run_config(name: str, up_port: int, tmp: Path, settings: Settings, result: R
                     shim.write_text(STREAM_SSE_SCRIPT)
                     scripts, options = [shim], {}
                 else:
-                    setup = bundle_setup(settings.script, tmp, port, stack)
-                    result.components = setup.components
-                    scripts, options, token = [settings.script], setup.options, setup.token
+                    own = tmp / name
+                    own.mkdir(exist_ok=True)
+                    setup = bundle_setup(settings.script, own, port, stack, name)
+                    result.components += setup.components
+                    scripts, options, token, admin = [settings.script], setup.options, setup.token, setup.admin_port
                 profile = settings.profile.with_suffix(f".{name}.prof") if settings.profile else None
                 args = mitmdump_args(up_port, port, scripts, options, profile)
                 out["command"] = " ".join("mitmdump" if a == MITMDUMP else a for a in args)
-                say(f"{where}: starting mitmdump" + (f" -s {Path(settings.script).name}" if name == "bundle" else ""))
+                say(f"{where}: starting mitmdump" + (f" -s {Path(settings.script).name}" if name in BUNDLE_CONFIGS
+                                                     else ""))
                 proc = stack.enter_context(started(args, port, tmp / f"{name}.log"))
                 pid = proc.pid
-            m = Measurement(Load(port, token), pid, settings, progress=lambda text: say(f"{where}, {text}"))
+                if settings.spy:
+                    spy = Spy(settings.spy.with_suffix(f".{name}.txt"), tmp / f"{name}.spy.log")
+            m = Measurement(Load(port, token), pid, settings, progress=lambda text: say(f"{where}, {text}"),
+                            admin=admin, spy=spy)
             asyncio.run(m.run())
             out["metrics"], out["errors"] = m.metrics, m.errors
+            if m.stages:
+                out["stages"] = m.stages
             if pid is not None and proc.proc.poll() is not None:
                 out["errors"]["proxy"] = f"mitmdump exited with {proc.proc.returncode}: {proc.tail()}"
-            elif name == "bundle":
-                verify_components(result.components, port, tmp)
+            elif name in BUNDLE_CONFIGS:
+                verify_components([c for c in result.components if c.config == name], port, tmp / name, token,
+                                  admin)
+                masking = result.component(name, "masking")
+                if name == "masked" and masking.status != "on":
+                    out["errors"]["masking"] = (f"masking {masking.status}, so its figures are not those of masked "
+                                                f"answers: {masking.detail}")
     except BenchError as e:
         out["errors"]["start"] = str(e)[:2000]
     return out
 
 
-def verify_components(components: list[Component], port: int, tmp: Path) -> None:
-    """After the run: identity must refuse an anonymous call; recording and audit must have written."""
+def verify_components(components: list[Component], port: int, tmp: Path, token: str | None,
+                      admin: int | None) -> None:
+    """After the run: identity must refuse an anonymous call; recording and audit must have written;
+    masking must mask small_pii's answer; stage timing must show its counters on /metrics."""
     for comp in components:
         if comp.status != "on":
             continue
@@ -1008,6 +1246,32 @@ def verify_components(components: list[Component], port: int, tmp: Path) -> None
                        else (path.stat().st_size if path.exists() else 0))
             if not written:
                 comp.status, comp.detail = "wrote nothing", f"{comp.detail}; {path.name} is empty"
+        elif comp.name == "masking":
+            try:
+                reply = asyncio.run(_pii_call(port, token))
+            except (BenchError, OSError, asyncio.IncompleteReadError) as e:
+                comp.status, comp.detail = "not checked", f"a small_pii call failed: {e!r}"[:500]
+                continue
+            if any(value in reply.body for value in PII_VALUES):
+                comp.status, comp.detail = "not enforced", f"small_pii answered unmasked: {reply.describe()}"
+        elif comp.name == "stage timing":
+            try:
+                counters = scrape(admin)
+            except (OSError, ValueError) as e:
+                comp.status, comp.detail = "not checked", f"GET /metrics failed: {type(e).__name__}: {e}"[:500]
+                continue
+            if not counters:
+                comp.status, comp.detail = "no figures", f"{comp.detail}; /metrics shows no bastion_stage_* counter"
+
+
+async def _pii_call(port: int, token: str | None) -> Reply:
+    conn = await Load(port, token).connect()
+    try:
+        reply = await conn.call_tool("small_pii", {})
+        check_result(reply, conn.next_id)
+        return reply
+    finally:
+        conn.close()
 
 
 async def _anonymous_call(port: int) -> Reply:
@@ -1063,7 +1327,7 @@ class Row:
 ROWS: list[tuple[str, list[Row]]] = [
     ("tools/call, small JSON, concurrency 1", [
         Row("small.p50", "p50", "ms"), Row("small.p95", "p95", "ms"), Row("small.p99", "p99", "ms"),
-        Row("small.mask.p50", "p50, masked with pii (bundle)", "ms")]),
+        Row("small.mask.p50", "p50, an answer to mask (pii)", "ms")]),
     ("tools/call, large JSON, concurrency 1", [
         Row("large.p50", "p50", "ms"), Row("large.p95", "p95", "ms"), Row("large.p99", "p99", "ms")]),
     ("tools/call, SSE result, concurrency 1", [
@@ -1079,8 +1343,14 @@ ROWS: list[tuple[str, list[Row]]] = [
         Row("stream.rss_before", "proxy RSS before", "MiB", 1),
         Row("stream.rss_peak", "proxy RSS peak during", "MiB", 1),
         Row("stream.rss_growth", "proxy RSS growth", "MiB", 1), Row("stream.rss_after", "proxy RSS after", "MiB", 1)]),
+    ("sessions, opened and abandoned", [
+        Row("sessions.per_s", "initialize + 1 call", "sessions/s", 0),
+        Row("sessions.rss_before", "proxy RSS before", "MiB", 1),
+        Row("sessions.rss_after", "proxy RSS after", "MiB", 1),
+        Row("sessions.rss_growth", "proxy RSS growth", "MiB", 1)]),
     ("proxy memory", [Row("rss.idle", "RSS after start", "MiB", 1), Row("rss.peak", "peak RSS (VmHWM)", "MiB", 1)]),
 ]
+RATIOS = (("3/2", "bundle", "bare"), ("4/2", "masked", "bare"), ("3/1", "bundle", "direct"))
 
 
 def fmt(value: float | None, digits: int) -> str:
@@ -1091,8 +1361,12 @@ def ratio(a: float | None, b: float | None) -> str:
     return "" if a is None or not b else f"{a / b:.2f}"
 
 
+def ratio_key(label: str) -> str:
+    return "ratio_" + label.replace("/", "_")
+
+
 def table_rows(result: Result) -> list[dict[str, Any]]:
-    """Every figure with its ratios: bundle/bare (3/2) and bundle/direct (3/1)."""
+    """Every figure with its ratios: bundle/bare (3/2), masked/bare (4/2) and bundle/direct (3/1)."""
     rows = []
     for section, entries in ROWS:
         for row in entries:
@@ -1100,8 +1374,7 @@ def table_rows(result: Result) -> list[dict[str, Any]]:
             rows.append({
                 "section": section, "key": row.key, "label": row.label, "unit": row.unit, "digits": row.digits,
                 **values,
-                "ratio_3_2": ratio(values["bundle"], values["bare"]),
-                "ratio_3_1": ratio(values["bundle"], values["direct"]),
+                **{ratio_key(label): ratio(values[a], values[b]) for label, a, b in RATIOS},
                 "why_na": {c: why_missing(result, c, row) for c in CONFIGS if values[c] is None},
             })
     return rows
@@ -1121,12 +1394,97 @@ def why_missing(result: Result, config: str, row: Row) -> str:
     return "not measured"
 
 
+# --- CPU per stage and hook ------------------------------------------------------
+
+STAGE_STEPS = (("small.cN", "small JSON"), ("sse.cN", "SSE"))
+STAGE_NOTE = ("µs of CPU per call in the throughput steps, from the gateway's /metrics (stage_timing). "
+              "The stages run inside the hooks, so the two sums overlap; the process total also holds "
+              "mitmproxy's own work.")
+
+
+def stage_columns(result: Result) -> list[str]:
+    """`config/step` for each throughput step of each bundle configuration that ran."""
+    return [f"{c}/{step}" for step, _ in STAGE_STEPS for c in BUNDLE_CONFIGS if c in result.configs]
+
+
+def column_title(column: str, sep: str = "\n") -> str:
+    config, step = column.split("/")
+    return f"{TITLES[config]}{sep}{dict(STAGE_STEPS)[step]}"
+
+
+def why_no_stages(result: Result, config: str, step: str) -> str | None:
+    """Why a configuration has no CPU per stage for a step; None when it has."""
+    cfg = result.configs[config]
+    if step in cfg.get("stages", {}):
+        return None
+    errors = cfg.get("errors", {})
+    for key in ("start", "proxy", "ready"):
+        if key in errors:
+            return f"{key}: {errors[key]}"
+    comp = result.component(config, "stage timing")
+    if comp is not None and comp.status != "on":
+        return f"stage timing {comp.status}: {comp.detail}"
+    for key in (f"{step}.stages", step):
+        if key in errors:
+            return f"{key}: {errors[key]}"
+    return "not measured"
+
+
+def stage_table(result: Result) -> dict[str, Any]:
+    """The CPU per call of each stage and hook (costliest first), their sums and the process's total, per
+    bundle configuration and throughput step; `why_na` says why a column has no figures."""
+    columns = stage_columns(result)
+    figures: dict[str, dict[str, Any]] = {}
+    why_na: dict[str, str] = {}
+    for column in columns:
+        config, step = column.split("/")
+        why = why_no_stages(result, config, step)
+        if why is None:
+            figures[column] = result.configs[config]["stages"][step]
+        else:
+            why_na[column] = why
+    rows: list[dict[str, Any]] = []
+    for kind in ("stage", "hook"):
+        names = sorted({name for f in figures.values() for name in f[kind]})
+        part = []
+        for name in names:  # one that never ran in a configuration has no counter there: it cost nothing
+            cells = {c: f[kind].get(name, {"cpu_us": 0.0, "per_call": 0.0}) for c, f in figures.items()}
+            part.append({"kind": kind, "name": name, "label": f"{kind} {name}",
+                         "cpu_us": {c: cell["cpu_us"] for c, cell in cells.items()},
+                         "per_call": {c: cell["per_call"] for c, cell in cells.items()}})
+        rows += sorted(part, key=lambda r: -max(r["cpu_us"].values()))
+    for key, label in (("stages_cpu_us", "sum of the stages"), ("hooks_cpu_us", "sum of the hooks"),
+                       ("cpu_us", "the proxy process, all (/proc)")):
+        rows.append({"kind": "total", "name": key, "label": label,
+                     "cpu_us": {c: result.metric(c.split("/")[0], f"{c.split('/')[1]}.{key}") for c in figures}})
+    return {"columns": columns, "rows": rows if figures else [], "why_na": why_na}
+
+
+def stage_reasons(table: dict[str, Any]) -> list[tuple[str, str]]:
+    """(which, why) for each column without figures; a reason both steps of a configuration share is said once."""
+    by_config: dict[str, list[tuple[str, str]]] = {}
+    for column, why in table["why_na"].items():
+        by_config.setdefault(column.split("/")[0], []).append((column, " ".join(why.split())[:400]))
+    out = []
+    for config, items in by_config.items():
+        if len(items) == len(STAGE_STEPS) and len({why for _, why in items}) == 1:
+            out.append((TITLES[config], items[0][1]))
+        else:
+            out += [(column_title(column, ", "), why) for column, why in items]
+    return out
+
+
 def targets(result: Result) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured figure and met / missed / n/a; none for a --quick run."""
+    """The issue's targets, each with the measured figure and met / missed / n/a; none for a --quick run.
+
+    The masked configuration's figure counts only when its masking was seen in force.
+    """
     if not result.settings.judge_targets:
         return []
     m = result.metric
     masking = next((x["value"] for x in result.micro if x["name"] == "masking, all detectors"), None)
+    masked = result.component("masked", "masking")
+    masked_calls = m("masked", "small.cN.calls_s") if masked is not None and masked.status == "on" else None
 
     def diff(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a - b
@@ -1137,19 +1495,30 @@ def targets(result: Result) -> list[dict[str, Any]]:
     items = [
         ("calls/s, bundle vs bare (small JSON)", ">= 0.80",
          quotient(m("bundle", "small.cN.calls_s"), m("bare", "small.cN.calls_s")), lambda v: v >= 0.8, "x"),
-        ("p50 added at concurrency 1 (small JSON)", "< 1 ms",
-         diff(m("bundle", "small.p50"), m("bare", "small.p50")), lambda v: v < 1.0, "ms"),
-        ("SSE time to first event vs bare (p50)", "< 2 ms",
-         diff(m("bundle", "ttfe.p50"), m("bare", "ttfe.p50")), lambda v: v < 2.0, "ms"),
+        ("calls/s, bundle vs bare (SSE result)", ">= 0.80",
+         quotient(m("bundle", "sse.cN.calls_s"), m("bare", "sse.cN.calls_s")), lambda v: v >= 0.8, "x"),
+        ("p50 added at concurrency 1 (small JSON)", "< 0.5 ms",
+         diff(m("bundle", "small.p50"), m("bare", "small.p50")), lambda v: v < 0.5, "ms"),
+        ("p50 added at concurrency 1 (SSE result)", "< 0.5 ms",
+         diff(m("bundle", "sse.p50"), m("bare", "sse.p50")), lambda v: v < 0.5, "ms"),
+        ("calls/s, every answer masked with pii vs bare (small JSON)", ">= 0.70",
+         quotient(masked_calls, m("bare", "small.cN.calls_s")), lambda v: v >= 0.7, "x"),
+        ("masking throughput, all detectors (large text)", ">= 100 MB/s", masking, lambda v: v >= 100, "MB/s"),
         ("RSS growth across the stream (bundle)", "< 64 MiB",
          m("bundle", "stream.rss_growth"), lambda v: v < 64, "MiB"),
-        ("masking throughput, all detectors (large text)", ">= 100 MB/s", masking, lambda v: v >= 100, "MB/s"),
-        ("p50 added by masking a small answer (pii)", "< 0.5 ms",
-         diff(m("bundle", "small.mask.p50"), m("bundle", "small.p50")), lambda v: v < 0.5, "ms"),
+        (f"RSS growth across {result.settings.sessions:,} sessions (bundle)", "< 32 MiB",
+         m("bundle", "sessions.rss_growth"), lambda v: v < 32, "MiB"),
+        ("SSE time to first event vs bare (p50)", "< 2 ms",
+         diff(m("bundle", "ttfe.p50"), m("bare", "ttfe.p50")), lambda v: v < 2.0, "ms"),
     ]
     return [{"target": name, "goal": goal, "measured": value, "unit": unit,
              "status": "n/a" if value is None else ("met" if ok(value) else "missed")}
             for name, goal, value, ok, unit in items]
+
+
+def two_lines(title: str) -> str:
+    """A long column title on two lines: the figures fit 120 columns with the labels unwrapped."""
+    return title if len(title) <= 8 else "\n".join(title.rsplit(" ", 1))
 
 
 def print_report(result: Result, console=None) -> None:
@@ -1158,21 +1527,36 @@ def print_report(result: Result, console=None) -> None:
 
     console = console or Console(width=None if sys.stdout.isatty() else 120)
     s = result.settings
-    table = Table(title=f"mcp-bastion benchmark (N = {s.concurrency} connections, stream {s.stream_bytes >> 20} MiB)")
+    table = Table(title=f"mcp-bastion benchmark (N = {s.concurrency} connections, stream {s.stream_bytes >> 20} MiB, "
+                        f"{s.sessions:,} sessions)")
     table.add_column("metric")
     table.add_column("unit")
     for c in CONFIGS:
-        table.add_column(TITLES[c], justify="right")
-    table.add_column("3/2", justify="right")
-    table.add_column("3/1", justify="right")
+        table.add_column(two_lines(TITLES[c]), justify="right")
+    for label, _, _ in RATIOS:
+        table.add_column(label, justify="right")
     section = None
     for row in table_rows(result):
         if row["section"] != section:
             section = row["section"]
             table.add_row(f"[bold]{section}[/bold]", end_section=False)
         table.add_row("  " + row["label"], row["unit"], *(fmt(row[c], row["digits"]) for c in CONFIGS),
-                      row["ratio_3_2"], row["ratio_3_1"])
+                      *(row[ratio_key(label)] for label, _, _ in RATIOS))
     console.print(table)
+
+    stages = stage_table(result)
+    if stages["rows"]:
+        st = Table(title="CPU per call by stage and hook (µs)", caption=STAGE_NOTE)
+        st.add_column("stage or hook")
+        for column in stages["columns"]:
+            st.add_column(column_title(column), justify="right")
+        rows = stages["rows"]
+        for i, row in enumerate(rows):
+            st.add_row(row["label"], *(fmt(row["cpu_us"].get(c), 1) for c in stages["columns"]),
+                       end_section=i + 1 < len(rows) and rows[i + 1]["kind"] != row["kind"])
+        console.print(st)
+    for which, why in stage_reasons(stages):
+        console.print(f"CPU per stage and hook, {which}: n/a because {why}")
 
     if not s.judge_targets:
         console.print(f"targets: {QUICK_NOTE} (its figures mean little; run scripts/bench without --quick)")
@@ -1196,11 +1580,11 @@ def print_report(result: Result, console=None) -> None:
         console.print(mt)
 
     if result.components:
-        ct = Table(title="bundle components (configuration 3)")
-        for col in ("component", "status", "detail"):
+        ct = Table(title=f"bundle components ({', '.join(dict.fromkeys(TITLES[c.config] for c in result.components))})")
+        for col in ("config", "component", "status", "detail"):
             ct.add_column(col)
         for comp in result.components:
-            ct.add_row(comp.name, comp.status, comp.detail)
+            ct.add_row(comp.config, comp.name, comp.status, comp.detail)
         console.print(ct)
 
     for name, cfg in result.configs.items():
@@ -1214,18 +1598,31 @@ def markdown(result: Result) -> str:
     lines = [
         f"`{m.get('command', 'scripts/bench')}` on {m.get('started', '?')}, commit {m.get('commit') or '?'}, "
         f"{m.get('cpus')} CPUs, Python {m.get('python')}, mitmproxy {m.get('mitmproxy')}; "
-        f"N = {s.concurrency} connections, stream {s.stream_bytes >> 20} MiB, large result {s.large_bytes >> 10} KiB.",
+        f"N = {s.concurrency} connections, stream {s.stream_bytes >> 20} MiB, large result {s.large_bytes >> 10} KiB, "
+        f"{s.sessions:,} sessions.",
         "",
-        "| metric | unit | " + " | ".join(TITLES[c] for c in CONFIGS) + " | 3/2 | 3/1 |",
-        "|" + "---|" * 2 + "---:|" * (len(CONFIGS) + 2),
+        "| metric | unit | " + " | ".join(TITLES[c] for c in CONFIGS) + " | "
+        + " | ".join(label for label, _, _ in RATIOS) + " |",
+        "|" + "---|" * 2 + "---:|" * (len(CONFIGS) + len(RATIOS)),
     ]
     section = None
     for row in table_rows(result):
         if row["section"] != section:
             section = row["section"]
-            lines.append(f"| **{section}** |" + " |" * (len(CONFIGS) + 3))
+            lines.append(f"| **{section}** |" + " |" * (len(CONFIGS) + len(RATIOS) + 1))
         lines.append(f"| {row['label']} | {row['unit']} | " + " | ".join(fmt(row[c], row["digits"]) for c in CONFIGS)
-                     + f" | {row['ratio_3_2']} | {row['ratio_3_1']} |")
+                     + " | " + " | ".join(row[ratio_key(label)] for label, _, _ in RATIOS) + " |")
+    stages = stage_table(result)
+    if stages["rows"]:
+        lines += ["", STAGE_NOTE, "",
+                  "| stage or hook | " + " | ".join(column_title(c, ", ") for c in stages["columns"]) + " |",
+                  "|---|" + "---:|" * len(stages["columns"])]
+        for row in stages["rows"]:
+            lines.append(f"| {row['label']} | " + " | ".join(fmt(row["cpu_us"].get(c), 1) for c in stages["columns"])
+                         + " |")
+    if stage_reasons(stages):
+        lines += ["", "CPU per stage and hook, n/a:", ""]
+        lines += [f"- {which}: {why}" for which, why in stage_reasons(stages)]
     if not s.judge_targets:
         lines += ["", f"Targets: {QUICK_NOTE}."]
     else:
@@ -1249,19 +1646,30 @@ def main(argv: list[str] | None = None) -> int:
                             epilog="\n\n".join(__doc__.strip().split("\n\n")[-2:]),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny run (few calls, 2 MiB stream): checks the harness, figures mean little; "
-                             "targets are not judged")
+                        help="a tiny run (few calls, 2 MiB stream, 50 sessions): checks the harness, figures mean "
+                             "little; targets are not judged")
     parser.add_argument("--json", type=Path,
                         help=f"where to write the results (default: {DEFAULT_JSON_DIR.relative_to(ROOT)}/<time>.json); "
                              "the Markdown table goes next to it")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of direct,bare,bundle to run")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"which of {','.join(CONFIGS)} to run")
     parser.add_argument("--samples", type=positive(int), help="sequential calls per latency measurement")
     parser.add_argument("--duration", type=positive(float), help="seconds per throughput measurement")
     parser.add_argument("--concurrency", type=positive(int), help="connections in a throughput measurement")
     parser.add_argument("--stream-mb", type=positive(int), help="size of the long event stream in MiB")
-    parser.add_argument("--script", type=Path, help="mitmdump script of configuration 3 (default: addons/bastion.py)")
+    parser.add_argument("--sessions", type=positive(int), metavar="N",
+                        help="sessions for the proxy's RSS across them, each initialize, one small call and the "
+                             "connection closed without a DELETE (default: 10000; --quick: 50)")
+    parser.add_argument("--script", type=Path,
+                        help="mitmdump script of configurations 3 and 4 (default: addons/bastion.py)")
     parser.add_argument("--profile", type=Path, metavar="PATH",
                         help="run each mitmdump under cProfile and write PATH.<config>.prof (figures are then slower)")
+    parser.add_argument("--spy", type=Path, metavar="PATH",
+                        help="sample each mitmdump with py-spy (on PATH or next to python; 200 Hz) during the small "
+                             "JSON throughput step and write PATH.<config>.txt: collapsed stacks, one line per "
+                             "stack (frames joined by ';', then a sample count), for a flame graph tool "
+                             "(flamegraph.pl, inferno-flamegraph, speedscope). The sampled process pauses at each "
+                             "sample: that step's figures are slower. Without py-spy, or if it cannot attach, "
+                             "the run goes on without it")
     parser.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")
     args = parser.parse_args(argv)
     configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
@@ -1272,11 +1680,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--configs names no configuration (choose from {', '.join(CONFIGS)})")
     path = args.json or DEFAULT_JSON_DIR / (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
     try:
-        if args.script is not None and "bundle" in configs:
+        if args.script is not None and set(BUNDLE_CONFIGS) & set(configs):
             if not args.script.is_file():
                 raise CannotRun(f"--script {args.script}: no such file")
         if args.profile is not None:
             check_writable(args.profile.with_suffix(".bare.prof"), "--profile")
+        if args.spy is not None:
+            check_writable(args.spy.with_suffix(".bare.txt"), "--spy")
         if not path.parent.is_dir() and not path.parent.exists():
             path.parent.mkdir(parents=True)
         check_writable(path, "--json file")
@@ -1289,8 +1699,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.quick() if args.quick else Settings()
     settings.judge_targets = not args.quick
     for name, value in (("samples", args.samples), ("duration", args.duration), ("concurrency", args.concurrency),
-                        ("script", args.script and args.script.resolve()),
-                        ("profile", args.profile and args.profile.resolve())):
+                        ("sessions", args.sessions), ("script", args.script and args.script.resolve()),
+                        ("profile", args.profile and args.profile.resolve()),
+                        ("spy", args.spy and args.spy.resolve())):
         if value is not None:
             setattr(settings, name, value)
     if args.stream_mb is not None:

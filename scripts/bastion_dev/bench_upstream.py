@@ -5,8 +5,9 @@ the bottleneck of a measurement.
 
     .venv/bin/python scripts/bastion_dev/bench_upstream.py --port 8000
 
-`initialize` answers with a session id, notifications get 202, `tools/list`
-lists the tools below, and `tools/call` runs one of them:
+`initialize` answers with a new session id (as a real server does: a gateway
+that keeps state per session must see each one), notifications get 202,
+`tools/list` lists the tools below, and `tools/call` runs one of them:
 
 - `small`: a JSON result of about 100 bytes.
 - `large`: a JSON result whose text is `arguments.bytes` long (default 1 MiB).
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import functools
 import json
+import uuid
 from typing import Any
 
 TOOLS = [
@@ -182,7 +184,7 @@ class MCPUpstream(asyncio.Protocol):
         elif method == "initialize":
             result = {"protocolVersion": params.get("protocolVersion", "2025-06-18"),
                       "capabilities": {"tools": {}}, "serverInfo": {"name": "bench-upstream", "version": "1"}}
-            write(json_response(rpc_result(msg_id, result), {"mcp-session-id": "bench-session"}))
+            write(json_response(rpc_result(msg_id, result), {"mcp-session-id": str(uuid.uuid4())}))
         elif method == "tools/list":
             write(json_response(rpc_result(msg_id, {"tools": TOOLS})))
         elif method == "tools/call":

@@ -23,8 +23,9 @@ def synthetic(settings: bench.Settings) -> bench.Result:
     """What a run would give: one figure per configuration, enough for every target to have a verdict."""
     result = bench.Result(settings, meta={"started": "2026-11-30T12:00:00+00:00", "commit": "abc1234"})
     figures = {"small.p50": 1.0, "small.cN.calls_s": 1000.0, "ttfe.p50": 1.0, "stream.rss_growth": 80.0,
-               "small.mask.p50": 3.0}
+               "small.mask.p50": 3.0, "sessions.rss_growth": 2.0}
     result.configs = {name: {"metrics": dict(figures), "errors": {}} for name in bench.CONFIGS}
+    result.components = [bench.Component("masking", "on", "pii on the answer to every tools/call", "masked")]
     result.micro = [{"name": "masking, all detectors", "value": 50.0, "unit": "MB/s", "note": ""}]
     return result
 
@@ -66,6 +67,55 @@ def test_a_full_run_judges_the_targets(fake_run, tmp_path, capsys):
     assert fake_run["configs"] == ("bare", "bundle")
 
 
+def test_every_configuration_runs_by_default_and_masked_can_be_chosen(fake_run, tmp_path, capsys):
+    assert bench.main(["--quick", "--json", str(tmp_path / "a.json")]) == 0
+    assert fake_run["configs"] == ("direct", "bare", "bundle", "masked")
+    assert bench.main(["--quick", "--configs", "bare,masked", "--json", str(tmp_path / "b.json")]) == 0
+    assert fake_run["configs"] == ("bare", "masked")
+    printed = capsys.readouterr().out
+    assert "4 masked" in printed and "4/2" in printed
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--configs", "bare,masks"], "unknown configuration(s): masks"),
+    (["--sessions", "0"], "--sessions: must be more than 0: 0"),
+    (["--sessions", "many"], "--sessions: not a number: 'many'"),
+    (["--spy", "/nonexistent/dir/spy"], "cannot write --spy /nonexistent/dir/spy.bare.txt"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(fake_run, tmp_path, capsys, args, why):
+    assert exit_status([*args, "--json", str(tmp_path / "x.json")]) == 2
+    assert why in capsys.readouterr().err
+    assert fake_run == {} and not (tmp_path / "x.json").exists()
+
+
+def exit_status(argv: list[str]) -> int:
+    """main's status, whether it returns it or argparse exits with it."""
+    try:
+        return bench.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_sessions_and_spy_reach_the_settings(fake_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--quick", "--json", "q.json"]) == 0
+    assert fake_run["settings"].sessions == 50 and fake_run["settings"].spy is None
+    assert bench.main(["--quick", "--spy", "prof/spy", "--json", "q.json"]) == 2  # no directory prof
+    (tmp_path / "prof").mkdir()
+    assert bench.main(["--quick", "--sessions", "300", "--spy", "prof/spy", "--json", "q.json"]) == 0
+    assert fake_run["settings"].sessions == 300 and fake_run["settings"].spy == tmp_path / "prof" / "spy"
+    assert bench.main(["--json", "full.json"]) == 0
+    assert fake_run["settings"].sessions == 10_000
+
+
+def test_help_says_how_to_read_the_spy_samples(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--spy PATH" in text and "py-spy" in text and "PATH.<config>.txt: collapsed stacks" in text
+    assert "flame graph" in text and "--sessions N" in text and "direct,bare,bundle,masked" in text
+
+
 def test_json_goes_where_the_caller_is(fake_run, tmp_path, monkeypatch, capsys):
     """A relative --json is the caller's: the wrapper no longer changes into the checkout."""
     monkeypatch.chdir(tmp_path)
@@ -82,7 +132,10 @@ class NoLoad:
     async def sequential(self, call, n):
         raise bench.BenchError("HTTP 502 nobody there")
 
-    async def saturate(self, call, concurrency, duration):
+    async def saturate(self, call, concurrency, duration, at_start=None):
+        raise bench.BenchError("HTTP 502 nobody there")
+
+    async def sessions(self, n, concurrency):
         raise bench.BenchError("HTTP 502 nobody there")
 
     async def connect(self):
@@ -95,25 +148,26 @@ def test_each_step_says_what_it_runs():
     m = bench.Measurement(NoLoad(), None, settings, progress=said.append)
     asyncio.run(m.run())
     assert said == [
-        "1/10: waiting until it answers",
-        "2/10: warm-up, 5 calls",
-        "3/10: latency, small JSON, 20 calls",
-        "4/10: latency, small JSON masked with pii, 20 calls",
-        "5/10: latency, large JSON, 10 calls",
-        "6/10: latency, SSE result, 20 calls",
-        "7/10: SSE time to first event, 10 calls",
-        "8/10: throughput, small JSON, 4 connections for 0.3 s",
-        "9/10: throughput, SSE result, 4 connections for 0.3 s",
-        "10/10: a 2 MiB event stream",
+        "1/11: waiting until it answers",
+        "2/11: warm-up, 5 calls",
+        "3/11: latency, small JSON, 20 calls",
+        "4/11: latency, small JSON masked with pii, 20 calls",
+        "5/11: latency, large JSON, 10 calls",
+        "6/11: latency, SSE result, 20 calls",
+        "7/11: SSE time to first event, 10 calls",
+        "8/11: throughput, small JSON, 4 connections for 0.3 s",
+        "9/11: throughput, SSE result, 4 connections for 0.3 s",
+        "10/11: a 2 MiB event stream",
+        "11/11: 50 sessions opened and abandoned, 16 at a time",
     ]
     assert set(m.errors) == {"ready", "warmup", "small", "small.mask", "large", "sse", "ttfe", "small.cN", "sse.cN",
-                             "stream"}
+                             "stream", "sessions"}
 
 
 def test_progress_goes_to_stderr(capsys):
-    bench.say("config bundle (3/3), 4/10: latency, large JSON, 10 calls")
+    bench.say("config bundle (3/4), 5/11: latency, large JSON, 10 calls")
     out, err = capsys.readouterr()
-    assert out == "" and err == "bench: config bundle (3/3), 4/10: latency, large JSON, 10 calls\n"
+    assert out == "" and err == "bench: config bundle (3/4), 5/11: latency, large JSON, 10 calls\n"
 
 
 @pytest.fixture
@@ -176,3 +230,21 @@ def test_the_wrapper_runs_bench_in_the_callers_directory():
     proc = subprocess.run([str(bench.ROOT / "scripts" / "bench"), "--version"], capture_output=True, text=True,
                           timeout=60, cwd="/")
     assert proc.returncode == 0 and proc.stdout.startswith("scripts/bench (mcp-bastion) ")
+
+
+def test_spy_that_cannot_sample_is_said_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "py-spy"
+    fake.write_text("#!/bin/sh\necho 'Permission Denied: Try running again with elevated permissions' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(bench, "py_spy", lambda: str(fake))
+    spy = bench.Spy(tmp_path / "run.bundle.txt", tmp_path / "spy.log")
+    spy.start(os.getpid(), 0.3)
+    spy.finish(10)
+    err = capsys.readouterr().err
+    assert "bench: --spy: py-spy could not sample the proxy (exit 1): Permission Denied" in err
+    assert not bench.LIVE and not (tmp_path / "run.bundle.txt").exists()
+
+    monkeypatch.setattr(bench, "py_spy", lambda: None)
+    spy.start(os.getpid(), 0.3)
+    spy.finish(10)
+    assert "--spy: no py-spy on PATH nor next to" in capsys.readouterr().err

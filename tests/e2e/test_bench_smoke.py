@@ -7,9 +7,13 @@ here is compared with a speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import json
 import math
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -66,39 +70,193 @@ def test_body_notes_the_first_complete_event_across_chunks():
     assert body.bytes() == b"x" * 10 + b"tail"  # only the end is kept when the body is discarded
 
 
-def synthetic() -> bench.Result:
-    result = bench.Result(bench.Settings.quick())
+def synthetic(judge: bool = False) -> bench.Result:
+    settings = bench.Settings() if judge else bench.Settings.quick()
+    result = bench.Result(settings)
     result.configs = {
         "direct": {"metrics": {"small.p50": 0.2, "small.cN.calls_s": 10000.0}, "errors": {}},
-        "bare": {"metrics": {"small.p50": 1.5, "small.cN.calls_s": 1000.0, "ttfe.p50": 1.0}, "errors": {}},
+        "bare": {"metrics": {"small.p50": 1.5, "small.cN.calls_s": 1000.0, "ttfe.p50": 1.0, "sse.p50": 2.0,
+                             "sse.cN.calls_s": 500.0}, "errors": {}},
         "bundle": {"metrics": {"small.p50": 3.0, "small.cN.calls_s": 900.0, "ttfe.p50": 1.5,
-                               "stream.rss_growth": 80.0}, "errors": {"sse": "BenchError: HTTP 503"}},
+                               "stream.rss_growth": 80.0, "sse.cN.calls_s": 350.0, "sessions.rss_growth": 12.5},
+                   "errors": {"sse": "BenchError: HTTP 503"}},
+        "masked": {"metrics": {"small.p50": 3.3, "small.cN.calls_s": 750.0}, "errors": {}},
     }
+    result.components = [bench.Component("masking", "on", "pii on the answer to every tools/call", "masked")]
+    result.micro = [{"name": "masking, all detectors", "value": 120.0, "unit": "MB/s", "note": ""}]
     return result
 
 
 def test_ratios_and_targets_from_figures():
-    result = synthetic()
+    result = synthetic(judge=True)
     rows = {r["key"]: r for r in bench.table_rows(result)}
     assert rows["small.p50"]["ratio_3_2"] == "2.00" and rows["small.p50"]["ratio_3_1"] == "15.00"
+    assert rows["small.p50"]["ratio_4_2"] == "2.20" and rows["small.cN.calls_s"]["ratio_4_2"] == "0.75"
     assert rows["sse.p50"]["bundle"] is None and rows["sse.p50"]["ratio_3_2"] == ""
+    assert rows["sse.p50"]["why_na"]["bundle"] == "sse: BenchError: HTTP 503"
     status = {t["target"]: (t["status"], t["measured"]) for t in bench.targets(result)}
-    assert status["calls/s, bundle vs bare (small JSON)"] == ("met", 0.9)
-    assert status["p50 added at concurrency 1 (small JSON)"] == ("missed", 1.5)
-    assert status["SSE time to first event vs bare (p50)"] == ("met", 0.5)
-    assert status["RSS growth across the stream (bundle)"] == ("missed", 80.0)
-    assert status["masking throughput, all detectors (large text)"] == ("n/a", None)
+    assert status == {
+        "calls/s, bundle vs bare (small JSON)": ("met", 0.9),
+        "calls/s, bundle vs bare (SSE result)": ("missed", 0.7),
+        "p50 added at concurrency 1 (small JSON)": ("missed", 1.5),
+        "p50 added at concurrency 1 (SSE result)": ("n/a", None),  # the bundle's SSE step failed
+        "calls/s, every answer masked with pii vs bare (small JSON)": ("met", 0.75),
+        "masking throughput, all detectors (large text)": ("met", 120.0),
+        "RSS growth across the stream (bundle)": ("missed", 80.0),
+        "RSS growth across 10,000 sessions (bundle)": ("met", 12.5),
+        "SSE time to first event vs bare (p50)": ("met", 0.5),
+    }
+    goals = {t["target"]: t["goal"] for t in bench.targets(result)}
+    assert goals["p50 added at concurrency 1 (small JSON)"] == "< 0.5 ms"
+    assert goals["RSS growth across 10,000 sessions (bundle)"] == "< 32 MiB"
+
+
+def test_masked_throughput_is_judged_only_with_masking_in_force():
+    result = synthetic(judge=True)
+    result.components[0].status = "not enforced"
+    status = {t["target"]: t["status"] for t in bench.targets(result)}
+    assert status["calls/s, every answer masked with pii vs bare (small JSON)"] == "n/a"
 
 
 def test_markdown_has_one_line_per_figure():
     md = bench.markdown(synthetic())
     lines = md.splitlines()
-    assert lines[0].startswith("`scripts/bench` on ")
-    assert lines[2].startswith("| metric | unit | 1 direct | 2 bare mitmdump | 3 full bundle | 3/2 | 3/1 |")
+    assert lines[0].startswith("`scripts/bench` on ") and lines[0].endswith(", 50 sessions.")
+    assert lines[2] == ("| metric | unit | 1 direct | 2 bare mitmdump | 3 full bundle | 4 masked (pii) "
+                        "| 3/2 | 4/2 | 3/1 |")
     assert "- 3 full bundle, sse: BenchError: HTTP 503" in lines
     figures = [line for line in lines if line.startswith("| p50 | ms |")]
-    assert figures[0] == "| p50 | ms | 0.20 | 1.50 | 3.00 | 2.00 | 15.00 |"
+    assert figures[0] == "| p50 | ms | 0.20 | 1.50 | 3.00 | 3.30 | 2.00 | 2.20 | 15.00 |"
     assert sum(len(rows) for _, rows in bench.ROWS) + len(bench.ROWS) + 2 <= len(lines)
+
+
+# What the gateway's admin listener shows with stage_timing on (trimmed from a real page): counters are
+# exposed with `_total`, prometheus_client's own counters add `_created` gauges, other families around.
+METRICS_PAGE = """\
+# HELP bastion_decisions_total Message decisions by action, rule and caller group
+# TYPE bastion_decisions_total counter
+bastion_decisions_total{{action="mask",group="engineering",rule="bench-mask-all"}} {calls}.0
+# HELP bastion_decisions_created Message decisions by action, rule and caller group
+# TYPE bastion_decisions_created gauge
+bastion_decisions_created{{action="mask",group="engineering",rule="bench-mask-all"}} 1.7960567529768822e+09
+# HELP bastion_request_duration_seconds Time from request to the end of its answer
+# TYPE bastion_request_duration_seconds histogram
+bastion_request_duration_seconds_bucket{{le="0.001",method="tools/call",outcome="ok"}} 0.0
+bastion_request_duration_seconds_bucket{{le="+Inf",method="tools/call",outcome="ok"}} {calls}.0
+bastion_request_duration_seconds_count{{method="tools/call",outcome="ok"}} {calls}.0
+bastion_request_duration_seconds_sum{{method="tools/call",outcome="ok"}} 0.016478
+# HELP bastion_idp_keys Signing keys held per issuer
+# TYPE bastion_idp_keys gauge
+bastion_idp_keys{{issuer="http://127.0.0.1:44717"}} 1.0
+# HELP bastion_stage_cpu_seconds_total CPU time per stage (stage_timing)
+# TYPE bastion_stage_cpu_seconds_total counter
+bastion_stage_cpu_seconds_total{{stage="approval"}} {approval_cpu}
+bastion_stage_cpu_seconds_total{{stage="policy"}} {policy_cpu}
+bastion_stage_cpu_seconds_total{{stage="resp:mask"}} {mask_cpu}
+# HELP bastion_stage_checks_total Checks per stage (stage_timing)
+# TYPE bastion_stage_checks_total counter
+bastion_stage_checks_total{{stage="approval"}} {calls}.0
+bastion_stage_checks_total{{stage="policy"}} {calls}.0
+bastion_stage_checks_total{{stage="resp:mask"}} {events}.0
+# HELP bastion_hook_cpu_seconds_total CPU time per hook (stage_timing)
+# TYPE bastion_hook_cpu_seconds_total counter
+bastion_hook_cpu_seconds_total{{hook="auditlog.response"}} {audit_cpu}
+bastion_hook_cpu_seconds_total{{hook="pipeline.request"}} {pipeline_cpu}
+# HELP bastion_hook_cpu_seconds_created CPU time per hook (stage_timing)
+# TYPE bastion_hook_cpu_seconds_created gauge
+bastion_hook_cpu_seconds_created{{hook="auditlog.response"}} 1.7960567529768822e+09
+# HELP bastion_hook_calls_total Calls per hook (stage_timing)
+# TYPE bastion_hook_calls_total counter
+bastion_hook_calls_total{{hook="auditlog.response"}} {calls}.0
+bastion_hook_calls_total{{hook="pipeline.request"}} {calls}.0
+"""
+
+
+def page(calls: int, **cpu: float) -> str:
+    return METRICS_PAGE.format(calls=calls, events=2 * calls, **cpu)
+
+
+BEFORE = page(7, approval_cpu=4.9225e-05, policy_cpu=0.000478573, mask_cpu=0.000426785, audit_cpu=0.002284663,
+              pipeline_cpu=0.00303233)
+AFTER = page(1007, approval_cpu=0.002049225, policy_cpu=0.040478573, mask_cpu=0.080426785, audit_cpu=0.302284663,
+             pipeline_cpu=0.25303233)
+
+
+def test_metrics_page_gives_the_stage_and_hook_counters():
+    assert bench.read_counters(BEFORE) == {
+        ("stage", "approval"): (7.0, 4.9225e-05), ("stage", "policy"): (7.0, 0.000478573),
+        ("stage", "resp:mask"): (14.0, 0.000426785),
+        ("hook", "auditlog.response"): (7.0, 0.002284663), ("hook", "pipeline.request"): (7.0, 0.00303233),
+    }
+    assert bench.read_counters(BEFORE.split("# HELP bastion_stage_cpu")[0]) == {}  # stage_timing off
+
+
+def test_two_pages_give_the_cpu_per_call_of_each_stage_and_hook():
+    figures = bench.per_call(bench.read_counters(BEFORE), bench.read_counters(AFTER), 1000)
+    assert {name: (round(f["cpu_us"], 3), f["per_call"]) for name, f in figures["stage"].items()} == {
+        "approval": (2.0, 1.0), "policy": (40.0, 1.0), "resp:mask": (80.0, 2.0)}
+    assert {name: round(f["cpu_us"], 3) for name, f in figures["hook"].items()} == {
+        "auditlog.response": 300.0, "pipeline.request": 250.0}
+
+
+def test_stage_table_puts_the_costliest_first_next_to_the_process_total(capsys):
+    result = synthetic()
+    figures = bench.per_call(bench.read_counters(BEFORE), bench.read_counters(AFTER), 1000)
+    masked = result.configs["masked"]
+    masked["stages"] = {"small.cN": {"calls": 1000, **figures}}
+    masked["metrics"].update({"small.cN.cpu_us": 2500.0, "small.cN.stages_cpu_us": 122.0,
+                              "small.cN.hooks_cpu_us": 550.0})
+    result.components.append(bench.Component("stage timing", "on", "stage_timing=true", "masked"))
+    result.components.append(bench.Component("stage timing", "n/a", "the bundle declares no option stage_timing",
+                                             "bundle"))
+    table = bench.stage_table(result)
+    assert table["columns"] == ["bundle/small.cN", "masked/small.cN", "bundle/sse.cN", "masked/sse.cN"]
+    assert [(r["label"], r["cpu_us"]) for r in table["rows"]] == [
+        ("stage resp:mask", {"masked/small.cN": pytest.approx(80.0)}),
+        ("stage policy", {"masked/small.cN": pytest.approx(40.0)}),
+        ("stage approval", {"masked/small.cN": pytest.approx(2.0)}),
+        ("hook auditlog.response", {"masked/small.cN": pytest.approx(300.0)}),
+        ("hook pipeline.request", {"masked/small.cN": pytest.approx(250.0)}),
+        ("sum of the stages", {"masked/small.cN": 122.0}),
+        ("sum of the hooks", {"masked/small.cN": 550.0}),
+        ("the proxy process, all (/proc)", {"masked/small.cN": 2500.0}),
+    ]
+    assert table["why_na"] == {"bundle/small.cN": "stage timing n/a: the bundle declares no option stage_timing",
+                               "bundle/sse.cN": "stage timing n/a: the bundle declares no option stage_timing",
+                               "masked/sse.cN": "not measured"}
+    bench.print_report(result)
+    printed = capsys.readouterr().out
+    assert "CPU per call by stage and hook (µs)" in printed
+    assert ("CPU per stage and hook, 3 full bundle: n/a because stage timing n/a: the bundle declares no option "
+            "stage_timing") in printed
+    assert "CPU per stage and hook, 4 masked (pii), SSE: n/a because not measured" in printed
+    md = bench.markdown(result)
+    assert "| stage or hook | 3 full bundle, small JSON | 4 masked (pii), small JSON |" in md
+    assert "| stage resp:mask | n/a | 80.0 | n/a | n/a |" in md
+    assert "| the proxy process, all (/proc) | n/a | 2,500.0 | n/a | n/a |" in md
+
+
+def test_a_bundle_without_stage_timing_has_its_stage_table_na_with_why(tmp_path, capsys):
+    """The per-stage figures of a bundle that does not declare `stage_timing` are n/a, and say why."""
+    script = tmp_path / "plain.py"
+    script.write_text("addons = []\n")
+    with contextlib.ExitStack() as stack:
+        setup = bench.bundle_setup(script, tmp_path, bench.free_port(), stack, "masked")
+    comps = {c.name: c for c in setup.components}
+    assert setup.admin_port is None and "stage_timing" not in setup.options and "admin_listen" not in setup.options
+    assert (comps["stage timing"].status, comps["stage timing"].detail) == (
+        "n/a", "the bundle declares no option stage_timing")
+    assert comps["masking"].status == "n/a" and all(c.config == "masked" for c in setup.components)
+    result = bench.Result(bench.Settings.quick(), components=setup.components)
+    result.configs["masked"] = {"metrics": {"small.cN.calls_s": 100.0, "small.cN.cpu_us": 900.0}, "errors": {}}
+    table = bench.stage_table(result)
+    assert table["rows"] == []
+    assert set(table["why_na"].values()) == {"stage timing n/a: the bundle declares no option stage_timing"}
+    bench.print_report(result)
+    printed = capsys.readouterr().out
+    assert "CPU per call by stage and hook" not in printed
+    assert ("CPU per stage and hook, 4 masked (pii): n/a because stage timing n/a: the bundle declares no option "
+            "stage_timing") in printed
 
 
 def test_bench_ruleset_keeps_every_shipped_rule_and_allows_the_rest(tmp_path):
@@ -112,7 +270,98 @@ def test_bench_ruleset_keeps_every_shipped_rule_and_allows_the_rest(tmp_path):
     assert ours.rules[0].action == "mask" and ours.rules[0].profile == "pii"
 
 
-# --- the upstream, and one whole tiny run ------------------------------------------
+def test_the_masked_ruleset_masks_the_answer_to_every_tools_call(tmp_path):
+    from mcp_bastion.core.identity import Identity
+    from mcp_bastion.core.jsonrpc import parse_body
+    from mcp_bastion.core.rules import Ruleset
+
+    ours = Ruleset.load(bench.bench_ruleset(tmp_path, mask_all=True))
+    assert [r.id for r in ours.rules][0] == bench.MASK_ALL_RULE["id"]
+    assert bench.MASK_RULE["id"] not in [r.id for r in ours.rules]  # only the catch-all can mask small_pii
+    who = Identity(sub="alice", groups=("engineering",), iss="http://127.0.0.1:9100")
+
+    def decide(method: str, params: dict):
+        msg = parse_body(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode())
+        return ours.evaluate(who, msg.messages[0], "client_to_server", "127.0.0.1:8000")
+
+    for tool in ("small", "sse", "stream", "lookup_customer"):
+        decision = decide("tools/call", {"name": tool, "arguments": {}})
+        assert (decision.action, decision.rule, decision.profile) == ("mask", "bench-mask-all", "pii"), tool
+    assert decide("tools/list", {}).rule != "bench-mask-all"
+
+
+# --- the upstream, the gateway's /metrics, and one whole tiny run -----------------------
+
+
+@contextlib.contextmanager
+def metrics_server(*pages: str):
+    """An admin listener that answers GET /metrics with each page in turn (the last one from then on)."""
+    left = list(pages)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (left.pop(0) if len(left) > 1 else left[0]).encode()
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class CountedLoad:
+    """A load whose throughput step makes 1000 calls in a second, reading the proxy at its start."""
+
+    async def saturate(self, call, concurrency, duration, at_start=None):
+        at_start()
+        return 1000, 1.0
+
+
+def test_a_throughput_step_reads_the_stages_right_before_and_after_its_calls():
+    with metrics_server(BEFORE, AFTER) as port:
+        m = bench.Measurement(CountedLoad(), None, bench.Settings.quick(), progress=lambda _: None, admin=port)
+        asyncio.run(m.throughput("small.cN", bench.Call("small")))
+    assert m.errors == {}
+    assert m.stages["small.cN"]["calls"] == 1000
+    assert m.stages["small.cN"]["stage"]["resp:mask"]["cpu_us"] == pytest.approx(80.0)
+    assert m.metrics["small.cN.calls_s"] == 1000.0
+    assert m.metrics["small.cN.stages_cpu_us"] == pytest.approx(122.0)
+    assert m.metrics["small.cN.hooks_cpu_us"] == pytest.approx(550.0)
+
+
+def test_a_page_without_stage_counters_is_said_not_taken_for_zero():
+    with metrics_server(BEFORE.split("# HELP bastion_stage_cpu")[0]) as port:
+        m = bench.Measurement(CountedLoad(), None, bench.Settings.quick(), progress=lambda _: None, admin=port)
+        asyncio.run(m.throughput("sse.cN", bench.Call("sse")))
+        comps = [bench.Component("stage timing", "on", "stage_timing=true", "bundle")]
+        bench.verify_components(comps, 0, Path("/nonexistent"), None, port)
+    assert m.stages == {} and "sse.cN.stages_cpu_us" not in m.metrics and m.metrics["sse.cN.calls_s"] == 1000.0
+    assert m.errors == {"sse.cN.stages": "/metrics shows no bastion_stage_* counters (stage_timing not in force)"}
+    assert comps[0].status == "no figures"
+
+
+@pytest.mark.e2e
+def test_the_checks_catch_an_unmasked_answer_and_a_missing_admin_listener(tmp_path):
+    """verify_components against the upstream itself: nothing masks small_pii, nobody serves /metrics."""
+    port = bench.free_port()
+    with bench.started([sys.executable, str(bench.UPSTREAM), "--port", str(port)], port, tmp_path / "up.log"):
+        comps = [bench.Component("masking", "on", "pii on the answer to every tools/call", "masked"),
+                 bench.Component("stage timing", "on", "stage_timing=true", "masked")]
+        bench.verify_components(comps, port, tmp_path, None, bench.free_port())
+    assert comps[0].status == "not enforced" and "small_pii answered unmasked" in comps[0].detail
+    assert "jane@example.com" in comps[0].detail
+    assert comps[1].status == "not checked" and "GET /metrics failed" in comps[1].detail
 
 
 @pytest.mark.e2e
@@ -144,7 +393,7 @@ def test_tiny_run_writes_a_table_and_json(tmp_path, capsys):
                        "--stream-mb", "1", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    for title in ("1 direct", "2 bare mitmdump", "3 full bundle", "3/2", "3/1", "targets", "microbenchmarks"):
+    for title in ("1 direct", "mitmdump", "3 full", "4 masked", "3/2", "4/2", "3/1", "targets", "microbenchmarks"):
         assert title in printed
 
     data = json.loads(out.read_text())
@@ -162,6 +411,11 @@ def test_tiny_run_writes_a_table_and_json(tmp_path, capsys):
             else:
                 assert isinstance(row[name], float) and math.isfinite(row[name]) and row[name] >= 0, (name, row)
     assert data["configs"]["bare"]["metrics"]["stream.mb"] >= 1
+    assert data["settings"]["sessions"] == 50
+    for name in ("direct", "bare"):
+        assert data["configs"][name]["metrics"]["sessions.per_s"] > 0
+    bare = data["configs"]["bare"]["metrics"]
+    assert bare["sessions.rss_growth"] == pytest.approx(bare["sessions.rss_after"] - bare["sessions.rss_before"])
 
     # The bundle may lack figures while its parts land, but never without a reason.
     bundle = data["configs"]["bundle"]
@@ -170,7 +424,33 @@ def test_tiny_run_writes_a_table_and_json(tmp_path, capsys):
         if row["bundle"] is None:
             assert row["why_na"]["bundle"] not in ("", "not measured"), row
     for comp in data["components"]:
-        assert comp["status"] and comp["detail"], comp
+        assert comp["status"] and comp["detail"] and comp["config"] in bench.BUNDLE_CONFIGS, comp
+    masked = data["configs"]["masked"]
+    assert "masked/ruleset.yaml" in masked["command"] and "bundle/ruleset.yaml" in bundle["command"]
+    components = {(c["config"], c["name"]): c for c in data["components"]}
+    # The masked figures are those of masked answers: the check after the run saw small_pii masked there.
+    assert components[("masked", "masking")]["status"] == "on", components[("masked", "masking")]
+    assert "every tools/call" in components[("masked", "masking")]["detail"] and "masking" not in masked["errors"]
+
+    # CPU per stage and hook: figures for each column, or why not.
+    stages = data["stage_cpu"]
+    assert stages["columns"] == ["bundle/small.cN", "masked/small.cN", "bundle/sse.cN", "masked/sse.cN"]
+    for column in stages["columns"]:
+        config, step = column.split("/")
+        if components[(config, "stage timing")]["status"] != "on":
+            assert stages["why_na"][column].startswith("stage timing "), stages["why_na"]
+            continue
+        assert column not in stages["why_na"], stages["why_na"]
+        assert data["configs"][config]["stages"][step]["calls"] > 0
+        kinds = {row["kind"] for row in stages["rows"] if row["cpu_us"].get(column) is not None}
+        assert kinds == {"stage", "hook", "total"}, column
+        for row in stages["rows"]:
+            assert row["cpu_us"][column] >= 0, (column, row)
+    if stages["rows"]:
+        assert "CPU per call by stage and hook (µs)" in printed
+        assert "| stage or hook | 3 full bundle, small JSON |" in out.with_suffix(".md").read_text()
+    else:
+        assert "CPU per stage and hook, 3 full bundle: n/a because stage timing" in printed
 
     for t in data["targets"]:
         assert t["status"] in ("met", "missed", "n/a") and (t["measured"] is None) == (t["status"] == "n/a")

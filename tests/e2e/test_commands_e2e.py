@@ -300,7 +300,7 @@ def test_bench_stopped_leaves_no_process_behind(how, tmp_path):
     children: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 60
-        while not any("3/10: latency, small JSON" in line for line in said):
+        while not any("3/11: latency, small JSON" in line for line in said):
             assert proc.poll() is None and time.monotonic() < deadline, "".join(said)
             time.sleep(0.05)
         children = descendants(proc.pid)
@@ -326,7 +326,7 @@ def test_bench_stopped_leaves_no_process_behind(how, tmp_path):
 def check_stopped(proc: subprocess.Popen, said: list[str], children: dict[int, str]) -> None:
     text = "".join(said)
     assert "bench: starting the upstream" in text and "bench: config bare (1/1): starting mitmdump" in text
-    assert "bench: config bare (1/1), 1/10: waiting until it answers" in text
+    assert "bench: config bare (1/1), 1/11: waiting until it answers" in text
     assert proc.returncode == 2 and "scripts/bench: interrupted; every process it started is stopped" in text
     assert "Traceback" not in text
     deadline = time.monotonic() + 5

@@ -115,6 +115,7 @@ class Metrics:
         self.registry.register(_Scraped(self.sources))
         self._rules: set[str] = set()
         self._seen: set[str] = set()
+        self._children: dict[tuple, Any] = {}
         self._server: asyncio.base_events.Server | None = None
         self._listen: tuple[str, int] | None = None
 
@@ -173,7 +174,7 @@ class Metrics:
                     continue
                 rule = self._rule(d.get("rule"))
                 for g in groups:
-                    self.decisions.labels(d.get("action") or "forward", rule, g).inc()
+                    self._child(self.decisions, d.get("action") or "forward", rule, g).inc()
                 for m in d.get("masked") or ():
                     self.masked.labels(str(m.get("detector"))).inc(int(m.get("count") or 0))
                 decided = decided or d.get("action") in ("deny", "approve", "error")
@@ -186,9 +187,18 @@ class Metrics:
             elapsed = fs.elapsed_ms(flow)
             if elapsed is not None:
                 outcome = "error" if flow.error else "refused" if decided or fs.refused(flow) else "ok"
-                self.latency.labels(str(method or flow.request.method)[:64], outcome).observe(elapsed / 1000)
+                self._child(self.latency, str(method or flow.request.method)[:64], outcome).observe(elapsed / 1000)
         except Exception as e:  # metrics never stand in a flow's way
             logger.error("mcp-bastion: metrics could not count %s: %r", flow.request.pretty_url, e)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered (prometheus_client takes a lock and builds a key each time;
+        the series exist for as long as the registry anyway)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _rule(self, rule: Any) -> str:
         if not rule:

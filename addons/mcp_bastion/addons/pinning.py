@@ -25,6 +25,7 @@ pins (`?name=&kind=&upstream=` narrows them, with a readable diff of a change),
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -311,6 +312,7 @@ class Pinning:
             replies.document(flow, 400, {"error": str(e)})
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical_upstream(upstream: str | None) -> str:
     """One spelling per upstream: lower case, no trailing dot, IP literals in their usual form (127.1,
     2130706433 and 127.0.0.1 are one host; so are localhost and 127.0.0.1)."""

@@ -7,10 +7,12 @@ mcp-bastion: the whole bundle, loaded by one script.
 
 The addons, their order and their wiring come from `mcp_bastion.bundle.bundle()`
 (see its docstring, and addons/mcp_bastion/README.md for the design): Gateway,
-Auth, Admission, Policy, Pipeline, Gate, UpstreamCheck, UpstreamToken, Recorder,
-AuditLog, Mitmweb, ContentView. mitmproxy calls each hook on them in that order.
+Auth, Approvals, Pinning, Sessions, Admission, Policy, Masking, Pipeline, Gate,
+UpstreamCheck, UpstreamToken, Recorder, AuditLog, DecisionLog, Metrics, Tracing,
+Mitmweb, ContentView, Timing. mitmproxy sees them as one addon (`glue.dispatch`),
+which calls each hook on them in that order and fails closed when one raises.
 """
 
-from mcp_bastion.bundle import bundle
+from mcp_bastion.bundle import as_addon
 
-addons = bundle()
+addons = [as_addon()]

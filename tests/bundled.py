@@ -1,6 +1,7 @@
 """
 The shipped bundle in a mitmproxy test context: every addon of `bundle()`, in
-its order, driven hook by hook through the real addon manager (no network).
+its order, behind the one addon mitmproxy sees in production (`glue.dispatch`),
+driven hook by hook through the real addon manager (no network).
 
     with bundled(ruleset=RULES_FILE) as b:
         f = b.flow("POST", call("tools/call", name="add"))
@@ -32,6 +33,7 @@ from mitmproxy.test import taddons, tflow
 
 from mcp_bastion.bundle import bundle
 from mcp_bastion.core.vocab import Meta
+from mcp_bastion.glue.dispatch import Dispatch
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOW_ALL = str(ROOT / "rulesets" / "allow-all.yaml")
@@ -94,6 +96,11 @@ class Bundled:
     def addon(self, cls: type) -> Any:
         return next(a for a in self.addons if isinstance(a, cls))
 
+    @property
+    def dispatch(self) -> Dispatch:
+        """The one addon mitmproxy sees, whose parts are `addons`."""
+        return next(a for a in self.tctx.master.addons.chain if isinstance(a, Dispatch))
+
     def flow(self, method: str = "POST", body: object = None, **kw: Any) -> http.HTTPFlow:
         """A flow to this context's upstream (see make_flow)."""
         kw.setdefault("url", self.upstream)
@@ -137,7 +144,7 @@ def bundled(**options: Any) -> Iterator[Bundled]:
     options.setdefault("ruleset", ALLOW_ALL)
     # UpstreamCheck opens a TCP connection to the upstream before forwarding: a listening
     # socket (never read) stands in for it.
-    with socket.socket() as upstream, taddons.context(*addons) as tctx:
+    with socket.socket() as upstream, taddons.context(Dispatch(addons)) as tctx:
         upstream.bind(("127.0.0.1", 0))
         upstream.listen(64)
         tctx.options.update(**options)
@@ -158,7 +165,7 @@ def error_of(f: http.HTTPFlow) -> dict:
 def bundled_addons(addons: list, **options: Any) -> Iterator[Bundled]:
     """`bundled`, over `addons` (e.g. from `bundle_with_stages` or `bundle_without`) instead of a fresh `bundle()`."""
     options.setdefault("ruleset", ALLOW_ALL)
-    with socket.socket() as upstream, taddons.context(*addons) as tctx:
+    with socket.socket() as upstream, taddons.context(Dispatch(addons)) as tctx:
         upstream.bind(("127.0.0.1", 0))
         upstream.listen(64)
         tctx.options.update(**options)

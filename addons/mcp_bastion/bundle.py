@@ -56,6 +56,7 @@ from mcp_bastion.addons.upstream_token import UpstreamToken
 from mcp_bastion.addons.wire import Wire
 from mcp_bastion.core.pipeline import Stage
 from mcp_bastion.core.vocab import StageName
+from mcp_bastion.glue.dispatch import Dispatch
 
 
 def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
@@ -104,3 +105,9 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     timing = Timing(addons)
     metrics.sources.timings = timing.clocks
     return [*addons, timing]
+
+
+def as_addon(*, extra_stages: Sequence[Stage] = ()) -> Dispatch:
+    """`bundle()` as the one addon mitmproxy loads: it calls each part's hooks in bundle order and fails
+    closed when one raises (see `glue.dispatch`)."""
+    return Dispatch(bundle(extra_stages=extra_stages))

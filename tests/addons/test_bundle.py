@@ -57,9 +57,19 @@ def test_which_addon_handles_which_hook_in_which_order(hook):
     assert [type(a).__name__ for a in bundle() if hasattr(a, hook)] == HOOKS[hook]
 
 
-def test_the_entry_script_loads_exactly_the_bundle():
+def test_the_entry_script_loads_exactly_the_bundle_as_one_addon():
     loaded = runpy.run_path(BUNDLE)["addons"]
-    assert names(loaded) == ORDER
+    assert names(loaded) == ["Dispatch"]
+    assert names(loaded[0].parts) == ORDER
+    assert not hasattr(loaded[0], "addons")  # mitmproxy must not walk the parts itself
+
+
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_the_one_addon_calls_each_hook_on_the_parts_in_bundle_order(hook):
+    from mcp_bastion.bundle import as_addon
+
+    addon = as_addon()
+    assert [label.split(".")[0] for label, *_ in addon.tables[hook]] == [n.lower() for n in HOOKS[hook]]
 
 
 def test_each_call_builds_fresh_addons():

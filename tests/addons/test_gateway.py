@@ -569,7 +569,8 @@ async def test_stream_fails_closed_when_a_message_stage_raises(monkeypatch):
 
 
 async def test_a_stream_the_stages_never_joined_fails_closed(monkeypatch):
-    """The Pipeline's responseheaders hook raises (unguarded): no stages are attached, nothing unchecked goes out."""
+    """The Pipeline's responseheaders hook raises (unguarded): the stages never join the stream, so the
+    response is buffered and withheld; nothing unchecked goes out."""
 
     def explode(self, flow):
         raise RuntimeError("attach exploded")
@@ -582,7 +583,7 @@ async def test_a_stream_the_stages_never_joined_fails_closed(monkeypatch):
         assert b"secret" not in out
         err = json.loads(out.decode().removeprefix("data: "))
         assert err["id"] == 5 and err["error"]["code"] == errors.GATEWAY_ERROR
-        assert "no message stages" in f.metadata[Meta.ERROR]
+        assert "resp:pipeline.responseheaders: RuntimeError: attach exploded" in f.metadata[Meta.ERROR]
 
 
 async def test_stream_fails_closed_on_an_oversized_event():

@@ -459,7 +459,7 @@ def test_a_pipeline_unloaded_mid_flow_lets_no_answer_through(ruleset, streamed):
         f = b.flow("POST", rpc("tools/list", {}, id=4))
         await b.request(f, identity=ALICE)
         assert forwarded(f)
-        b.tctx.master.addons.remove(b.addon(Pipeline))
+        b.dispatch.remove(b.addon(Pipeline))
         if streamed:
             out = await b.response(f, sse(answer(4, TOOLS)), ctype="text/event-stream")
         else:

@@ -4,6 +4,8 @@ import gzip
 import zlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mcp_bastion.core.encoding import decode_content
 from mcp_bastion.core.errors import DENIED, Refusal
@@ -80,3 +82,35 @@ def test_refusal_bodies_carry_request_ids():
     out = json.loads(r.body_for_parsed(body))
     assert [o["id"] for o in out] == [1, "x"] and all(o["error"]["code"] == DENIED for o in out)
     assert json.loads(r.body_for(None))["id"] is None
+
+
+_json_text = st.recursive(
+    st.sampled_from(['1', '"a"', '"\\\\ud800"', '"\\\\uDBFF\\\\uDC00"', '"\\\\\\\\ud800"', '"\\\\udfff"', 'null',
+                     '"\\\\u00e9"', '"x\\\\uD83D"']),
+    lambda inner: st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]")
+    | st.lists(inner, max_size=3).map(lambda xs: "{" + ",".join(f'"k{i}":{x}' for i, x in enumerate(xs)) + "}"),
+    max_leaves=10)
+
+
+@given(_json_text, st.integers(1, 6))
+def test_the_shortcuts_refuse_exactly_what_walking_the_value_refuses(text, max_depth):
+    """Depth and unpaired surrogates are only walked when the text could hold them: same verdicts."""
+    import json
+
+    from mcp_bastion.core.jsonrpc import ParseError, _check_surrogates, depth_of, loads_strict
+
+    value = json.loads(text)
+    if depth_of(value) > max_depth:
+        expected = "too_deep"
+    else:
+        try:
+            _check_surrogates(value)
+            expected = None
+        except ParseError as e:
+            expected = e.reason
+    try:
+        loads_strict(text, max_depth=max_depth)
+        got = None
+    except ParseError as e:
+        got = e.reason
+    assert got == expected

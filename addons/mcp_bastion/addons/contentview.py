@@ -145,6 +145,8 @@ mcp_view = MCPContentview()
 class ContentView:
     """Registers the MCP view with mitmproxy when the bundle (or this file as a script) loads."""
 
+    observes = True  # reads finished flows, never changes them (glue.dispatch: a failure is only logged)
+
     def load(self, loader) -> None:
         contentviews.add(mcp_view)
 

@@ -28,6 +28,8 @@ from mcp_bastion.glue.decisions import console_line, lines
 logger = logging.getLogger("mcp_bastion")
 
 class DecisionLog:
+    observes = True  # reads finished flows, never changes them (glue.dispatch: a failure is only logged)
+
     def __init__(self) -> None:
         self.out: IO[str] | None = None
         self.console = True  # the option's default (configure decides, with mitmdump's flow_detail)

@@ -186,7 +186,8 @@ class Gateway:
                     self.max_body = size
                 else:
                     self.max_event = size
-        if ({"max_body_size", "body_size_limit"} & updated) and ctx.options.body_size_limit is None:
+        if ({"max_body_size", "body_size_limit"} & updated) and "body_size_limit" in ctx.options \
+                and ctx.options.body_size_limit is None:  # mitmproxy's own option (absent in bare test contexts)
             # mitmproxy buffers a body it does not stream before any hook sees it, and a chunked one has no
             # length to refuse early: its own limit ends the exchange instead of buffering without bound.
             # mitmproxy checks a declared Content-Length against it before any hook runs (and answers with

@@ -100,6 +100,8 @@ class _Scraped:
 
 
 class Metrics:
+    observes = True  # reads finished flows, never changes them (glue.dispatch: a failure is only logged)
+
     def __init__(self, sources: Sources | None = None):
         self.sources = sources or Sources()
         self.registry = CollectorRegistry()

@@ -23,6 +23,8 @@ REVIEWER_COLUMNS = ("tls", "icon", "method", "status", "path", COMMENT, "size", 
 
 
 class Mitmweb:
+    observes = True  # reads finished flows, never changes them (glue.dispatch: a failure is only logged)
+
     def running(self) -> None:
         self._show_comments()
 

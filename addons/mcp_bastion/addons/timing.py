@@ -28,6 +28,8 @@ FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error
 
 
 class Timing:
+    observes = True  # reads finished flows, never changes them (glue.dispatch: a failure is only logged)
+
     def __init__(self, targets: Sequence[object] = ()) -> None:
         # the addons to time, set by bundle() (not named `addons`: mitmproxy would take them for children)
         self.targets = list(targets)

@@ -28,6 +28,8 @@ logger = logging.getLogger("mcp_bastion")
 
 
 class Tracing:
+    observes = True  # reads finished flows, never changes them (glue.dispatch: a failure is only logged)
+
     def __init__(self, exporter: Any = None):
         self._exporter = exporter
         self.provider: Any = None

@@ -10,6 +10,7 @@ bodies) instead of guessing the way one of the two peers might.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,10 +120,16 @@ def loads_strict(
         raise ParseError("invalid_json", f"{e.msg} at line {e.lineno} column {e.colno}") from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits (Python's int conversion limit)
         raise ParseError("invalid_json", f"unreadable number: {str(e)[:120]}") from None
-    if depth_of(value) > max_depth:
+    # Both checks walk the whole value; the text says when neither can find anything: nesting needs
+    # as many brackets, and an unpaired surrogate can only come from a \uD800-\uDFFF escape.
+    if text.count("{") + text.count("[") > max_depth and depth_of(value) > max_depth:
         raise ParseError("too_deep", f"nesting deeper than {max_depth}")
-    _check_surrogates(value)
+    if _SURROGATE_ESCAPE.search(text):
+        _check_surrogates(value)
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _check_surrogates(value: Any) -> None:

@@ -37,17 +37,7 @@ def fail_closed(stage: StageName | str) -> Callable:
     """
     def deco(fn: Callable) -> Callable:
         def handle(flow: http.HTTPFlow, exc: BaseException) -> None:
-            where = str(getattr(exc, "stage", None) or stage)
-            if isinstance(exc, StageError) and exc.__cause__ is not None:
-                exc = exc.__cause__  # name what the stage raised, not the wrapper
-            logger.error("mcp-bastion: %s failed on %s: %r", where, flow.request.pretty_url, exc, exc_info=exc)
-            flow.metadata[Meta.ERROR] = f"{where}: {type(exc).__name__}: {exc}"
-            if isinstance(flow.response, http.Response) and callable(flow.response.stream):
-                return  # headers already sent; the stream wrapper fails closed on its own
-            try:
-                replies.refuse(flow, replies.internal_error(where, exc), stage=where, action=Action.ERROR)
-            except Exception:  # pragma: no cover - last resort, never let a flow through
-                flow.kill()
+            refuse_for(flow, stage, exc)
 
         if inspect.iscoroutinefunction(fn):
 
@@ -70,3 +60,23 @@ def fail_closed(stage: StageName | str) -> Callable:
         return wrapper
 
     return deco
+
+
+def refuse_for(flow: http.HTTPFlow, stage: StageName | str, exc: BaseException) -> None:
+    """`stage` raised `exc` on `flow`: log it, record it, and answer the client with an error naming the stage.
+
+    A response whose event stream has begun cannot be answered any more: its stream
+    wrapper fails closed on its own; a response whose headers are in but whose body
+    is not streamed yet is buffered, so the Gate can withhold it at `response`.
+    """
+    where = str(getattr(exc, "stage", None) or stage)
+    if isinstance(exc, StageError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # name what the stage raised, not the wrapper
+    logger.error("mcp-bastion: %s failed on %s: %r", where, flow.request.pretty_url, exc, exc_info=exc)
+    flow.metadata[Meta.ERROR] = f"{where}: {type(exc).__name__}: {exc}"
+    if isinstance(flow.response, http.Response) and callable(flow.response.stream):
+        return  # headers already sent; the stream wrapper fails closed on its own
+    try:
+        replies.refuse(flow, replies.internal_error(where, exc), stage=where, action=Action.ERROR)
+    except Exception:  # pragma: no cover - last resort, never let a flow through
+        flow.kill()

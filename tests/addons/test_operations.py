@@ -219,3 +219,39 @@ def test_the_decision_lines_follow_mitmdumps_verbosity():
         assert log.console
         tctx.options.update(decision_console=False)
         assert not log.console and tctx.options.flow_detail == 1  # mitmproxy's own lines back
+
+
+async def test_the_audit_head_moves_once_per_loop_turn_and_a_failed_move_holds_new_requests(tmp_path, monkeypatch):
+    from mcp_bastion.core import audit
+
+    monkeypatch.setenv("BASTION_AUDIT_KEY", "k" * 32)
+    log = tmp_path / "audit.jsonl"
+    with bundled(audit_log=str(log)) as b:
+        await asyncio.sleep(0)
+        writer = b.addon(AuditLog).writer
+        writes = []
+        real = audit.HeadFile.write
+        monkeypatch.setattr(audit.HeadFile, "write", lambda self, head: (writes.append(head["seq"]),
+                                                                         real(self, head))[1])
+        for i in range(3):  # three appends in one loop turn
+            writer.append([audit.lifecycle_record("test", f"record {i}")])
+        assert writes == []  # not yet: at the end of this loop turn
+        await asyncio.sleep(0)
+        assert writes == [writer.chain.seq] == [audit.read_head(log)["seq"]]  # one move, to the last record
+
+        def broken(self, head):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(audit.HeadFile, "write", broken)
+        f = b.flow("POST", call("add", 9, a=1))
+        await b.request(f, identity=ALICE)
+        await asyncio.sleep(0)
+        audit_log = b.addon(AuditLog)
+        assert audit_log.health.failure and "head file" in audit_log.health.failure
+        late = b.flow("POST", call("add", 10, a=1))
+        await b.request(late, identity=ALICE)
+        assert not forwarded(late) and late.response.status_code == 503  # Admission holds new requests
+        monkeypatch.setattr(audit.HeadFile, "write", real)
+        audit_log._probe()
+        assert audit.read_head(log)["seq"] == audit_log.writer.chain.seq
+    assert audit.verify_file(log, b"k" * 32).ok

@@ -118,6 +118,7 @@ class AuditLog:
         except (audit.AuditError, OSError) as e:
             self.health.required = False  # no log, nothing to hold traffic for
             raise exceptions.OptionsError(f"audit_log: {e}") from None
+        self.writer.on_head_error = self._head_failed  # the head moves once per event-loop turn
         self.health.succeeded()
         logger.info("mcp-bastion: audit log %s (key from %s), continuing at seq %d",
                     path, source, self.writer.chain.seq)
@@ -239,6 +240,12 @@ class AuditLog:
                 self.pending.popleft()  # written; the head lags until the next append
                 raise
             self.pending.popleft()
+
+    def _head_failed(self, e: OSError) -> None:
+        """The head file could not be moved after this loop turn's records: they are in the log; the
+        probe moves the head again, and new requests wait (Admission) until it can."""
+        self.health.failed(f"{type(e).__name__}: {e} (the head file)")
+        logger.error("mcp-bastion: AUDIT: the head file could not be rewritten: %s", e)
 
     def _probe(self) -> None:
         """Retry what could not be written (and the head file); raises while the log still fails."""

@@ -13,6 +13,7 @@ Pure: no mitmproxy import.
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 
 
@@ -74,11 +75,16 @@ class StageName(StrEnum):
     @property
     def response(self) -> StageName:
         """The response-side name of a message stage (`policy` -> `resp:policy`)."""
-        return StageName(f"resp:{self.value}") if not self.value.startswith("resp:") else self
+        return _response_name(self)
 
     @property
     def is_response(self) -> bool:
         return self.value.startswith("resp:")
+
+
+@functools.cache
+def _response_name(stage: StageName) -> StageName:
+    return StageName(f"resp:{stage.value}") if not stage.value.startswith("resp:") else stage
 
 
 class Meta:

@@ -10,9 +10,11 @@ with a sealed `recover` record that says so (see `core.audit`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from mcp_bastion.core import audit
@@ -37,6 +39,9 @@ class AuditWriter:
         self.chain = audit.Chain(key, seq, last)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.head = audit.HeadFile(path)
+        # Set (by the AuditLog) to move the head once per event-loop turn and hear when that fails.
+        self.on_head_error: Callable[[OSError], None] | None = None
+        self._head_due = False
         if doubt:
             logger.warning("mcp-bastion: audit log %s: %s; the log itself verifies up to seq %d, continuing it "
                            "(a recovery record says so)", path, doubt, seq)
@@ -97,15 +102,46 @@ class AuditWriter:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, start)
             raise
+        if self.on_head_error is not None and self._defer_head():
+            return
         try:
             self.move_head()
         except OSError as e:
             raise HeadNotMoved(e) from e
 
+    def _defer_head(self) -> bool:
+        """With a running event loop, move the head once at the end of this loop turn, for every record
+        appended in it (the head may lag the log by that much after a crash: a lagging head is read as
+        such, never as tampering). False when there is no loop: move it now."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if not self._head_due:
+            self._head_due = True
+            loop.call_soon(self._move_head_due)
+        return True
+
+    def _move_head_due(self) -> None:
+        if not self._head_due or self.fd < 0:
+            return
+        self._head_due = False
+        try:
+            self.move_head()
+        except OSError as e:
+            assert self.on_head_error is not None
+            self.on_head_error(e)
+
     def move_head(self) -> None:
         """Rewrite the head file for the chain's last record."""
+        self._head_due = False
         self.head.write(audit.make_head(self.key, self.chain.seq, self.chain.prev))
 
     def close(self) -> None:
+        if self._head_due:
+            self._head_due = False
+            with contextlib.suppress(OSError):
+                self.move_head()
         os.close(self.fd)
+        self.fd = -1
         self.head.close()

@@ -761,3 +761,37 @@ def test_refusals_of_unidentified_callers_are_recorded_a_bounded_number_of_times
     recorded = [x for p in files(rec) for x in read(p)]
     assert len(recorded) == recorder_mod.UNKNOWN_CALLERS_PER_MINUTE
     assert rec.unknown[next(iter(rec.unknown))][2] == 25
+
+
+def test_a_session_finds_its_earlier_file_without_listing_the_directory(tmp_path, monkeypatch):
+    """Files of earlier runs are read once at start; after that a new session never lists the directory."""
+    earlier = tmp_path / "20200101T000000Z_alice_s1.mitm"
+    earlier.write_bytes(b"")
+    (tmp_path / "20210101T000000Z_alice_s1.mitm").write_bytes(b"")  # the newest of a session's files
+    sf = SessionFiles(tmp_path)
+
+    def listing(*args, **kwargs):
+        raise AssertionError("the record directory was listed for a session")
+
+    monkeypatch.setattr(type(tmp_path), "glob", listing)
+    monkeypatch.setattr(type(tmp_path), "iterdir", listing)
+    assert sf.get("alice", "s1", time.time()).path.name == "20210101T000000Z_alice_s1.mitm"
+    fresh = sf.get("bob", "s2", time.time())
+    sf.close_all()
+    assert sf.get("bob", "s2", time.time() + 3600).path == fresh.path  # closed, then resumed: the same file
+    sf.close_all()
+
+
+def test_a_swept_or_removed_file_is_not_resumed(tmp_path):
+    sf = SessionFiles(tmp_path)
+    a = sf.get("alice", "s1", time.time() - 40 * 86400)
+    sf.close_all()
+    os.utime(a.path, (time.time() - 40 * 86400,) * 2)
+    assert sf.sweep(30 * 86400) == [a.path]
+    b = sf.get("alice", "s1", time.time())
+    assert b.path != a.path and b.path.exists()
+    sf.close_all()
+    b.path.unlink()  # removed by hand
+    c = sf.get("alice", "s1", time.time() + 7200)
+    assert c.path.exists()
+    sf.close_all()

@@ -117,7 +117,7 @@ def asked(flow: http.HTTPFlow) -> dict[Any, Message]:
 # --- headers ----------------------------------------------------------------------
 
 _header_maps: dict[int, tuple[tuple, dict[str, str]]] = {}  # id(fields) -> (fields, map); holds `fields`
-_HEADER_MAPS_MAX = 4096  # header versions remembered (about two per flow in flight)
+_HEADER_MAPS_MAX = 1024  # header versions remembered (a few per flow in flight)
 
 
 def header(headers: http.Headers, name: str, default: str | None = None) -> str | None:

@@ -67,6 +67,18 @@ class SessionFiles:
         self.directory = directory
         self.max_open = max_open
         self.open: OrderedDict[tuple[str, str], SessionFile] = OrderedDict()
+        # `_<subject>_<session>.mitm` -> the newest recording's name with it: read from the directory once,
+        # then kept up to date, so a new session never lists the directory (which grows with every session
+        # the retention keeps: listing it per session made each one cost more than the last).
+        self.latest: dict[str, str] = {}
+        for path in directory.iterdir():
+            if _FILE_NAME.match(path.name):
+                self._note(path.name)
+
+    def _note(self, name: str) -> None:
+        suffix = name[name.index("_"):]
+        if name > self.latest.get(suffix, ""):
+            self.latest[suffix] = name
 
     def get(self, subject: str, session: str, started: float) -> SessionFile:
         key = (subject, session)
@@ -75,12 +87,13 @@ class SessionFiles:
             self.open.move_to_end(key)
             return f
         suffix = f"_{safe_name(subject)}_{safe_name(session)}{FILE_SUFFIX}"
-        earlier = sorted(self.directory.glob(f"*{suffix}"))
-        if earlier:
-            path = earlier[-1]  # a session resumed after its file was closed
+        earlier = self.latest.get(suffix)
+        if earlier is not None and (self.directory / earlier).exists():
+            path = self.directory / earlier  # a session resumed after its file was closed
         else:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
             path = self.directory / f"{stamp}{suffix}"
+            self._note(path.name)
         f = SessionFile(path)
         self.open[key] = f
         while len(self.open) > self.max_open:
@@ -113,6 +126,9 @@ class SessionFiles:
                 if now - path.stat().st_mtime > max_age:
                     path.unlink()
                     removed.append(path)
+                    suffix = path.name[path.name.index("_"):]
+                    if self.latest.get(suffix) == path.name:
+                        del self.latest[suffix]
             except FileNotFoundError:
                 continue
         return removed

@@ -152,7 +152,7 @@ class ConnectionStates:
         known = self._memo.get(conn)
         if known is not None and known[0] == values:
             return known[1]
-        raw = Raw(tnetstring.dumps(conn.get_state()))
+        raw = Raw(b"".join(tnet_parts(conn.get_state())[0]))  # type: ignore[arg-type]  # no Blob in a connection
         self._memo[conn] = (values, raw)
         return raw
 

@@ -84,7 +84,11 @@ async def test_upstream_check_connects_once_per_client_connection(monkeypatch):
             await b.request(other)
             assert len(probes) == 3
             check.client_disconnected(first.client_conn)
-            assert check._reachable == {(other.client_conn.id, "127.0.0.1", port)}
+            assert check._reachable == {other.client_conn.id: {("127.0.0.1", port)}}  # only its own forgotten
+            gone = reverse_to(b, port, 5)  # a client that leaves while its upstream is being probed
+            gone.client_conn.state = type(gone.client_conn.state)(0)  # closed
+            await b.request(gone)
+            assert gone.client_conn.id not in check._reachable
     finally:
         server.close()
         await server.wait_closed()

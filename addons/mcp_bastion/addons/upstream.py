@@ -40,7 +40,9 @@ class UpstreamCheck:
     """
 
     def __init__(self) -> None:
-        self._reachable: set[tuple[str, str, int]] = set()  # (client connection id, host, port)
+        # client connection id -> the (host, port) upstreams reached from it (by id: a disconnect forgets its
+        # own entries without a pass over every other connection's)
+        self._reachable: dict[str, set[tuple[str, int]]] = {}
 
     def running(self) -> None:
         self._lazy()
@@ -61,8 +63,8 @@ class UpstreamCheck:
             return  # not a direct connection to the upstream: nothing this check could predict
         if Meta.HELD in flow.metadata:
             return  # held for approval: the holding server reaches the upstream once approved, or says why not
-        key = (flow.client_conn.id, flow.request.host, flow.request.port)
-        if key in self._reachable:
+        target = (flow.request.host, flow.request.port)
+        if target in self._reachable.get(flow.client_conn.id, ()):
             return
         try:
             _, writer = await asyncio.wait_for(
@@ -81,16 +83,17 @@ class UpstreamCheck:
             )
             return
         writer.close()
-        self._reachable.add(key)
+        if flow.client_conn.connected:  # a client gone meanwhile has had its client_disconnected already
+            self._reachable.setdefault(flow.client_conn.id, set()).add(target)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._reachable.discard((flow.client_conn.id, flow.request.host, flow.request.port))
+        self._reachable.get(flow.client_conn.id, set()).discard((flow.request.host, flow.request.port))
 
     def server_disconnected(self, data) -> None:
         """The upstream closed a connection: the next request on that client connection is checked again."""
         client = getattr(data, "client", None)
         if client is not None:
-            self._reachable = {k for k in self._reachable if k[0] != client.id}
+            self._reachable.pop(client.id, None)
 
     def client_disconnected(self, client) -> None:
-        self._reachable = {k for k in self._reachable if k[0] != client.id}
+        self._reachable.pop(client.id, None)

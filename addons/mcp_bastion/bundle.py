@@ -3,8 +3,8 @@ The one ordered list of mcp-bastion's addons.
 
 `addons/bastion.py` (what `mitmdump -s` and `mitmweb -s` load), the demo, the
 benchmark and every end-to-end test use `bundle()`; nothing else assembles
-addons. mitmproxy calls each hook on the addons in this order, so the list is
-the order a flow meets them:
+addons. mitmproxy sees them as one addon (`as_addon()`, `glue.dispatch`), which
+calls each hook on them in this order, so the list is the order a flow meets them:
 
 1. Gateway: claims MCP flows, checks Host/Origin, parses every body into messages, streams SSE.
 2. Auth: verifies the bearer token, removes it, puts the identity on the flow.

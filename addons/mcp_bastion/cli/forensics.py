@@ -582,32 +582,41 @@ def _key(args: argparse.Namespace) -> bytes:
     return key
 
 
-def _verify(args: argparse.Namespace, key: bytes) -> audit.Verdict:
+def _verify(log: str, args: argparse.Namespace, key: bytes) -> audit.Verdict:
     try:
-        return audit.verify_file(args.log, key, require_head=not args.allow_missing_head)
+        return audit.verify_file(log, key, require_head=not args.allow_missing_head)
     except (OSError, audit.AuditError) as e:
-        _cannot_run(f"cannot verify {args.log}: {getattr(e, 'strerror', None) or e}")
+        _cannot_run(f"cannot verify {log}: {getattr(e, 'strerror', None) or e}")
 
 
 def audit_verify(args: argparse.Namespace, console: Console) -> int:
-    check_readable(args.log, "audit log")
+    """Each log is its own chain (one per gateway replica): every one must verify, under the one key."""
+    logs = list(dict.fromkeys(args.logs))  # a log named twice is verified once
+    for log in logs:
+        check_readable(log, "audit log")
     key = _key(args)
-    v = _verify(args, key)
-    for note in v.notes:
-        console.print(f"note: {note}")
-    if v.ok:
-        console.print(f"[green]OK[/green] {args.log}: {v.records} records, chain intact, last seq {v.last_seq}, "
-                      f"last hash {v.last_hash[:16]}…")
-        return 0
-    where = []
-    if v.bad_line is not None:
-        where.append(f"line {v.bad_line}")
-    if v.bad_seq is not None:
-        where.append(f"seq {v.bad_seq}")
-    at = f" at {', '.join(where)}" if where else ""
-    console.print(f"[bold red]TAMPERED[/bold red] {args.log}: first bad record{at}: {v.reason} "
-                  f"({v.records} records before it are intact)")
-    return 1
+    tampered = 0
+    for log in logs:
+        v = _verify(log, args, key)
+        for note in v.notes:
+            console.print(f"note: {log}: {note}" if len(logs) > 1 else f"note: {note}")
+        if v.ok:
+            console.print(f"[green]OK[/green] {log}: {v.records} records, chain intact, last seq {v.last_seq}, "
+                          f"last hash {v.last_hash[:16]}…")
+            continue
+        tampered += 1
+        where = []
+        if v.bad_line is not None:
+            where.append(f"line {v.bad_line}")
+        if v.bad_seq is not None:
+            where.append(f"seq {v.bad_seq}")
+        at = f" at {', '.join(where)}" if where else ""
+        console.print(f"[bold red]TAMPERED[/bold red] {log}: first bad record{at}: {v.reason} "
+                      f"({v.records} records before it are intact)")
+    if len(logs) > 1:
+        console.print(f"{len(logs)} logs: " + ("every chain intact" if not tampered
+                                               else f"{tampered} tampered, {len(logs) - tampered} intact"))
+    return 1 if tampered else 0
 
 
 def _filter(args: argparse.Namespace) -> audit.Filter:
@@ -628,7 +637,7 @@ def audit_export(args: argparse.Namespace, console: Console) -> int:
     if args.output and args.output != "-":
         check_writable(args.output, "output file")
     if not args.no_verify:
-        v = _verify(args, _key(args))
+        v = _verify(args.log, args, _key(args))
         if not v.ok:
             console.print(f"[bold red]refusing to export[/bold red]: {args.log} does not verify "
                           f"(line {v.bad_line}, seq {v.bad_seq}): {v.reason}; --no-verify exports anyway")
@@ -686,7 +695,12 @@ def parser(group: str) -> argparse.ArgumentParser:
         for name in ("verify", "export"):
             sp = sub.add_parser(name, help="prove the chain intact, or name the first bad record" if name == "verify"
                                 else "write the records (filtered) as JSON or CSV")
-            sp.add_argument("log", help="the audit log (JSON Lines)")
+            if name == "verify":
+                sp.add_argument("logs", nargs="+", metavar="log",
+                                help="an audit log (JSON Lines); several (one per gateway replica, each its own "
+                                     "chain) are each verified, and all must be intact")
+            else:
+                sp.add_argument("log", help="the audit log (JSON Lines)")
             sp.add_argument("--key-file", help="file holding the HMAC key")
             sp.add_argument("--key-env", default=DEFAULT_KEY_ENV,
                             help="environment variable holding the key (default %(default)s)")

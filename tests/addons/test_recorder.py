@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import time
 import tracemalloc
 
@@ -795,3 +796,47 @@ def test_a_swept_or_removed_file_is_not_resumed(tmp_path):
     c = sf.get("alice", "s1", time.time() + 7200)
     assert c.path.exists()
     sf.close_all()
+
+
+# --- replicas sharing a record directory ---------------------------------------------------------------
+
+
+def test_replicas_sharing_a_directory_write_their_own_files_and_say_who_served(tmp_path):
+    directory = tmp_path / "rec"
+    a, b = Recorder(), Recorder()
+    with taddons.context(a) as ta:
+        ta.configure(a, record_dir=str(directory), replica_id="gw-a")
+        with taddons.context(b) as tb:
+            tb.configure(b, record_dir=str(directory), replica_id="gw-b.2")
+            for i, replica in enumerate((a, b, a)):  # the same caller's session, reaching either replica
+                f = mcp_flow("sess-1")
+                f.request.timestamp_start += i
+                finish(replica, f)
+    names = sorted(p.name for p in directory.glob("*.mitm"))
+    assert len(names) == 2
+    assert any(n.endswith("_gw-a_alice_sess-1.mitm") for n in names)
+    assert any(n.endswith("_gw-b.2_alice_sess-1.mitm") for n in names)
+    for name, replica, count in ((n, "gw-a" if "_gw-a_" in n else "gw-b.2", 2 if "_gw-a_" in n else 1)
+                                 for n in names):
+        flows = read(directory / name)
+        assert len(flows) == count and {f.metadata[Meta.RECORD]["replica"] for f in flows} == {replica}
+    # the forensics timeline reads both files as one session, in the order the calls came, naming the replica
+    from mcp_bastion.cli.forensics import timeline_rows
+
+    rows = timeline_rows([f for n in reversed(names) for f in read(directory / n)])
+    assert [r["replica"] for r in rows] == ["gw-a", "gw-b.2", "gw-a"]
+    assert {r["session"] for r in rows} == {"sess-1"}
+
+
+def test_without_a_replica_id_names_and_notes_stay_as_they_were(rec):
+    finish(rec, mcp_flow("sess-1"))
+    (path,) = files(rec)
+    assert re.fullmatch(r"\d{8}T\d{6}Z_alice_sess-1\.mitm", path.name)
+    assert "replica" not in read(path)[0].metadata[Meta.RECORD]
+
+
+@pytest.mark.parametrize("bad", ["a_b", "../x", "-x", ".x", "a b", "x" * 41, "é", "a/b"])
+def test_a_replica_id_that_cannot_be_part_of_a_file_name_is_refused_at_start(tmp_path, bad):
+    r = Recorder()
+    with taddons.context(r) as tctx, pytest.raises(exceptions.OptionsError, match="replica_id"):
+        tctx.configure(r, record_dir=str(tmp_path / "rec"), replica_id=bad)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import tempfile
 import time
 import weakref
@@ -71,6 +72,7 @@ MAINTENANCE_EVERY = 30.0  # seconds between idle-close checks
 SWEEP_EVERY = 3600.0  # seconds between retention sweeps
 MAX_PENDING = 256  # finished flows kept for a retry while their session file cannot be written
 IN_FLIGHT = "in flight: forwarded, no answer yet"
+_REPLICA = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,39}")
 UNKNOWN_CALLERS_PER_MINUTE = 60  # refusals of unidentified callers recorded per client address and minute
 
 
@@ -94,6 +96,7 @@ class Recorder:
         self._task: asyncio.Task | None = None
         self._last_sweep = 0.0
         self.conns = ConnectionStates()
+        self.replica = ""  # replica_id
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -101,6 +104,15 @@ class Recorder:
             """
             Directory for session recordings: one mitmproxy flow file per MCP session,
             named <UTC start>_<subject>_<session>.mitm (open with mitmweb -r). Empty: no recording.
+            """,
+        )
+        loader.add_option(
+            "replica_id", str, "",
+            """
+            This gateway's name among replicas that share a record directory (e.g. the pod name):
+            recording file names carry it (<UTC start>_<replica>_<subject>_<session>.mitm), so no two
+            replicas ever write one file, and each recorded flow says which replica served it.
+            Letters, digits, '.' and '-', at most 40. Empty: a single gateway.
             """,
         )
         loader.add_option(
@@ -125,6 +137,14 @@ class Recorder:
     # --- configuration ---------------------------------------------------------
 
     def configure(self, updated: set[str]) -> None:
+        if "replica_id" in updated:
+            replica = ctx.options.replica_id
+            if replica and not _REPLICA.fullmatch(replica):
+                raise exceptions.OptionsError(f"replica_id {replica!r}: use letters, digits, '.' and '-' "
+                                              "(at most 40, not starting with '.' or '-')")
+            if replica != self.replica and self.files is not None:
+                updated = updated | {"record_dir"}  # the files take the new name: reopen them
+            self.replica = replica
         if "record_retention" in updated:
             text = ctx.options.record_retention.strip()
             try:
@@ -149,7 +169,7 @@ class Recorder:
                     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                     with tempfile.TemporaryFile(dir=directory, prefix=".probe-"):
                         pass
-                    files = SessionFiles(directory)
+                    files = SessionFiles(directory, replica=self.replica)
                     recovered = journal.recover(directory, files)
                     self.journal = journal.Journal(directory)
                     self.directory_id = _identity(directory)
@@ -266,7 +286,7 @@ class Recorder:
         if self.journal is None or self.journal_broken or self.journal.full():
             self._new_journal(exclude=flow)
         assert self.journal is not None
-        pieces, _, _ = encode_flow(self.files.directory, self.conns, flow, None, IN_FLIGHT)
+        pieces, _, _ = encode_flow(self.files.directory, self.conns, flow, None, IN_FLIGHT, self.files.replica)
         try:
             self.journal.begin(pieces)
         except BaseException:
@@ -277,12 +297,13 @@ class Recorder:
         """Start a new journal holding the flows still in flight; then drop the old one."""
         assert self.files is not None
         fresh = journal.Journal(self.files.directory)
+        files = self.files
         try:
             for other in self.active.values():
                 if other is not exclude and other not in self.written:
-                    fresh.begin(encode_flow(self.files.directory, self.conns, other, None, IN_FLIGHT)[0])
+                    fresh.begin(encode_flow(files.directory, self.conns, other, None, IN_FLIGHT, files.replica)[0])
             for other, _, _ in self.pending:
-                fresh.begin(encode_flow(self.files.directory, self.conns, other, None, IN_FLIGHT)[0])
+                fresh.begin(encode_flow(files.directory, self.conns, other, None, IN_FLIGHT, files.replica)[0])
         except BaseException:
             fresh.close(remove=True)
             raise

@@ -107,6 +107,8 @@ def timeline_rows(flows: Iterable[http.HTTPFlow]) -> list[dict[str, Any]]:
             rec["_t"] = facts.started
             if note.get("stream"):
                 rec["stream"] = note["stream"]
+            if note.get("replica"):
+                rec["replica"] = note["replica"]  # which gateway served it (replica_id)
             rows.append(rec)
     return rows
 

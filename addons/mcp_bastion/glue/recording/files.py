@@ -63,9 +63,11 @@ class SessionFile:
 class SessionFiles:
     """The open session files, one per (subject, session), least recently used closed first."""
 
-    def __init__(self, directory: Path, max_open: int = MAX_OPEN):
+    def __init__(self, directory: Path, max_open: int = MAX_OPEN, replica: str = ""):
         self.directory = directory
         self.max_open = max_open
+        # Replicas sharing a record directory each write their own files: `<stamp>_<replica>_<subject>_<session>`.
+        self.replica = replica
         self.open: OrderedDict[tuple[str, str], SessionFile] = OrderedDict()
         # `_<subject>_<session>.mitm` -> the newest recording's name with it: read from the directory once,
         # then kept up to date, so a new session never lists the directory (which grows with every session
@@ -86,7 +88,8 @@ class SessionFiles:
         if f is not None:
             self.open.move_to_end(key)
             return f
-        suffix = f"_{safe_name(subject)}_{safe_name(session)}{FILE_SUFFIX}"
+        replica = f"_{self.replica}" if self.replica else ""
+        suffix = f"{replica}_{safe_name(subject)}_{safe_name(session)}{FILE_SUFFIX}"
         earlier = self.latest.get(suffix)
         if earlier is not None and (self.directory / earlier).exists():
             path = self.directory / earlier  # a session resumed after its file was closed

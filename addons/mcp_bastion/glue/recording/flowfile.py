@@ -26,14 +26,14 @@ from mcp_bastion.glue.recording.tnet import (
 def append_flow(files: SessionFiles, conns: ConnectionStates, flow: http.HTTPFlow, spool: Spool | None = None,
                 incomplete: str | None = None) -> Path:
     """Append `flow`, secrets scrubbed, to its session file; return the file's path."""
-    pieces, subject, session = encode_flow(files.directory, conns, flow, spool, incomplete)
+    pieces, subject, session = encode_flow(files.directory, conns, flow, spool, incomplete, files.replica)
     target = files.get(subject, session, flow.request.timestamp_start or time.time())
     target.append(pieces)
     return target.path
 
 
 def encode_flow(directory: Path, conns: ConnectionStates, flow: http.HTTPFlow, spool: Spool | None = None,
-                incomplete: str | None = None) -> tuple[list[bytes | Blob], str, str]:
+                incomplete: str | None = None, replica: str = "") -> tuple[list[bytes | Blob], str, str]:
     """`flow`, secrets scrubbed, as the pieces of one flow-file record; and its subject and session.
 
     The flow is serialised once (`flow_state`: fresh containers, the
@@ -41,11 +41,13 @@ def encode_flow(directory: Path, conns: ConnectionStates, flow: http.HTTPFlow, s
     replaced in that state, so the live flow is never changed or copied.
     The bytes the client received on an event stream come from `spool`
     (written from disk if it spooled there); `incomplete` says why the
-    exchange has no end.
+    exchange has no end; `replica` names the gateway that served it (`replica_id`).
     """
     subject = subject_of(flow) or "anonymous"
     session = session_key(flow)
     note: dict[str, Any] = {"session": session, "subject": subject, "latency_ms": fs.elapsed_ms(flow)}
+    if replica:
+        note["replica"] = replica
     state = flow_state(flow, conns)
     if flow.metadata.get(Meta.MCP, {}).get("closed"):
         # The client closed an event stream after its answer arrived (the Gateway notes it in

@@ -11,8 +11,9 @@ Auth, Approvals, Pinning, Sessions, Admission, Policy, Masking, Pipeline, Gate,
 UpstreamCheck, UpstreamToken, Recorder, AuditLog, DecisionLog, Metrics, Tracing,
 Mitmweb, ContentView, Timing. mitmproxy sees them as one addon (`glue.dispatch`),
 which calls each hook on them in that order and fails closed when one raises.
+Load it before any other script with flow hooks: it refuses to start behind one.
 """
 
 from mcp_bastion.bundle import as_addon
 
-addons = [as_addon()]
+addons = [as_addon(entry=__file__)]

@@ -107,7 +107,8 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     return [*addons, timing]
 
 
-def as_addon(*, extra_stages: Sequence[Stage] = ()) -> Dispatch:
+def as_addon(*, extra_stages: Sequence[Stage] = (), entry: str | None = None) -> Dispatch:
     """`bundle()` as the one addon mitmproxy loads: it calls each part's hooks in bundle order and fails
-    closed when one raises (see `glue.dispatch`)."""
-    return Dispatch(bundle(extra_stages=extra_stages))
+    closed when one raises (see `glue.dispatch`). `entry` is the script that loads it: it must be the
+    first script mitmproxy loads."""
+    return Dispatch(bundle(extra_stages=extra_stages), entry=entry)

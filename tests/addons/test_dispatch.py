@@ -18,7 +18,7 @@ from mcp_bastion.bundle import bundle
 from mcp_bastion.core.vocab import Meta
 from mcp_bastion.glue.dispatch import Dispatch
 
-from bundled import bundled, forwarded, tool_call
+from bundled import META, V2026, bundled, forwarded, rpc, tool_call
 
 pytestmark = pytest.mark.anyio
 
@@ -35,6 +35,17 @@ REQUEST_PARTS = [type(a) for a in bundle() if hasattr(a, "request") and not geta
 RESPONSE_PARTS = [type(a) for a in bundle() if hasattr(a, "response") and not getattr(a, "observes", False)]
 
 
+def call_in(b, era: str):
+    """A tools/call of either era: a 2025 one, or a 2026-07-28 one (its version in _meta and the header)."""
+    if era == "2025":
+        return b.flow("POST", tool_call("add", 1, a=1))
+    return b.flow("POST", rpc("tools/call", {"name": "add", "arguments": {"a": 1}, "_meta": META}, 1),
+                  headers={**V2026, "mcp-method": "tools/call", "mcp-name": "add"})
+
+
+ERAS = pytest.mark.parametrize("era", ["2025", "2026"])
+
+
 def explode(*args, **kwargs):
     raise RuntimeError("a bug in this hook")
 
@@ -43,14 +54,15 @@ async def aexplode(*args, **kwargs):
     raise RuntimeError("a bug in this hook")
 
 
+@ERAS
 @pytest.mark.parametrize("cls", REQUEST_PARTS, ids=lambda c: c.__name__)
-async def test_a_request_hook_that_raises_never_lets_the_request_through(cls, monkeypatch, tmp_path):
+async def test_a_request_hook_that_raises_never_lets_the_request_through(cls, era, monkeypatch, tmp_path):
     import inspect
 
     monkeypatch.setattr(cls, "request", aexplode if inspect.iscoroutinefunction(cls.request) else explode)
     monkeypatch.setenv("BASTION_AUDIT_KEY", "k" * 32)
     with bundled(audit_log=str(tmp_path / "audit.jsonl")) as b:
-        f = b.flow("POST", tool_call("add", 1, a=1))
+        f = call_in(b, era)
         await b.request(f, identity=ALICE)
         assert not forwarded(f)
         assert f.response.status_code == 500
@@ -63,15 +75,16 @@ async def test_a_request_hook_that_raises_never_lets_the_request_through(cls, mo
     assert any(r.get("action") == "error" and r.get("flow") == f.id for r in audit)  # the refusal is audited
 
 
+@ERAS
 @pytest.mark.parametrize("cls", RESPONSE_PARTS, ids=lambda c: c.__name__)
-async def test_a_response_hook_that_raises_withholds_the_answer(cls, monkeypatch):
+async def test_a_response_hook_that_raises_withholds_the_answer(cls, era, monkeypatch):
     import inspect
 
     monkeypatch.setattr(cls, "response", aexplode if inspect.iscoroutinefunction(cls.response) else explode)
     with bundled() as b:
-        f = b.flow("POST", tool_call("add", 1, a=1))
+        f = call_in(b, era)
         await b.request(f, identity=ALICE)
-        assert forwarded(f)
+        assert forwarded(f), f.response and f.response.content
         out = await b.response(f, ANSWER)
         assert b"secret answer" not in out
         assert f.response.status_code == 502

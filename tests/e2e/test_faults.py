@@ -1083,3 +1083,84 @@ def test_a_call_in_flight_when_the_gateway_is_killed_is_reported_at_the_next_sta
     (flow,) = [f for f in recorded_flows(tmp_path / "sessions") if request_id(f) == 2]
     assert flow.id == hung_flow and flow.response is None
     assert "killed or crashed" in flow.metadata["bastion.record"]["incomplete"]
+
+
+# --- a bug in one of the bundle's hooks (the real mitmdump) -------------------------------------------------
+
+FAULT_SCRIPT = '''\
+"""Loaded after the bundle: once running, one part's hook raises, as a bug would."""
+from mitmproxy import ctx
+
+
+def _boom(*args):
+    raise RuntimeError("an injected bug")
+
+
+class Fault:
+    def running(self):
+        bundle = ctx.master.addons.get("mcp-bastion")
+        part = next(p for p in bundle.parts if type(p).__name__ == "{cls}")
+        setattr(part, "{hook}", _boom)
+        bundle.rebuild()
+
+
+addons = [Fault()]
+'''
+
+
+@pytest.mark.parametrize("cls, hook", [("Pinning", "request"), ("Approvals", "request"), ("Gate", "request"),
+                                       ("Sessions", "responseheaders"), ("Recorder", "response")])
+def test_a_hook_that_raises_in_real_mitmdump_fails_closed_and_is_audited(tmp_path, cls, hook):
+    """mitmproxy alone would log the error, skip the rest of the bundle (the Gate too) and forward the request."""
+    fault = tmp_path / "fault.py"
+    fault.write_text(FAULT_SCRIPT.format(cls=cls, hook=hook))
+    port = free_port()
+    with upstream() as up:
+        args = mitmdump_args(up.url, port, recording_options(tmp_path), extra=["-s", str(fault)])
+        with running(args, port, env={"BASTION_AUDIT_KEY": AUDIT_KEY}) as gw, httpx.Client(timeout=GUARD) as c:
+            # mitmdump exits on an error logged while it starts (its error check): the injected one must come after
+            time.sleep(1.5)
+            try:
+                r = call(c, gw.url, "echo", 7)
+            except httpx.HTTPError:
+                raise AssertionError(gw.output()) from None
+            body = r.json()
+            where = f"{cls.lower()}.{hook}" if hook.startswith("request") else f"resp:{cls.lower()}.{hook}"
+            assert body["id"] == 7 and body["error"]["data"]["stage"] == where, body
+            forwarded = [m for m in up.seen if m.get("method") == "tools/call"]
+            if hook == "request":
+                assert forwarded == [] and r.status_code == 500  # nothing reached the upstream
+            else:
+                assert len(forwarded) == 1 and r.status_code == 502  # its answer was withheld
+                assert "result" not in body
+            records = until(lambda: [x for x in audit_records(tmp_path / "audit.jsonl")
+                                     if x.get("id") == 7 and x.get("action") == "error"], 5.0)
+            assert records, audit_records(tmp_path / "audit.jsonl")
+    assert audit_verify(tmp_path / "audit.jsonl").returncode == 0
+
+
+def test_the_bundle_refuses_to_start_behind_a_script_with_flow_hooks(tmp_path):
+    """mitmproxy skips every script after one whose hook raises: a script before the bundle could bypass it."""
+    other = tmp_path / "other.py"
+    other.write_text("def request(flow):\n    pass\n")
+    quiet = tmp_path / "quiet.py"  # no flow hooks (a log handler, say): it may come first
+    quiet.write_text("import logging\nlogging.getLogger('x')\n")
+    args = mitmdump_args("http://127.0.0.1:9", free_port(), recording_options(tmp_path))
+    args[1:1] = ["-s", str(quiet), "-s", str(other)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ,
+                                                                               "BASTION_AUDIT_KEY": AUDIT_KEY})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert f"before {other}, whose addons have flow hooks (request)" in out
+    assert str(quiet) not in out.split("whose addons")[0].split("before")[-1]
+
+
+def test_a_script_without_flow_hooks_may_come_before_the_bundle(tmp_path):
+    quiet = tmp_path / "quiet.py"
+    quiet.write_text("import logging\nlogging.getLogger('x')\n")
+    with upstream() as up:
+        port = free_port()
+        args = mitmdump_args(up.url, port, recording_options(tmp_path))
+        args[1:1] = ["-s", str(quiet)]
+        with running(args, port, env={"BASTION_AUDIT_KEY": AUDIT_KEY}) as gw, httpx.Client(timeout=GUARD) as c:
+            assert call(c, gw.url, "echo", 8).json()["result"]

@@ -27,34 +27,39 @@ hook wrapped then, e.g. by Timing, is the one called) and calls them itself:
   part even if one fails (so recordings are closed at stop).
 
 The parts are kept in `parts`, not `addons`: mitmproxy would walk an `addons`
-attribute itself.
+attribute itself. mitmproxy treats all scripts as one such list too, so the
+bundle refuses to start behind another script (`-s`) that has flow hooks: one
+raising there would skip it.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import mitmproxy.proxy.layers
 import mitmproxy.proxy.server_hooks  # noqa: F401
-from mitmproxy import exceptions, hooks, http
+from mitmproxy import addonmanager, ctx, exceptions, hooks, http
 
 from mcp_bastion.glue.failclosed import refuse_for
 
 logger = logging.getLogger("mcp_bastion")
 
 LIFECYCLE = frozenset({"load", "configure", "running", "done"})
+FLOW_HOOKS = frozenset(hooks.all_hooks) - LIFECYCLE  # what runs per flow or connection
 # Hooks whose failure must keep the flow from going on: the request is refused, the response withheld.
 ENFORCING = frozenset({"requestheaders", "request", "response"})
 Hook = tuple[str, Callable[..., Any], bool]  # (part.hook, the callable, whether the part only observes)
 
 
 class Dispatch:
-    def __init__(self, parts: Sequence[object]):
+    def __init__(self, parts: Sequence[object], entry: str | None = None):
         self.parts = list(parts)
+        self.entry = entry  # the script file that loads it (addons/bastion.py): it must come first
         self.tables: dict[str, tuple[Hook, ...]] = {}
         self._failed_headers: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, BaseException]] = (
             weakref.WeakKeyDictionary())
@@ -151,6 +156,7 @@ class Dispatch:
     def configure(self, updated: set[str]) -> None:
         """Each part's `configure`; any failure refuses the options (mitmdump stops at start; `set` is undone),
         never leaves a gateway running half configured."""
+        self._check_first()
         try:
             for p in self.parts:
                 if callable(fn := getattr(p, "configure", None)):
@@ -165,6 +171,26 @@ class Dispatch:
                                                       f"{type(exc).__name__}: {exc}") from exc
         finally:
             self.rebuild()
+
+    def _check_first(self) -> None:
+        """Refuse to run behind a script whose addons have flow hooks. mitmproxy runs every script's addons
+        as one chain entry: when a hook of an earlier script raises, it skips the scripts after it for that
+        event, so a bug there would let flows through unchecked. (A script with no flow hooks, e.g. one that
+        only adds a log handler, cannot skip anything and may come first.)"""
+        loader = ctx.master.addons.get("scriptloader") if self.entry else None
+        if loader is None:
+            return
+        mine = os.path.realpath(self.entry)
+        for script in getattr(loader, "addons", ()):
+            if os.path.realpath(getattr(script, "fullpath", "") or "") == mine:
+                return
+            hooked = sorted({name for a in addonmanager.traverse(getattr(script, "addons", ()))
+                             for name in FLOW_HOOKS if callable(getattr(a, name, None))})
+            if hooked:
+                raise exceptions.OptionsError(
+                    f"load {self.entry} before {script.path}, whose addons have flow hooks ({', '.join(hooked)}): "
+                    "mitmproxy skips every script after one whose hook raises, so a bug there would let flows "
+                    "through mcp-bastion unchecked")
 
     async def running(self) -> None:
         """Every part's `running`, each whatever the others did."""

@@ -255,3 +255,21 @@ async def test_the_audit_head_moves_once_per_loop_turn_and_a_failed_move_holds_n
         audit_log._probe()
         assert audit.read_head(log)["seq"] == audit_log.writer.chain.seq
     assert audit.verify_file(log, b"k" * 32).ok
+
+
+async def test_method_labels_are_bounded_however_clients_name_their_methods(rules):
+    from mcp_bastion.addons import metrics as metrics_module
+    from mcp_bastion.core.vocab import Meta
+
+    with bundled(ruleset=rules) as b:
+        m = b.addon(Metrics)
+        conn = None
+        for i in range(metrics_module.MAX_METHODS + 30):
+            f = b.flow("POST", {"jsonrpc": "2.0", "id": i, "method": f"made/up-{i}", "params": {}})
+            conn = conn or f.client_conn
+            f.client_conn = conn  # one client connection: the upstream is probed once
+            await b.request(f, identity=ALICE)
+            f.metadata.setdefault(Meta.STARTED, 0.0)
+            await b.tctx.master.addons.trigger_event(HttpResponseHook(f))
+        methods = {s.labels["method"] for family in m.latency.collect() for s in family.samples}
+    assert len(methods) <= metrics_module.MAX_METHODS + 1 and "other" in methods

@@ -58,3 +58,16 @@ def test_the_plans_a_ruleset_remembers_are_bounded(monkeypatch):
     for i in range(50):
         rs.evaluate(Identity(sub=f"user{i}", groups=(), iss=None), m)
     assert len(rs._plans) <= 8
+
+
+def test_a_client_spelling_long_methods_cannot_fill_the_plans(monkeypatch):
+    """Method names are the client's: long ones are planned each time, never remembered."""
+    rs = Ruleset.load(RULESETS[0])
+    who = Identity(sub="alice", groups=("engineering",), iss="https://idp.example.com")
+    for i in range(200):
+        m = classify({"jsonrpc": "2.0", "id": 1, "method": f"x/{i}" + "y" * 5000, "params": {}})
+        assert rs.evaluate(who, m) == rs.explain(who, m)[1]
+    assert len(rs._plans) == 0
+    short = classify({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}})
+    rs.evaluate(who, short)
+    assert len(rs._plans) == 1

@@ -38,6 +38,7 @@ logger = logging.getLogger("mcp_bastion")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 MAX_RULES = 500  # distinct rule label values (beyond: "other"), so a ruleset cannot blow up the series
+MAX_METHODS = 100  # distinct method label values (beyond: "other"): clients choose method names
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Metrics:
         self._rules: set[str] = set()
         self._seen: set[str] = set()
         self._children: dict[tuple, Any] = {}
+        self._methods: set[str] = set()
         self._server: asyncio.base_events.Server | None = None
         self._listen: tuple[str, int] | None = None
 
@@ -189,7 +191,8 @@ class Metrics:
             elapsed = fs.elapsed_ms(flow)
             if elapsed is not None:
                 outcome = "error" if flow.error else "refused" if decided or fs.refused(flow) else "ok"
-                self._child(self.latency, str(method or flow.request.method)[:64], outcome).observe(elapsed / 1000)
+                self._child(self.latency, self._method(method or flow.request.method), outcome).observe(
+                    elapsed / 1000)
         except Exception as e:  # metrics never stand in a flow's way
             logger.error("mcp-bastion: metrics could not count %s: %r", flow.request.pretty_url, e)
 
@@ -202,15 +205,11 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def _method(self, method: Any) -> str:
+        return _bounded(str(method)[:64], self._methods, MAX_METHODS)  # clients name their methods
+
     def _rule(self, rule: Any) -> str:
-        if not rule:
-            return ""
-        rule = str(rule)[:100]
-        if rule not in self._rules:
-            if len(self._rules) >= MAX_RULES:
-                return "other"
-            self._rules.add(rule)
-        return rule
+        return _bounded(str(rule)[:100], self._rules, MAX_RULES) if rule else ""
 
     # --- probes -----------------------------------------------------------------------
 
@@ -261,3 +260,13 @@ class Metrics:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+def _bounded(value: str, seen: set[str], most: int) -> str:
+    """`value` as a label value, or "other" once `most` distinct ones are in use (each label value is a
+    series kept for the life of the process: what a client or a ruleset names must not grow it without end)."""
+    if value not in seen:
+        if len(seen) >= most:
+            return "other"
+        seen.add(value)
+    return value

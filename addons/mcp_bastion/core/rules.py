@@ -611,6 +611,7 @@ _FOLD = "case_insensitive"
 _PER_CALLER = frozenset({"groups", "subjects", "issuers", "authenticated", "upstreams", "direction", "kinds",
                          "methods"})
 PLANS = 4096  # combinations of caller, upstream, direction, kind and method a ruleset remembers
+PLAN_METHOD_MAX = 128  # longest method name a remembered plan is keyed by
 
 
 # --- rules and rulesets -------------------------------------------------------
@@ -747,9 +748,12 @@ class Ruleset:
             plan = tuple((rule, tuple(c for c in rule.conditions if c.key not in _PER_CALLER))
                          for rule in self.rules
                          if all(c.test(v) for c in rule.conditions if c.key in _PER_CALLER))
-            if len(self._plans) >= PLANS:
-                self._plans.clear()
-            self._plans[key] = plan
+            # A method name is the client's to choose: a long one is planned but not remembered, so the
+            # plans never hold more than PLANS short keys however a client spells its methods.
+            if v.method is None or len(v.method) <= PLAN_METHOD_MAX:
+                if len(self._plans) >= PLANS:
+                    self._plans.clear()
+                self._plans[key] = plan
         return plan
 
     def explain(self, identity: Identity | None, message: Message,

@@ -20,11 +20,7 @@ from collections.abc import Sequence
 from mitmproxy import ctx
 
 from mcp_bastion.core import timing
-
-# The hooks a flow goes through; the lifecycle ones (load, configure, running, done) are not timed.
-FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error",
-              "http_connect", "client_connected", "client_disconnected", "server_connect",
-              "server_connected", "server_disconnected", "websocket_message", "update")
+from mcp_bastion.glue.dispatch import FLOW_HOOKS  # every hook but the lifecycle ones: those are not timed
 
 
 class Timing:

@@ -25,7 +25,9 @@ calls each hook on them in this order, so the list is the order a flow meets the
 9. DecisionLog, Metrics, Tracing: a JSON line and a console line per decision; Prometheus metrics and
    health probes on the admin listener; OpenTelemetry spans. They read finished flows, never change them.
 10. Mitmweb, ContentView: what a reviewer sees in mitmweb and the console.
-11. Timing: with `stage_timing` on, the CPU time of every stage and hook above, for /metrics and the benchmark.
+11. State: where what the gateway remembers about callers lives (`state_url`: this process, or Redis shared
+    by replicas); last, so every other part has finished with it when the gateway stops.
+12. Timing: with `stage_timing` on, the CPU time of every stage and hook above, for /metrics and the benchmark.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from mcp_bastion.addons.pipeline import Pipeline
 from mcp_bastion.addons.policy import Policy
 from mcp_bastion.addons.recorder import Recorder
 from mcp_bastion.addons.sessions import Sessions
+from mcp_bastion.addons.state import State
 from mcp_bastion.addons.tasks import Tasks
 from mcp_bastion.addons.timing import Timing
 from mcp_bastion.addons.tracing import Tracing
@@ -55,6 +58,7 @@ from mcp_bastion.addons.upstream import UpstreamCheck
 from mcp_bastion.addons.upstream_token import UpstreamToken
 from mcp_bastion.addons.wire import Wire
 from mcp_bastion.core.pipeline import Stage
+from mcp_bastion.core.state import Hub
 from mcp_bastion.core.vocab import StageName
 from mcp_bastion.glue.dispatch import Dispatch
 
@@ -65,12 +69,13 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     `extra_stages` are message stages run after the shipped ones (tests use it to
     place a probe after the Policy); the Gate requires their marks too.
     """
+    hub = Hub()  # what the gateway remembers about callers: in this process, or shared (State, `state_url`)
     recorder, auditlog = Recorder(), AuditLog()
     policy, auth = Policy(), Auth()
     masking = Masking(policy.ruleset)
-    approvals = Approvals()
+    approvals = Approvals(hub=hub)
     pinning = Pinning(policy.ruleset)
-    stages = Pipeline([Wire(), Tasks(), policy, pinning, masking, approvals, *extra_stages])
+    stages = Pipeline([Wire(hub), Tasks(hub), policy, pinning, masking, approvals, *extra_stages])
     gate = Gate(
         request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],
         response=[StageName.RESP_PARSE, *stages.response_stages],
@@ -80,13 +85,14 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         approvals=lambda: approvals.store.all(),
         writers=[recorder.health, auditlog.health],
         issuers=lambda: auth.verifier.status() if auth.verifier is not None else None,
+        state=hub.status,
     ))
     addons = [
         Gateway(),
         auth,
         approvals,
         pinning,
-        Sessions(),
+        Sessions(hub),
         Admission([recorder.health, auditlog.health]),
         policy,
         masking,
@@ -101,6 +107,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         Tracing(),
         Mitmweb(),
         ContentView(),
+        State(hub),
     ]
     timing = Timing(addons)
     metrics.sources.timings = timing.clocks

@@ -29,7 +29,7 @@ def anyio_backend():
 ORDER = ["Gateway", "Auth", "Approvals", "Pinning", "Sessions", "Admission", "Policy", "Masking", "Pipeline", "Gate",
          "UpstreamCheck",
          "UpstreamToken",
-         "Recorder", "AuditLog", "DecisionLog", "Metrics", "Tracing", "Mitmweb", "ContentView", "Timing"]
+         "Recorder", "AuditLog", "DecisionLog", "Metrics", "Tracing", "Mitmweb", "ContentView", "State", "Timing"]
 
 # mitmproxy calls each hook on the addons in bundle order: this table is the pipeline as it runs.
 HOOKS = {

@@ -60,6 +60,7 @@ from mcp_bastion.core.approvals import (
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Context, Hold, Outcome, Pass, Refuse, Verdict
+from mcp_bastion.core.state import Backend, Hub, MemoryTable, Table, Unavailable
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import api, approvals_page, replies
 from mcp_bastion.glue import flowstate as fs
@@ -71,6 +72,7 @@ API_PREFIX = "/bastion/approvals"
 PROGRESS_EVERY = 5.0  # seconds between progress notifications to a client whose call waits
 CONTINUED = "continued"  # a further round of an approved multi-round-trip call
 MAX_CONTINUATIONS = 10_000
+CONTINUATION_TTL = 24 * 3600.0  # seconds a multi-round-trip call's approval carries over to its next round
 
 
 def person(identity: Any) -> Person:
@@ -89,8 +91,18 @@ class Approvals:
     name = StageName.APPROVAL
     holds_approvals = True
 
-    def __init__(self, store: Store | None = None):
+    def __init__(self, store: Store | None = None, hub: Hub | None = None):
+        self.hub = hub if hub is not None else Hub()
         self.store: Store = store if store is not None else MemoryStore(on_change=self._changed)
+        self._continuations: Table = MemoryTable("continuations", CONTINUATION_TTL, MAX_CONTINUATIONS)
+
+        def build(backend: Backend) -> None:
+            if store is None:
+                self.store = backend.approvals(on_change=self._changed)
+            self._continuations = backend.table("continuations", idle_ttl=CONTINUATION_TTL,
+                                                max_items=MAX_CONTINUATIONS)
+
+        self.hub.watch(build)
         self.webhook: str | None = None
         self._posts: queue.Queue | None = None
         self._held: dict[str, str] = {}  # approval id -> the id of the flow it holds (wait mode)
@@ -98,7 +110,6 @@ class Approvals:
         self.holding = HoldingServer()
         self._streamed: dict[str, tuple[Approval, Message, Any]] = {}  # flow id -> the call held on a stream
         self.progress_every = PROGRESS_EVERY
-        self._continuations: dict[str, str] = {}  # digest of a requestState -> the approval it continues
         self._tickets: dict[str, str] = {}  # flow id -> its holding ticket, until the request arrives there
 
     def load(self, loader) -> None:
@@ -167,8 +178,8 @@ class Approvals:
                                  {"approval": {"id": grant.approval, "rule": d.rule, "status": "granted"}}),))
         if spec.mode == RETRY:
             done = self.store.approved_for(key)
-            if done is not None:
-                self.store.used(done.id)
+            if done is not None and self.store.use(done.id):  # one retry runs it, on whichever replica
+                done.status = "used"
                 return Pass((self._approved_verdict(done),))
             a = self.store.pending_for(key) or self._create(m, d, who, cx.upstream, tool, arguments, key)
             return Refuse(self._refusal(a), (self._pending_verdict(a),), Action.APPROVE)
@@ -176,8 +187,7 @@ class Approvals:
         token = _progress_token(m)
         streamed = (flow is not None and token is not None and self.holding.ready and _wants_events(flow)
                     and _holdable(flow))
-        a = self._create(m, d, who, cx.upstream, tool, arguments, key)
-        a.waiting = True
+        a = self._create(m, d, who, cx.upstream, tool, arguments, key, waiting=True)
         self._held[a.id] = cx.flow_id or ""
         if streamed:
             # The call goes on through the gateway's remaining checks, then to the holding server
@@ -190,8 +200,8 @@ class Approvals:
                 done = await self._wait(a, spec.timeout, flow)
             finally:
                 a.waiting = False
-            if done.status == APPROVED:
-                self.store.used(done.id)
+            if done.status == APPROVED and self.store.use(done.id):
+                done.status = "used"
                 return Pass((self._approved_verdict(done),))
             return Refuse(self._refusal(done), (self._final_verdict(done),),
                           Action.DENY if done.status == DENIED else Action.APPROVE)
@@ -209,22 +219,21 @@ class Approvals:
             return
         held = flow.metadata.get(Meta.APPROVAL) or {}
         if held.get("status") in ("used", CONTINUED) and isinstance(held.get("id"), str):
-            self._continuations[_digest(state)] = held["id"]
-            while len(self._continuations) > MAX_CONTINUATIONS:
-                self._continuations.pop(next(iter(self._continuations)))
+            self._continuations.put(_digest(state), held["id"])
 
     def _continued(self, m: Message, key: str) -> Approval | None:
         state = m.params.get("requestState") if isinstance(m.params, dict) else None
         if not isinstance(state, str):
             return None
-        a = self.store.get(self._continuations.get(_digest(state), ""))
+        continues = self._continuations.get(_digest(state))
+        a = self.store.get(continues) if continues is not None else None
         # The same call only: identity, upstream, method, tool and arguments as approved.
         return a if a is not None and a.status == "used" and a.binding == key else None
 
     async def _wait(self, a: Approval, timeout: float, flow: http.HTTPFlow | None) -> Approval:
         """The decision: through the API, or in mitmweb, where the held flow shows as intercepted
         (resume = approve, kill = deny, both the local operator's decisions)."""
-        if flow is None or not isinstance(self.store, MemoryStore):
+        if flow is None:
             return await self.store.wait(a.id, timeout)
         flow.intercept()
         waiter = asyncio.ensure_future(self.store.wait(a.id, timeout))
@@ -304,8 +313,8 @@ class Approvals:
             finally:
                 a.waiting = False
                 self._held.pop(a.id, None)
-            if done.status == APPROVED:
-                self.store.used(done.id)
+            if done.status == APPROVED and self.store.use(done.id):
+                done.status = "used"
                 fs.record(flow, m, (self._approved_verdict(done),))
                 return FORWARD
             fs.record(flow, m, (self._final_verdict(done),))
@@ -360,11 +369,12 @@ class Approvals:
         return [log, progress]
 
     def _create(self, m: Message, d: Any, who: Person, upstream: str | None, tool: str | None, arguments: Any,
-                key: str) -> Approval:
+                key: str, waiting: bool = False) -> Approval:
         now = time.time()
         a = Approval(id=MemoryStore.new_id(), rule=d.rule, reason=d.reason, spec=d.approval, requester=who,
                      upstream=upstream, method=m.method, tool=tool, arguments=arguments, binding=key,
-                     created=now, expires=now + d.approval.timeout)
+                     created=now, expires=now + d.approval.timeout, waiting=waiting,
+                     holder=self.hub.replica if waiting else None)
         try:
             return self.store.create(a)
         except Refused as e:
@@ -417,15 +427,27 @@ class Approvals:
     def done(self) -> None:
         self.holding.close()
         self._streamed.clear()
-        if isinstance(self.store, MemoryStore):
-            for a in list(self.store.pending()):
-                self.store.cancel(a.id, "the gateway stopped; nothing held runs unapproved")
-                flow = self._flows.get(self._held.pop(a.id, ""))
-                if flow is not None:  # before the AuditLog writes it (it comes later in the bundle)
+        # What this gateway holds; with the embedded store, every pending request (a restart forgets them).
+        # A shared store keeps other replicas' requests, and retry-mode ones any replica may still serve.
+        ids = dict.fromkeys(self._held)
+        if not self.hub.backend.shared:
+            ids.update(dict.fromkeys(a.id for a in self.store.pending()))
+        for approval_id in ids:
+            try:
+                self.store.cancel(approval_id, "the gateway stopped; nothing held runs unapproved")
+                a = self.store.get(approval_id)
+            except Unavailable:
+                logger.error("mcp-bastion: could not cancel %s: the shared state is unreachable (its call was "
+                             "not forwarded; the request expires there unanswered)", approval_id)
+                a = None
+            flow = self._flows.get(self._held.pop(approval_id, ""))
+            if flow is not None:  # before the AuditLog writes it (it comes later in the bundle)
+                if a is not None:
                     flow.metadata[Meta.APPROVAL] = self._summary(a)
-                    fs.add_decision(flow, stage=StageName.APPROVAL, direction=Direction.C2S, action=Action.DENY,
-                                    rule=a.rule, reason=f"approval {a.id} cancelled: the gateway stopped while "
-                                                        "the call waited; it was not forwarded")
+                fs.add_decision(flow, stage=StageName.APPROVAL, direction=Direction.C2S, action=Action.DENY,
+                                rule=a.rule if a is not None else None,
+                                reason=f"approval {approval_id} cancelled: the gateway stopped while "
+                                       "the call waited; it was not forwarded")
 
     # --- the API ------------------------------------------------------------------------
 

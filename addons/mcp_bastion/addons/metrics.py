@@ -10,8 +10,9 @@ apart from the MCP listener (which answers none of this):
   identity-provider key fetches and the age of the keys;
 - `GET /healthz`: 200 while the process serves (`{"status": "ok"}`);
 - `GET /readyz`: 200 when the ruleset is loaded, signing keys are at hand
-  (identity on), and recording and the audit log can write; else 503, with
-  each check and why in the JSON body.
+  (identity on), recording and the audit log can write, and the state store
+  answers (Redis, with `state_url`); else 503, with each check and why in the
+  JSON body.
 
 What it counts is read off each flow when it ends (its decisions), or asked of
 the other parts at scrape time (`Sources`, wired by `bundle()`).
@@ -50,6 +51,7 @@ class Sources:
     writers: list[Any] = field(default_factory=list)  # WriteHealth of the recorder and the audit log
     issuers: Callable[[], dict[str, dict[str, Any]] | None] | None = None  # verifier status per issuer, or None
     timings: Callable[[], dict[str, dict[str, tuple[int, float]]] | None] | None = None  # Timing.clocks
+    state: Callable[[], tuple[bool, str]] | None = None  # whether the (shared) state answers, and what it is
 
 
 class _Scraped:
@@ -229,6 +231,12 @@ class Metrics:
         for w in self.sources.writers:
             if w.required:
                 checks[w.reason] = {"ok": not w.failure, **({"why": w.failure} if w.failure else {})}
+        if self.sources.state is not None:
+            try:
+                ok, why = self.sources.state()
+            except Exception as e:
+                ok, why = False, f"{type(e).__name__}: {e}"[:300]
+            checks["state"] = {"ok": ok, ("store" if ok else "why"): why}
         return all(c["ok"] for c in checks.values()), checks
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -19,7 +19,8 @@ from mitmproxy import http
 
 from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
-from mcp_bastion.core.sessions import SessionBindings, owner_of
+from mcp_bastion.core.sessions import IDLE_TTL, MAX_SESSIONS, SessionBindings, owner_of
+from mcp_bastion.core.state import Backend, Hub
 from mcp_bastion.core.vocab import Action, StageName
 from mcp_bastion.glue import flowstate as fs
 from mcp_bastion.glue.failclosed import fail_closed
@@ -43,8 +44,13 @@ def presented(flow: http.HTTPFlow) -> str | None:
 class Sessions:
     name = StageName.SESSION
 
-    def __init__(self) -> None:
+    def __init__(self, hub: Hub | None = None) -> None:
         self.bindings = SessionBindings()
+
+        def build(backend: Backend) -> None:
+            self.bindings = SessionBindings(table=backend.table("sessions", idle_ttl=IDLE_TTL, max_items=MAX_SESSIONS))
+
+        (hub or Hub()).watch(build)
 
     @fail_closed(StageName.SESSION)
     def request(self, flow: http.HTTPFlow) -> None:

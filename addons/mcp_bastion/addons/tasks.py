@@ -20,15 +20,21 @@ from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.message import Carrier, Message
 from mcp_bastion.core.pipeline import Context, Outcome, Pass, Refuse, Replace, Verdict
 from mcp_bastion.core.sessions import owner_of
-from mcp_bastion.core.tasks import LIST_METHOD, TASK_METHODS, TaskRegistry, created_task
+from mcp_bastion.core.state import Backend, Hub
+from mcp_bastion.core.tasks import IDLE_TTL, LIST_METHOD, MAX_TASKS, TASK_METHODS, TaskRegistry, created_task
 from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
 
 
 class Tasks:
     name = StageName.TASKS
 
-    def __init__(self) -> None:
+    def __init__(self, hub: Hub | None = None) -> None:
         self.registry = TaskRegistry()
+
+        def build(backend: Backend) -> None:
+            self.registry = TaskRegistry(table=backend.table("tasks", idle_ttl=IDLE_TTL, max_items=MAX_TASKS))
+
+        (hub or Hub()).watch(build)
 
     def check(self, m: Message, cx: Context) -> Outcome:
         if m.carrier is Carrier.INPUT_REQUIRED:

@@ -19,7 +19,9 @@ from mcp_bastion.core import errors
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Context, Outcome, Pass, Refuse, Verdict
-from mcp_bastion.core.sessions import SessionBindings, owner_of
+from mcp_bastion.core.sessions import IDLE_TTL as STATE_TTL
+from mcp_bastion.core.sessions import MAX_SESSIONS, SessionBindings, owner_of
+from mcp_bastion.core.state import Backend, Hub
 from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
 from mcp_bastion.core.wire import (
     REMOVED_2026,
@@ -35,9 +37,15 @@ from mcp_bastion.core.wire import (
 class Wire:
     name = StageName.WIRE
 
-    def __init__(self) -> None:
+    def __init__(self, hub: Hub | None = None) -> None:
         self.params = ParamHeaders()
         self.states = SessionBindings()  # requestState digest -> the identity it was issued to
+
+        def build(backend: Backend) -> None:
+            self.states = SessionBindings(table=backend.table("request_states", idle_ttl=STATE_TTL,
+                                                              max_items=MAX_SESSIONS))
+
+        (hub or Hub()).watch(build)
 
     def check(self, m: Message, cx: Context) -> Outcome:
         if m.carried:

@@ -6,7 +6,7 @@ block says (approver groups, timeout, mode, grant window). An `Approval` is
 one held call, bound to the exact call (`binding`: identity, upstream,
 method, tool and canonical arguments). The `Store` interface keeps them;
 `MemoryStore` is the embedded default of a single gateway (it survives
-nothing, and is exact): a later issue adds a shared store.
+nothing, and is exact); `glue.sharedstate.RedisStore` is shared by replicas.
 
 Rules of deciding (`Store.decide`): only a member of one of the approver
 groups may decide; never the requester; only a pending, unexpired request;
@@ -99,6 +99,7 @@ class Approval:
     decided_at: float | None = None
     waiting: bool = False  # a client's request is open on it (wait mode)
     events: list[dict[str, Any]] = field(default_factory=list)
+    holder: str | None = None  # the replica whose client waits on it (a shared store)
 
     def view(self, now: float | None = None) -> dict[str, Any]:
         """What a reviewer is shown (`scripts/approvals list --json`)."""
@@ -121,6 +122,48 @@ class Approval:
         return out
 
 
+def to_record(a: Approval) -> dict[str, Any]:
+    """An approval as JSON-ready data, for a shared store (`from_record` reads it back)."""
+    def who(p: Person | None) -> dict[str, Any] | None:
+        return None if p is None else {"sub": p.sub, "iss": p.iss, "groups": list(p.groups), "name": p.name}
+    return {"id": a.id, "rule": a.rule, "reason": a.reason,
+            "spec": {"approvers": list(a.spec.approvers), "timeout": a.spec.timeout, "mode": a.spec.mode,
+                     "grant": a.spec.grant},
+            "requester": who(a.requester), "upstream": a.upstream, "method": a.method, "tool": a.tool,
+            "arguments": a.arguments, "binding": a.binding, "created": a.created, "expires": a.expires,
+            "status": a.status, "decided_by": who(a.decided_by), "decision_reason": a.decision_reason,
+            "decided_at": a.decided_at, "waiting": a.waiting, "events": a.events, "holder": a.holder}
+
+
+def from_record(d: dict[str, Any]) -> Approval:
+    def who(p: dict[str, Any] | None) -> Person | None:
+        return None if p is None else Person(p.get("sub"), p.get("iss"), tuple(p.get("groups") or ()), p.get("name"))
+    spec = d["spec"]
+    return Approval(id=d["id"], rule=d["rule"], reason=d["reason"],
+                    spec=ApprovalSpec(tuple(spec["approvers"]), spec["timeout"], spec["mode"], spec.get("grant")),
+                    requester=who(d["requester"]) or Person(None, None), upstream=d.get("upstream"),
+                    method=d.get("method"), tool=d.get("tool"), arguments=d.get("arguments"), binding=d["binding"],
+                    created=d["created"], expires=d["expires"], status=d["status"], decided_by=who(d.get("decided_by")),
+                    decision_reason=d.get("decision_reason"), decided_at=d.get("decided_at"),
+                    waiting=bool(d.get("waiting")), events=list(d.get("events") or []), holder=d.get("holder"))
+
+
+def check_decision(a: Approval | None, approval_id: str, reviewer: Person, approve: bool, reason: str | None) -> None:
+    """Raise `Refused` unless `reviewer` may decide `a` now: the rules of deciding, one place for every store."""
+    if a is None:
+        raise Refused(f"no approval request {approval_id}")
+    if reviewer.key == a.requester.key and reviewer.sub is not None:
+        raise Refused("you cannot decide your own request")
+    if not set(reviewer.groups) & set(a.spec.approvers):
+        raise Refused(f"only members of {', '.join(a.spec.approvers)} may decide this request")
+    if a.status == EXPIRED:
+        raise Refused(f"{a.id} expired at {iso_time(a.expires)}")
+    if a.status != PENDING:
+        raise Refused(f"{a.id} was already decided: {a.status}")
+    if not approve and not (reason or "").strip():
+        raise Refused("a denial needs a reason")
+
+
 @dataclass(frozen=True)
 class Grant:
     who: tuple[str | None, str | None]
@@ -131,16 +174,22 @@ class Grant:
 
 
 class Store:
-    """Where approvals live. The embedded `MemoryStore` implements it for one gateway."""
+    """Where approvals live: the embedded `MemoryStore` for one gateway, or a shared one
+    (`glue.sharedstate.RedisStore`) for replicas. Every change of status is atomic: an approval is decided
+    once, and `use` lets exactly one caller run an approved call."""
 
     def create(self, approval: Approval) -> Approval: ...
     def get(self, approval_id: str) -> Approval | None: ...
     def all(self) -> list[Approval]: ...
     def decide(self, approval_id: str, reviewer: Person, approve: bool, reason: str | None) -> Approval: ...
+    def decide_locally(self, approval_id: str, approve: bool, reason: str) -> Approval | None: ...
+    def cancel(self, approval_id: str, why: str) -> None: ...
+    def use(self, approval_id: str) -> bool: ...
     async def wait(self, approval_id: str, timeout: float) -> Approval: ...
     def approved_for(self, binding_: str) -> Approval | None: ...
     def pending_for(self, binding_: str) -> Approval | None: ...
     def grant_for(self, who: Person, rule: str, tool: str | None) -> Grant | None: ...
+    def pending(self) -> Iterable[Approval]: ...
 
 
 class MemoryStore(Store):
@@ -201,18 +250,7 @@ class MemoryStore(Store):
     def decide(self, approval_id: str, reviewer: Person, approve: bool, reason: str | None) -> Approval:
         self._expire()
         a = self._items.get(approval_id)
-        if a is None:
-            raise Refused(f"no approval request {approval_id}")
-        if reviewer.key == a.requester.key and reviewer.sub is not None:
-            raise Refused("you cannot decide your own request")
-        if not set(reviewer.groups) & set(a.spec.approvers):
-            raise Refused(f"only members of {', '.join(a.spec.approvers)} may decide this request")
-        if a.status == EXPIRED:
-            raise Refused(f"{a.id} expired at {iso_time(a.expires)}")
-        if a.status != PENDING:
-            raise Refused(f"{a.id} was already decided: {a.status}")
-        if not approve and not (reason or "").strip():
-            raise Refused("a denial needs a reason")
+        check_decision(a, approval_id, reviewer, approve, reason)
         now = self._clock()
         a.status = APPROVED if approve else DENIED
         a.decided_by, a.decision_reason, a.decided_at = reviewer, (reason or "").strip() or None, now
@@ -237,11 +275,14 @@ class MemoryStore(Store):
             a.status, a.decision_reason, a.decided_at = CANCELLED, why, self._clock()
             self._changed(a, "cancelled")
 
-    def used(self, approval_id: str) -> None:
+    def use(self, approval_id: str) -> bool:
+        """An approved call runs: True for the one caller that turns it from approved into used."""
         a = self._items.get(approval_id)
-        if a is not None and a.status == APPROVED:
-            a.status = USED
-            self._changed(a, "used")
+        if a is None or a.status != APPROVED:
+            return False
+        a.status = USED
+        self._changed(a, "used")
+        return True
 
     async def wait(self, approval_id: str, timeout: float) -> Approval:
         """Until the request is decided or expires (then EXPIRED); other calls go on meanwhile."""

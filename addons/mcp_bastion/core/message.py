@@ -380,3 +380,29 @@ def classify(obj: Any) -> Message:
     if "error" in obj:
         return Message(kind=Kind.ERROR, raw=obj, id=msg_id, params=obj["error"])
     return Message(kind=Kind.RESPONSE, raw=obj, id=msg_id, params=obj["result"])
+
+
+def to_record(m: Message) -> dict[str, Any]:
+    """What a shared store keeps of a message to rebuild it on another replica (`from_record`): its content,
+    kind and id, where it travelled, and its `Mcp-*` headers. Not what it answers, its masks or its approval."""
+    out: dict[str, Any] = {"raw": m.raw, "kind": str(m.kind), "carrier": str(m.carrier)}
+    if m.id is not None:
+        out["id"] = m.id
+    if m.direction is not None:
+        out["direction"] = str(m.direction)
+    if m.headers:
+        out["headers"] = dict(m.headers)
+    return out
+
+
+def from_record(record: dict[str, Any]) -> Message:
+    """The message `to_record` kept, classified again from its content (a stored kind is not trusted)."""
+    carrier = Carrier(record.get("carrier", Carrier.BODY))
+    if carrier in (Carrier.INPUT_REQUIRED, Carrier.SUBSCRIPTION):
+        fresh = _bare(record.get("raw"), record.get("kind", Kind.REQUEST), record.get("id"))
+    else:
+        fresh = classify(record.get("raw"))
+    direction = record.get("direction")
+    headers = record.get("headers") or {}
+    return replace(fresh, carrier=carrier, direction=Direction(direction) if direction else None,
+                   headers={str(k): str(v) for k, v in headers.items()})

@@ -7,18 +7,19 @@ later request shows. Bound here to the identity that created it, a session id
 presented by anyone else is refused, and one the gateway never saw created is
 unknown (the client starts a new session).
 
-An embedded store: bounded (least recently used sessions go first) and expiring
-after a period without use. Pure: no mitmproxy import.
+Kept in a `core.state.Table`: the embedded one (bounded, least recently used
+sessions go first) or one shared by replicas; either forgets a session after a
+period without use. Pure: no mitmproxy import.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .identity import Identity
+from .state import MemoryTable, Table
 
 MAX_SESSIONS = 100_000
 IDLE_TTL = 24 * 3600.0  # seconds a session may go unused before its binding is forgotten
@@ -41,48 +42,27 @@ class Verdict:
 
 
 class SessionBindings:
+    """Key -> owning identity, over a `core.state.Table` (the embedded one unless given a shared one)."""
+
     def __init__(self, max_sessions: int = MAX_SESSIONS, idle_ttl: float = IDLE_TTL,
-                 clock: Callable[[], float] = time.monotonic):
-        self.max_sessions = max_sessions
-        self.idle_ttl = idle_ttl
-        self._clock = clock
-        self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()  # session id -> (owner, last use)
+                 clock: Callable[[], float] = time.monotonic, table: Table | None = None):
+        self.table = table if table is not None else MemoryTable("sessions", idle_ttl, max_sessions, clock)
 
     def __len__(self) -> int:
-        return len(self._owners)
+        return len(self.table)
 
     def bind(self, session: str, owner: str) -> bool:
         """Bind a new session to `owner`; False (and no change) if it is already bound to someone else."""
-        known = self._get(session)
-        if known is not None and known != owner:
-            return False
-        self._owners[session] = (owner, self._clock())
-        self._owners.move_to_end(session)
-        while len(self._owners) > self.max_sessions:
-            self._owners.popitem(last=False)
-        return True
+        return self.table.claim(session, owner) == owner
 
     def check(self, session: str, owner: str) -> Verdict:
-        known = self._get(session)
+        known = self.table.get(session)
         if known is None:
             return Verdict(False, "unknown")
         if known != owner:
             return Verdict(False, "other_identity")
-        self._owners[session] = (owner, self._clock())
-        self._owners.move_to_end(session)
         return Verdict(True, "owner")
 
     def end(self, session: str, owner: str) -> None:
         """The owner ended the session (DELETE): forget it."""
-        if self._get(session) == owner:
-            del self._owners[session]
-
-    def _get(self, session: str) -> str | None:
-        entry = self._owners.get(session)
-        if entry is None:
-            return None
-        owner, used = entry
-        if self._clock() - used > self.idle_ttl:
-            del self._owners[session]
-            return None
-        return owner
+        self.table.drop(session, owner)

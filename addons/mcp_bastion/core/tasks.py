@@ -15,13 +15,14 @@ Bounded and forgotten after a period without use. Pure: no mitmproxy import.
 
 from __future__ import annotations
 
+import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .message import Message
+from .message import Message, from_record, to_record
+from .state import MemoryTable, Table
 
 TASK_METHODS = frozenset({"tasks/get", "tasks/result", "tasks/cancel", "tasks/update"})
 LIST_METHOD = "tasks/list"
@@ -49,40 +50,46 @@ class TaskRecord:
 
 
 class TaskRegistry:
+    """(upstream, task id) -> its record, over a `core.state.Table` (embedded unless given a shared one)."""
+
     def __init__(self, max_tasks: int = MAX_TASKS, idle_ttl: float = IDLE_TTL,
-                 clock: Callable[[], float] = time.monotonic):
-        self.max_tasks = max_tasks
-        self.idle_ttl = idle_ttl
-        self._clock = clock
-        self._tasks: OrderedDict[tuple[str | None, str], tuple[TaskRecord, float]] = OrderedDict()
+                 clock: Callable[[], float] = time.monotonic, table: Table | None = None):
+        self.table = table if table is not None else MemoryTable("tasks", idle_ttl, max_tasks, clock)
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self.table)
 
     def created(self, upstream: str | None, task_id: str, owner: str, call: Message) -> bool:
         """Remember a task; False (and no change) if the id already belongs to someone else."""
-        known = self.get(upstream, task_id)
-        if known is not None and known.owner != owner:
+        value = json.dumps({"owner": owner, "upstream": upstream, "call": to_record(call)},
+                           ensure_ascii=False, separators=(",", ":"))
+        known = self.table.claim(_key(upstream, task_id), value)
+        if known == value:
+            return True
+        record = _record(known)
+        if record is None or record.owner != owner:
             return False
-        self._tasks[(upstream, task_id)] = (TaskRecord(owner, upstream, call), self._clock())
-        self._tasks.move_to_end((upstream, task_id))
-        while len(self._tasks) > self.max_tasks:
-            self._tasks.popitem(last=False)
+        self.table.put(_key(upstream, task_id), value)  # the same caller's task: the latest call it runs
         return True
 
     def get(self, upstream: str | None, task_id: str) -> TaskRecord | None:
-        entry = self._tasks.get((upstream, task_id))
-        if entry is None:
-            return None
-        record, used = entry
-        if self._clock() - used > self.idle_ttl:
-            del self._tasks[(upstream, task_id)]
-            return None
-        self._tasks[(upstream, task_id)] = (record, self._clock())
-        self._tasks.move_to_end((upstream, task_id))
-        return record
+        known = self.table.get(_key(upstream, task_id))
+        return _record(known) if known is not None else None
 
     def owned(self, upstream: str | None, task_id: str, owner: str) -> TaskRecord | None:
         """The task if `owner` created it (None for anyone else, and for an id never seen)."""
         record = self.get(upstream, task_id)
         return record if record is not None and record.owner == owner else None
+
+
+def _key(upstream: str | None, task_id: str) -> str:
+    # The upstream cannot contain a NUL (a canonical origin); the task id may be anything.
+    return f"{upstream or ''}\x00{task_id}"
+
+
+def _record(value: str) -> TaskRecord | None:
+    try:
+        data = json.loads(value)
+        return TaskRecord(data["owner"], data["upstream"], from_record(data["call"]))
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: owned by nobody, so refused

@@ -32,6 +32,7 @@ from mcp_bastion.core.jsonrpc import Body, dumps
 from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Refuse, Run
 from mcp_bastion.core.sse import format_event
+from mcp_bastion.core.state import Unavailable
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import flowstate as fs
 
@@ -86,6 +87,16 @@ def accepted(flow: http.HTTPFlow) -> None:
 def internal_error(stage: str, exc: BaseException) -> Refusal:
     """The refusal used when an enforcement step itself fails."""
     response = stage.startswith("resp")
+    if isinstance(exc, Unavailable):  # the shared state (Redis) is unreachable: retry later
+        return Refusal(
+            status=503,
+            code=errors.GATEWAY_ERROR,
+            message=f"mcp-bastion's shared state is unreachable, so the {stage} check could not be made; "
+                    + ("the response was withheld" if response else "the request was not forwarded")
+                    + " (retry shortly)",
+            data={"stage": stage, "error": "Unavailable", "reason": "state_unavailable"},
+            headers={"retry-after": "1"},
+        )
     return Refusal(
         status=502 if response else 500,
         code=errors.GATEWAY_ERROR,

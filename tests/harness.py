@@ -180,3 +180,25 @@ def everything_server() -> Iterator[Proc]:
     with running([NODE22, script, "streamableHttp"], port, env={"PORT": str(port)}) as p:
         p.endpoint = f"{p.url}/mcp"
         yield p
+
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def redis_args(port: int, data_dir: str | None = None) -> list[str]:
+    """A real redis-server on 127.0.0.1:`port`; with `data_dir`, its data survives a restart (append-only file)."""
+    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no"]
+    if data_dir is not None:
+        args += ["--appendonly", "yes", "--appendfsync", "always", "--dir", data_dir]
+    else:
+        args += ["--appendonly", "no"]
+    return args
+
+
+@contextlib.contextmanager
+def redis_server(port: int | None = None, data_dir: str | None = None) -> Iterator[Proc]:
+    """Debian's redis-server, stopped when the context exits (tests skip without it)."""
+    port = port or free_port()
+    with running(redis_args(port, data_dir), port) as p:
+        p.endpoint = f"redis://127.0.0.1:{port}/0"
+        yield p

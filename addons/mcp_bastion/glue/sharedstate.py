@@ -128,7 +128,7 @@ class RedisBackend(Backend):
         # One quick retry covers a pooled connection that died with a restarted Redis; no backoff.
         self.client = redis.Redis.from_url(url, password=password, socket_timeout=timeout,
                                            socket_connect_timeout=timeout, decode_responses=True,
-                                           retry=Retry(NoBackoff(), 1), client_name=f"mcp-bastion {replica}"[:60])
+                                           retry=Retry(NoBackoff(), 1), client_name=f"mcp-bastion-{replica}"[:60])
         self._lock = threading.Lock()
         self._down: str | None = None  # why the last operation failed, while it stands
         self._next_try = 0.0
@@ -296,7 +296,7 @@ class RedisStore(Store):
     def _due(self, a: Approval | None) -> Approval | None:
         """`a`, expired in the store first if its time is up (whoever reads it first records that, once)."""
         if a is not None and a.status == PENDING and self.b._clock() >= a.expires:
-            a, _ = self._transition(a.id, lambda x: (EXPIRED, None) if x.status == PENDING else None)
+            a, _ = self._transition(a.id, _expire)
         return a
 
     def get(self, approval_id: str) -> Approval | None:
@@ -489,7 +489,7 @@ class RedisStore(Store):
                 left = deadline - self.b._clock()
                 if left <= 0:
                     if reachable:
-                        a, _ = self._transition(approval_id, lambda x: (EXPIRED, None) if x.status == PENDING else None)
+                        a, _ = self._transition(approval_id, _expire)
                         if a is not None:
                             return a
                     return _ended(last, approval_id, EXPIRED, "not decided in time (the shared state was unreachable)")
@@ -535,6 +535,13 @@ class RedisStore(Store):
             finally:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+
+
+def _expire(a: Approval) -> tuple[str, None] | None:
+    if a.status != PENDING:
+        return None
+    a.status = EXPIRED
+    return "expired", None
 
 
 def _ended(last: Approval | None, approval_id: str, status: str, why: str) -> Approval:

@@ -1,0 +1,131 @@
+"""The State addon: two bundles on one real Redis behave as one gateway; an unreachable Redis refuses what
+needs it (and only that), and the readiness probe says why."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import redis
+from mitmproxy import exceptions
+
+from mcp_bastion.addons.metrics import Metrics
+from mcp_bastion.addons.state import State
+from mcp_bastion.core.vocab import Meta
+
+from bundled import bundled, call, error_of, forwarded, result
+from harness import REDIS_SERVER, free_port, redis_server
+
+pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not shutil.which(REDIS_SERVER),
+                                                    reason="redis-server is not installed")]
+
+ALICE = {"sub": "alice", "groups": ["engineering"], "iss": "https://idp"}
+BOB = {"sub": "bob", "groups": ["engineering"], "iss": "https://idp"}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with redis_server() as r:
+        yield r
+
+
+@pytest.fixture
+def url(server):
+    redis.Redis.from_url(server.endpoint).flushdb()
+    return server.endpoint
+
+
+async def initialize(b, identity, sid):
+    f = b.flow("POST", call("initialize", 0, protocolVersion="2025-06-18", capabilities={}))
+    await b.request(f, identity=identity)
+    assert forwarded(f)
+    await b.response(f, result(0, {"protocolVersion": "2025-06-18"}), headers={"mcp-session-id": sid})
+    return f
+
+
+async def with_session(b, identity, sid, body=None):
+    f = b.flow("POST", body or call("tools/call", 1, name="add"), headers={"mcp-session-id": sid})
+    await b.request(f, identity=identity)
+    return f
+
+
+async def test_a_session_opened_on_one_replica_is_its_creators_on_the_other(url):
+    with bundled(state_url=url, replica_id="ra") as a, bundled(state_url=url, replica_id="rb") as b:
+        await initialize(a, ALICE, "sess-1")
+        assert forwarded(await with_session(b, ALICE, "sess-1"))
+        bob = await with_session(b, BOB, "sess-1")
+        assert not forwarded(bob) and bob.response.status_code == 404
+        assert error_of(bob)["data"] == {"reason": "session"}
+        forged = await with_session(b, ALICE, "sess-never")
+        assert forged.response.status_code == 404
+
+
+async def test_a_task_is_its_creators_on_every_replica(url):
+    with bundled(state_url=url) as a, bundled(state_url=url) as b:
+        f = a.flow("POST", call("tools/call", 1, name="export", task={"ttl": 60000}))
+        await a.request(f, identity=ALICE)
+        await a.response(f, result(1, {"task": {"taskId": "t-77", "status": "working"}}))
+        assert forwarded(f) or f.response.status_code == 200
+        same = {"url": a.upstream, "mode": f"reverse:{a.upstream}"}  # both replicas front one upstream
+        mine = b.flow("POST", call("tasks/get", 2, taskId="t-77"), **same)
+        await b.request(mine, identity=ALICE)
+        assert forwarded(mine)
+        theirs = b.flow("POST", call("tasks/result", 3, taskId="t-77"), **same)
+        await b.request(theirs, identity=BOB)
+        assert not forwarded(theirs) and error_of(theirs)["data"] == {"reason": "task"}
+
+
+async def test_unreachable_redis_refuses_what_needs_it_and_only_that():
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with bundled(state_url=dead) as b:
+        f = await with_session(b, ALICE, "sess-1")
+        assert not forwarded(f) and f.response.status_code == 503
+        err = error_of(f)
+        assert err["data"]["reason"] == "state_unavailable" and "shared state is unreachable" in err["message"]
+        assert f.response.headers["retry-after"] == "1"
+        assert "Unavailable" in f.metadata[Meta.ERROR]
+        # No session, no task, no approval: nothing shared is needed, so it goes on.
+        plain = b.flow("POST", call("tools/call", 2, name="add"))
+        await b.request(plain, identity=ALICE)
+        assert forwarded(plain)
+        # A session the upstream hands out cannot be bound: the answer is withheld, never given unbound.
+        init = b.flow("POST", call("initialize", 0, protocolVersion="2025-06-18", capabilities={}))
+        await b.request(init, identity=ALICE)
+        await b.response(init, result(0, {"protocolVersion": "2025-06-18"}), headers={"mcp-session-id": "s-new"})
+        assert init.response.status_code in (502, 503) and "mcp-session-id" not in init.response.headers
+        ok, checks = b.addon(Metrics).ready()
+        assert not ok and checks["state"]["ok"] is False and "unreachable" in checks["state"]["why"]
+
+
+async def test_the_readiness_probe_names_the_store_when_it_answers(url):
+    with bundled(state_url=url) as b:
+        ok, checks = b.addon(Metrics).ready()
+        assert checks["state"] == {"ok": True, "store": f"redis {url} (replica {b.addon(State).hub.replica})"}
+
+
+async def test_the_embedded_default_is_ready_without_anything_to_run():
+    with bundled() as b:
+        assert b.addon(Metrics).ready()[1]["state"] == {"ok": True, "store": "memory"}
+
+
+@pytest.mark.parametrize("bad", ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://127.0.0.1:port/0"])
+def test_a_bad_state_url_is_refused_at_start(bad):
+    with pytest.raises(exceptions.OptionsError, match="state_url"), bundled(state_url=bad):
+        pass
+
+
+def test_a_missing_password_variable_is_refused_at_start(url, monkeypatch):
+    monkeypatch.delenv("BASTION_TEST_NO_SUCH_VAR", raising=False)
+    with pytest.raises(exceptions.OptionsError, match="BASTION_TEST_NO_SUCH_VAR"), \
+            bundled(state_url=url, state_password_env="BASTION_TEST_NO_SUCH_VAR"):
+        pass
+
+
+def test_the_state_store_cannot_change_while_running(url):
+    with bundled(state_url=url) as b, pytest.raises(exceptions.OptionsError, match="restart"):
+        b.tctx.options.update(state_url=f"redis://127.0.0.1:{free_port()}/0")

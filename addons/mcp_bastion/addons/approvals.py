@@ -261,6 +261,20 @@ class Approvals:
             await self.holding.start()
         except OSError as e:  # calls still wait, only without progress notifications
             logger.warning("mcp-bastion: approval progress is off (holding server: %s)", e)
+        self._orphans()
+
+    def _orphans(self) -> None:
+        """A shared store may still list calls this replica held before it was killed: their clients are
+        gone with it, so they are cancelled (a decision would otherwise approve a call nobody runs)."""
+        if not self.hub.backend.shared:
+            return
+        try:
+            for a in self.store.pending():
+                if a.waiting and a.holder == self.hub.replica and a.id not in self._held:
+                    self.store.cancel(a.id, f"the gateway replica {a.holder} holding the call restarted; "
+                                            "it was not forwarded")
+        except Unavailable as e:
+            logger.warning("mcp-bastion: could not look for calls held before a restart: %s", e)
 
     def divert(self, flow: http.HTTPFlow, go: bool = True) -> None:
         """After every request stage passed: a call held on a stream goes to the holding server instead
@@ -498,6 +512,10 @@ class Approvals:
                 replies.document(flow, 405 if len(parts) <= 2 else 404, {"error": "unknown approval API call"})
         except Refused as e:
             status = 404 if str(e).startswith("no approval request") else 409
+            if method == "POST" and len(parts) == 2:  # a decision that could not be made is audited too
+                flow.metadata[Meta.APPROVAL] = {"id": parts[0][:64], "status": "not decided", "refused": str(e)}
+                fs.add_decision(flow, stage=StageName.APPROVAL, direction=Direction.C2S, action=Action.DENY,
+                                rule=None, reason=f"{reviewer.shown()} could not {parts[1]} {parts[0][:64]}: {e}")
             replies.document(flow, status, {"error": str(e)})
         except ValueError as e:
             replies.document(flow, 400, {"error": str(e)})

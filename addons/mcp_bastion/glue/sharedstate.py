@@ -65,8 +65,8 @@ PREFIX = "mcp-bastion:"
 TIMEOUT = 0.5  # seconds a Redis operation may take before the state counts as unreachable
 RETRY_AFTER = 1.0  # seconds after a failure before the next operation tries Redis again
 KEEP_DECIDED = 24 * 3600  # seconds a decided approval stays listed after it expires
-HEARTBEAT_EVERY = 5.0
-HEARTBEAT_TTL = 15.0  # a replica whose heartbeat is this old is gone
+HEARTBEAT_EVERY = 2.0
+HEARTBEAT_TTL = 6.0  # a replica whose heartbeat is this old is gone
 SCHEMES = ("redis", "rediss", "unix")
 
 _CLAIM = """

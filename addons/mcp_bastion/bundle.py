@@ -74,7 +74,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
     policy, auth = Policy(), Auth()
     masking = Masking(policy.ruleset)
     approvals = Approvals(hub=hub)
-    pinning = Pinning(policy.ruleset)
+    pinning = Pinning(policy.ruleset, hub)
     stages = Pipeline([Wire(hub), Tasks(hub), policy, pinning, masking, approvals, *extra_stages])
     gate = Gate(
         request=[StageName.PARSE, StageName.AUTH, StageName.SESSION, StageName.ADMISSION, *stages.request_stages],

@@ -82,14 +82,14 @@ async def test_a_task_is_its_creators_on_every_replica(url):
 
 async def test_unreachable_redis_refuses_what_needs_it_and_only_that():
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    with bundled(state_url=dead) as b:
+    with bundled(state_url=dead, pin_tools=False) as b:
         f = await with_session(b, ALICE, "sess-1")
         assert not forwarded(f) and f.response.status_code == 503
         err = error_of(f)
         assert err["data"]["reason"] == "state_unavailable" and "shared state is unreachable" in err["message"]
         assert f.response.headers["retry-after"] == "1"
         assert "Unavailable" in f.metadata[Meta.ERROR]
-        # No session, no task, no approval: nothing shared is needed, so it goes on.
+        # No session, no task, no approval, no pins: nothing shared is needed, so it goes on.
         plain = b.flow("POST", call("tools/call", 2, name="add"))
         await b.request(plain, identity=ALICE)
         assert forwarded(plain)
@@ -129,3 +129,17 @@ def test_a_missing_password_variable_is_refused_at_start(url, monkeypatch):
 def test_the_state_store_cannot_change_while_running(url):
     with bundled(state_url=url) as b, pytest.raises(exceptions.OptionsError, match="restart"):
         b.tctx.options.update(state_url=f"redis://127.0.0.1:{free_port()}/0")
+
+
+async def test_with_pinning_on_every_call_needs_the_shared_pins():
+    with bundled(state_url=f"redis://127.0.0.1:{free_port()}/0") as b:
+        f = b.flow("POST", call("tools/call", 2, name="add"))
+        await b.request(f, identity=ALICE)
+        assert not forwarded(f) and f.response.status_code == 503
+        assert error_of(f)["data"] == {"stage": "pin", "error": "Unavailable", "reason": "state_unavailable"}
+
+
+def test_pins_in_a_file_and_shared_pins_are_refused_together(url, tmp_path):
+    with pytest.raises(exceptions.OptionsError, match="pin_store"), \
+            bundled(state_url=url, pin_store=str(tmp_path / "pins.json")):
+        pass

@@ -56,6 +56,7 @@ from mcp_bastion.core.pins import (
 )
 from mcp_bastion.core.pipeline import Context, Outcome, Pass, Refuse, Replace, Verdict
 from mcp_bastion.core.rules import PinningSpec, Ruleset
+from mcp_bastion.core.state import Backend, Hub
 from mcp_bastion.core.toolscan import SHADOWING, Finding, scan
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import api, replies
@@ -70,11 +71,24 @@ CALLS = {"tools/call": TOOL, "prompts/get": PROMPT}
 class Pinning:
     name = StageName.PIN
 
-    def __init__(self, ruleset: Callable[[], Ruleset]):
+    def __init__(self, ruleset: Callable[[], Ruleset], hub: Hub | None = None):
         self._ruleset = ruleset
         self.store = PinStore()
         self.enabled = True
         self.reviewers: frozenset[str] = frozenset()
+        self.hub = hub if hub is not None else Hub()
+        self.hub.watch(self._shared)
+
+    def _shared(self, backend: Backend) -> None:
+        """Replicas sharing state share their pins (in place of `pin_store`, one gateway's file)."""
+        shared = backend.pins()
+        if shared is None:
+            return
+        if self.store.path:
+            raise exceptions.OptionsError("pin_store keeps one gateway's pins in a file; with state_url the pins "
+                                          "are shared by the replicas: leave pin_store empty")
+        self.store.unlock()
+        self.store = shared
 
     def load(self, loader) -> None:
         loader.add_option("pin_tools", bool, True,
@@ -92,7 +106,10 @@ class Pinning:
         if "pin_reviewers" in updated:
             groups = [g.strip() for g in ctx.options.pin_reviewers.split(",") if g.strip()]
             self.reviewers = frozenset(groups)
-        if "pin_store" in updated:
+        if "pin_store" in updated and self.hub.backend.shared:
+            if ctx.options.pin_store.strip():
+                raise exceptions.OptionsError("pin_store cannot be set while the pins are shared (state_url)")
+        elif "pin_store" in updated:
             path = ctx.options.pin_store.strip() or None
             try:
                 store = PinStore(path)
@@ -116,6 +133,7 @@ class Pinning:
     def check(self, m: Message, cx: Context) -> Outcome:
         if not self.enabled or m.carried:
             return Pass()
+        self.store.refresh()  # a shared store: what other replicas pinned or reviewers accepted
         upstream = canonical_upstream(cx.upstream)
         if m.direction == Direction.S2C:
             if m.kind != Kind.RESPONSE or not isinstance(m.params, dict):
@@ -268,6 +286,7 @@ class Pinning:
         api.serve(flow, API_PREFIX, "pin API", self._serve, "nothing was changed")
 
     def _serve(self, flow: http.HTTPFlow) -> None:
+        self.store.refresh()
         who = fs.identity(flow)
         groups = set(who.groups)
         if who.sub is None or not (groups & self.reviewers):

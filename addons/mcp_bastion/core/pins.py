@@ -146,6 +146,16 @@ class PinStore:
             self._held.close()
             self._held = None
 
+    def refresh(self) -> None:
+        """Catch up with pins other replicas made (a shared store; this one is the only writer of its own)."""
+
+    def _replace_all(self, pins: Iterable[Pin]) -> None:
+        """Hold exactly `pins` (a shared store read afresh)."""
+        self._pins = {p.key: p for p in pins}
+        self._folded, self._by_upstream = {}, {}
+        for pin in self._pins.values():
+            self._index(pin)
+
     # --- reading -------------------------------------------------------------------
 
     def get(self, upstream: str, kind: str, name: str) -> Pin | None:
@@ -256,9 +266,7 @@ class PinStore:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
             for raw in doc["pins"]:
-                pin = Pin(**{k: raw[k] for k in Pin.__dataclass_fields__ if k in raw})
-                if pin.kind not in KINDS or not isinstance(pin.definition, dict):
-                    raise ValueError(f"bad pin {raw.get('name')!r}")
+                pin = pin_from_record(raw)
                 self._pins[pin.key] = pin
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PinError(f"pin store {path} is unreadable: {e}") from None
@@ -279,6 +287,14 @@ class PinStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def pin_from_record(raw: dict[str, Any]) -> Pin:
+    """A pin as `asdict` wrote it (the file, a shared store); ValueError/KeyError/TypeError if it is not one."""
+    pin = Pin(**{k: raw[k] for k in Pin.__dataclass_fields__ if k in raw})
+    if pin.kind not in KINDS or not isinstance(pin.definition, dict):
+        raise ValueError(f"bad pin {raw.get('name')!r}")
+    return pin
 
 
 def _one(pins: list[Pin]) -> Pin:

@@ -5,7 +5,8 @@ Everything the gateway remembers about a caller between requests goes through a
 `Backend`: session-to-identity bindings, the caller each `requestState` was
 issued to, task ownership, the approval a multi-round-trip call continues (all
 `Table`s: a key bound to a string value, bounded, forgotten after a period without
-use), and the approvals themselves (a `core.approvals.Store`). Two backends:
+use), the approvals themselves (a `core.approvals.Store`) and, when shared, the
+tool pins (a `core.pins.PinStore`). Two backends:
 
 - `MemoryBackend`, the embedded default: one process, nothing to run, exact;
 - `glue.sharedstate.RedisBackend` (`state_url=redis://...`): shared by every
@@ -131,6 +132,10 @@ class Backend:
     def approvals(self, on_change: Callable[[Any, str], None] | None = None) -> Any:
         """A `core.approvals.Store`."""
         raise NotImplementedError
+
+    def pins(self) -> Any:
+        """A shared `core.pins.PinStore`, or None: the Pinning stage keeps its own (`pin_store`)."""
+        return None
 
     def status(self) -> tuple[bool, str]:
         """(ready, why): whether the store answers now, and what to show on the readiness probe."""

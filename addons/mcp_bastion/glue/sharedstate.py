@@ -10,6 +10,7 @@ State shared by replicas, in Redis (`state_url=redis://...`; see `core.state`).
   by its subscription when a reviewer decides on any replica, without polling. A held call names the
   replica holding it; every replica keeps a heartbeat key alive, so a decision for a call whose replica
   died cancels it instead (the call is gone with that replica's client connection).
+- Pins (`RedisPinStore`): one hash of pins and a version number, changed by compare-and-set.
 - Unreachable (refused, timed out, loading, read-only, out of memory): every operation raises
   `core.state.Unavailable`, so what needs shared state is refused and nothing is decided from a stale
   copy. After a failure, calls fail at once for `RETRY_AFTER` seconds, then the next one tries again:
@@ -29,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,6 +59,7 @@ from mcp_bastion.core.approvals import (
     to_record,
 )
 from mcp_bastion.core.audit import iso_time
+from mcp_bastion.core.pins import CHANGED_NOW, NEW, Pin, PinStore, pin_from_record
 from mcp_bastion.core.state import DEFAULT_MAX, Backend, Table, Unavailable
 
 logger = logging.getLogger("mcp_bastion")
@@ -176,6 +179,9 @@ class RedisBackend(Backend):
 
     def table(self, name: str, *, idle_ttl: float, max_items: int = DEFAULT_MAX) -> Table:
         return RedisTable(self, name, idle_ttl)
+
+    def pins(self) -> PinStore:
+        return RedisPinStore(self)
 
     def approvals(self, on_change: Callable[[Approval, str], None] | None = None) -> Store:
         store = RedisStore(self, on_change)
@@ -550,3 +556,86 @@ def _ended(last: Approval | None, approval_id: str, status: str, why: str) -> Ap
         raise Unavailable(f"approval {approval_id}: {why}")
     last.status, last.decision_reason, last.decided_at = status, why, time.time()
     return last
+
+
+_PIN_WRITE = """
+local v = redis.call('GET', KEYS[1]) or '0'
+if v ~= ARGV[1] then return false end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[2], ARGV[2]) else redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
+return redis.call('INCR', KEYS[1])
+"""
+
+
+class RedisPinStore(PinStore):
+    """Tool, prompt and template pins shared by replicas: one Redis hash of pins and a version number.
+
+    Each check first asks for the version (one round trip) and reads the hash again only when another
+    replica changed it. A change (a new pin, a changed definition seen, an accept, a forget) is written
+    only if the version is still the one this replica read (a Lua compare-and-set); otherwise it reads the
+    pins again and looks once more, so two replicas that first see a tool at once pin it once.
+    """
+
+    def __init__(self, backend: RedisBackend):
+        super().__init__(None)
+        self.b = backend
+        self._version: str | None = None  # of the pins held here; None: read them before the next use
+        self._write_script = backend.client.register_script(_PIN_WRITE)
+        self._vkey, self._hkey = backend.key("pins", "version"), backend.key("pins", "all")
+
+    def refresh(self) -> None:
+        version = self.b.call(lambda: self.b.client.get(self._vkey)) or "0"
+        if version == self._version:
+            return
+
+        def read() -> tuple[str | None, dict[str, str]]:
+            p = self.b.client.pipeline(transaction=True)
+            p.get(self._vkey)
+            p.hgetall(self._hkey)
+            got = p.execute()
+            return got[0], got[1]
+
+        version, raw = self.b.call(read)
+        pins = []
+        for field, value in raw.items():
+            try:
+                pins.append(pin_from_record(json.loads(value)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise Unavailable(f"shared pin {field[:80]} is unreadable: {e}") from None
+        with self._lock:
+            self._replace_all(pins)
+            self._version = version or "0"
+
+    def _write(self, pin: Pin, gone: bool = False) -> bool:
+        field = _dumps(list(pin.key))
+        value = "" if gone else _dumps(asdict(pin))
+        out = self.b.call(lambda: self._write_script(keys=[self._vkey, self._hkey],
+                                                     args=[self._version or "0", field, value]))
+        if out is None:
+            self._version = None  # another replica wrote first: read again
+            return False
+        self._version = str(out)
+        return True
+
+    def _again(self, attempt: Callable[[], Any], written: Callable[[Any], tuple[Pin, bool] | None]) -> Any:
+        for _ in range(8):
+            self.refresh()
+            out = attempt()
+            change = written(out)
+            if change is None or self._write(*change):
+                return out
+        raise Unavailable("shared pins kept changing under this replica")
+
+    def observe(self, upstream, kind, item, findings=(), now=None):
+        return self._again(lambda: super(RedisPinStore, self).observe(upstream, kind, item, findings, now),
+                           lambda out: (out[1], False) if out[0] in (NEW, CHANGED_NOW) and out[1] is not None
+                           else None)
+
+    def _fresh(self, pins: list[Pin]) -> list[Pin]:
+        return [self._pins[p.key] for p in pins if p.key in self._pins]
+
+    def accept(self, pins, by, now=None, expect=None):
+        return self._again(lambda: super(RedisPinStore, self).accept(self._fresh(pins), by, now, expect),
+                           lambda pin: (pin, False))
+
+    def forget(self, pins):
+        return self._again(lambda: super(RedisPinStore, self).forget(self._fresh(pins)), lambda pin: (pin, True))

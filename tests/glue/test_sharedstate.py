@@ -501,3 +501,15 @@ def test_a_replica_started_later_reads_the_pins_and_changes_others_recorded(url)
     assert sb.get("u:1", TOOL, "add").changed["definition"]["description"] == "changed"
     a.close()
     b.close()
+
+
+def test_the_mcp_param_headers_a_tool_declares_are_known_on_every_replica(replicas):
+    from mcp_bastion.core.wire import ParamHeaders
+    a, b = replicas
+    pa = ParamHeaders(table=a.table("param_headers", idle_ttl=60))
+    pb = ParamHeaders(table=b.table("param_headers", idle_ttl=60))
+    listed = {"tools": [{"name": "query", "inputSchema": {"type": "object", "properties": {
+        "region": {"type": "string", "x-mcp-header": "Region"}}}}]}
+    assert pb.of("u:1", "query") is None
+    assert pa.learn("u:1", listed) == 1
+    assert pb.of("u:1", "query") == {"region": ["region"]} and pb.of("u:2", "query") is None

@@ -44,6 +44,8 @@ class Wire:
         def build(backend: Backend) -> None:
             self.states = SessionBindings(table=backend.table("request_states", idle_ttl=STATE_TTL,
                                                               max_items=MAX_SESSIONS))
+            if backend.shared:  # a client may list the tools through one replica and call through another
+                self.params = ParamHeaders(table=backend.table("param_headers", idle_ttl=STATE_TTL))
 
         (hub or Hub()).watch(build)
 

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections import OrderedDict
 from typing import Any
 
 from .message import Message, TargetKind
+from .state import Table
 
 MODERN = "2026-07-28"  # the first revision of the stateless wire
 VERSION_META = "io.modelcontextprotocol/protocolVersion"
@@ -112,11 +114,17 @@ def _same(header: str, value: Any) -> bool:
 
 
 class ParamHeaders:
-    """Which `Mcp-Param-*` headers each tool of an upstream declares, learned from `tools/list` results."""
+    """Which `Mcp-Param-*` headers each tool of an upstream declares, learned from `tools/list` results.
 
-    def __init__(self, max_tools: int = 10_000):
+    In this process, or in a shared `core.state.Table` (replicas: a client lists the tools through one and
+    calls through another). Shared, a lookup asks the table (only calls carrying `Mcp-Param-*` headers
+    look); a list writes only what differs from what this replica last wrote."""
+
+    def __init__(self, max_tools: int = 10_000, table: Table | None = None):
         self.max_tools = max_tools
         self._tools: OrderedDict[tuple[str, str], dict[str, list[str]]] = OrderedDict()
+        self.table = table
+        self._written: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def learn(self, upstream: str | None, result: Any) -> int:
         """Read the tools of a `tools/list` result; returns how many were learned."""
@@ -128,16 +136,39 @@ class ParamHeaders:
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
                 continue
             key = (upstream or "", tool["name"])
-            self._tools[key] = declared(tool.get("inputSchema"))
-            self._tools.move_to_end(key)
+            headers = declared(tool.get("inputSchema"))
             n += 1
+            if self.table is not None:
+                value = json.dumps(headers, sort_keys=True)
+                if self._written.get(key) != value:
+                    self.table.put(_table_key(key), value)
+                    self._written[key] = value
+                    self._written.move_to_end(key)
+                    while len(self._written) > self.max_tools:
+                        self._written.popitem(last=False)
+                continue
+            self._tools[key] = headers
+            self._tools.move_to_end(key)
         while len(self._tools) > self.max_tools:
             self._tools.popitem(last=False)
         return n
 
     def of(self, upstream: str | None, tool: str) -> dict[str, list[str]] | None:
         """Header name (lower case, without `mcp-param-`) -> property path, or None if the tool is unknown."""
+        if self.table is not None:
+            value = self.table.get(_table_key((upstream or "", tool)))
+            if value is None:
+                return None
+            try:
+                known = json.loads(value)
+            except ValueError:
+                return None  # unreadable: unknown, so its headers are refused
+            return {str(k): [str(p) for p in v] for k, v in known.items()} if isinstance(known, dict) else None
         return self._tools.get((upstream or "", tool))
+
+
+def _table_key(key: tuple[str, str]) -> str:
+    return json.dumps(list(key))
 
 
 def declared(schema: Any, path: tuple[str, ...] = ()) -> dict[str, list[str]]:

@@ -131,7 +131,7 @@ def test_the_state_store_cannot_change_while_running(url):
         b.tctx.options.update(state_url=f"redis://127.0.0.1:{free_port()}/0")
 
 
-async def test_with_pinning_on_every_call_needs_the_shared_pins():
+async def test_with_pinning_on_every_tool_call_needs_the_shared_pins():
     with bundled(state_url=f"redis://127.0.0.1:{free_port()}/0") as b:
         f = b.flow("POST", call("tools/call", 2, name="add"))
         await b.request(f, identity=ALICE)

@@ -133,7 +133,6 @@ class Pinning:
     def check(self, m: Message, cx: Context) -> Outcome:
         if not self.enabled or m.carried:
             return Pass()
-        self.store.refresh()  # a shared store: what other replicas pinned or reviewers accepted
         upstream = canonical_upstream(cx.upstream)
         if m.direction == Direction.S2C:
             if m.kind != Kind.RESPONSE or not isinstance(m.params, dict):
@@ -144,6 +143,8 @@ class Pinning:
             lists = [LISTED[m.answers]] if m.answers in LISTED else [
                 (key, kind) for key, kind in LISTED.values() if isinstance(m.params.get(key), list)]
             out: Outcome = Pass()
+            if lists:
+                self.store.refresh()  # a shared store: what other replicas pinned or reviewers accepted
             for key, kind in lists:
                 out = self._listed(out.message if isinstance(out, Replace) else m, upstream, key, kind,
                                    out.decisions)
@@ -163,6 +164,8 @@ class Pinning:
     def _blocked_target(self, m: Message, upstream: str) -> tuple[Pin, str, str] | None:
         params = m.params if isinstance(m.params, dict) else {}
         kind = CALLS.get(m.method or "")
+        if kind is not None or m.method in ("resources/read", "resources/subscribe"):
+            self.store.refresh()  # only what a pin can refuse asks a shared store
         if kind is not None:
             name = params.get("name")
             if not isinstance(name, str):

@@ -340,7 +340,7 @@ def test_unreachable_redis_refuses_everything_and_says_why():
     dead = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", "r1", retry_after=60)
     for op in (lambda: dead.table("sessions", idle_ttl=60).get("s"),
                lambda: dead.table("sessions", idle_ttl=60).claim("s", "alice"),
-               lambda: dead.approvals().get("apr-1"),
+               lambda: dead.approvals().get("apr-0123456789ab"),
                lambda: dead.approvals().grant_for(ALICE, "r", None),
                lambda: held(dead.approvals())):
         with pytest.raises(Unavailable, match="unreachable"):
@@ -513,3 +513,15 @@ def test_the_mcp_param_headers_a_tool_declares_are_known_on_every_replica(replic
     assert pb.of("u:1", "query") is None
     assert pa.learn("u:1", listed) == 1
     assert pb.of("u:1", "query") == {"region": ["region"]} and pb.of("u:2", "query") is None
+
+
+@pytest.mark.parametrize("bad", ["*", "apr-*", "../approvals:all", "apr-0123456789ab:x", "APR-0123456789AB", ""])
+def test_an_approval_id_not_made_by_the_gateway_names_nothing(url, bad):
+    b = RedisBackend(url, "r1")
+    store = b.approvals()
+    held(store)
+    assert store.get(bad) is None
+    with pytest.raises(Refused, match="no approval request"):
+        store.decide(bad, BOB, True, None)
+    assert store.use(bad) is False
+    b.close()

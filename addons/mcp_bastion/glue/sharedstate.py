@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -71,6 +72,7 @@ KEEP_DECIDED = 24 * 3600  # seconds a decided approval stays listed after it exp
 HEARTBEAT_EVERY = 2.0
 HEARTBEAT_TTL = 6.0  # a replica whose heartbeat is this old is gone
 SCHEMES = ("redis", "rediss", "unix")
+_APPROVAL_ID = re.compile(r"apr-[0-9a-f]{12}")
 
 _CLAIM = """
 local v = redis.call('GET', KEYS[1])
@@ -128,10 +130,12 @@ class RedisBackend(Backend):
         self.url, self.replica, self.prefix = url, replica, prefix
         self.timeout, self.retry_after, self._clock = timeout, retry_after, clock
         self._password = password
-        # One quick retry covers a pooled connection that died with a restarted Redis; no backoff.
+        # One quick retry covers a pooled connection that died with a restarted Redis (not a timeout: the
+        # client runs on the event loop, so a slow Redis must cost one timeout, not two); no backoff.
         self.client = redis.Redis.from_url(url, password=password, socket_timeout=timeout,
                                            socket_connect_timeout=timeout, decode_responses=True,
-                                           retry=Retry(NoBackoff(), 1), client_name=f"mcp-bastion-{replica}"[:60])
+                                           retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                                           client_name=f"mcp-bastion-{replica}"[:60])
         self._lock = threading.Lock()
         self._down: str | None = None  # why the last operation failed, while it stands
         self._next_try = 0.0
@@ -290,6 +294,8 @@ class RedisStore(Store):
     # --- reading ---
 
     def _read(self, approval_id: str) -> Approval | None:
+        if not _APPROVAL_ID.fullmatch(approval_id):
+            return None  # only ids this gateway makes name a key (a path segment is the caller's)
         raw = self.b.call(lambda: self.b.client.get(self._k(approval_id)))
         return from_record(json.loads(raw)) if raw else None
 
@@ -372,6 +378,8 @@ class RedisStore(Store):
                     ) -> tuple[Approval | None, bool]:
         """Apply `change` atomically: it sees the stored approval (changing it in place) and returns
         (event, extra writes) or None for no change; it may raise `Refused`. (approval, whether it changed)."""
+        if not _APPROVAL_ID.fullmatch(approval_id):
+            return None, False
         key = self._k(approval_id)
 
         def attempt() -> tuple[Approval | None, str | None]:

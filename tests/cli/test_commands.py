@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion_dev import bench, issuer, load
+from bastion_dev import bench, cluster, issuer, load
 from bastion_dev.demo import __main__ as demo
 from mcp_bastion.cli import approvals, common, forensics, pins, policy
 
@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "pins": ("scripts/pins", pins.main),
     "bench": ("scripts/bench", bench.main),
     "load": ("scripts/load", load.main),
+    "cluster": ("scripts/cluster", cluster.main),
     "demo": ("scripts/demo", demo.main),
     "issuer": ("python -m bastion_dev.issuer", issuer.main),  # the README's dev issuer
 }

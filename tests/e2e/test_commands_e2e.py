@@ -32,7 +32,7 @@ import recordings
 pytestmark = pytest.mark.e2e
 
 SCRIPTS = ROOT / "scripts"
-COMMANDS = ("setup", "test", "demo", "policy", "audit", "replay", "approvals", "pins", "bench", "load")
+COMMANDS = ("setup", "test", "demo", "policy", "audit", "replay", "approvals", "pins", "bench", "load", "cluster")
 VERSION = importlib.metadata.version("mcp-bastion")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import redis
 from mitmproxy import exceptions
 
 from mcp_bastion.addons.metrics import Metrics
@@ -14,7 +13,7 @@ from mcp_bastion.addons.state import State
 from mcp_bastion.core.vocab import Meta
 
 from bundled import bundled, call, error_of, forwarded, result
-from harness import REDIS_SERVER, free_port, redis_server
+from harness import REDIS_SERVER, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not shutil.which(REDIS_SERVER),
                                                     reason="redis-server is not installed")]
@@ -28,16 +27,9 @@ def anyio_backend():
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def server():
-    with redis_server() as r:
-        yield r
-
-
 @pytest.fixture
-def url(server):
-    redis.Redis.from_url(server.endpoint).flushdb()
-    return server.endpoint
+def url(redis_url):
+    return redis_url
 
 
 async def initialize(b, identity, sid):

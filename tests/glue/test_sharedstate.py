@@ -51,16 +51,9 @@ def anyio_backend():
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def server():
-    with redis_server() as r:
-        yield r
-
-
 @pytest.fixture
-def url(server):
-    redis.Redis.from_url(server.endpoint).flushdb()
-    return server.endpoint
+def url(redis_url):
+    return redis_url
 
 
 @pytest.fixture

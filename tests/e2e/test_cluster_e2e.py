@@ -278,3 +278,33 @@ def test_redis_restarted_the_gateways_refuse_then_recover_and_nothing_is_decided
         assert httpx.get(f"{r.admin_url}/readyz", timeout=10).status_code == 200
     again = api(b, bob, "POST", f"/{request['id']}/deny", {"reason": "second thoughts"})
     assert again.status_code == 409 and "already decided" in again.json()["error"]
+
+
+def test_a_call_waiting_with_progress_on_one_replica_is_released_by_the_other(cluster):
+    c, issuer = cluster
+    a, b = c.replicas
+    alice, bob = issuer.mint("alice", audience=c.front_url), issuer.mint("bob", audience=c.front_url)
+    before = len(Upstream.calls)
+    body = {"jsonrpc": "2.0", "id": 20, "method": "tools/call",
+            "params": {"name": "deploy", "arguments": {"env": "canary"}, "_meta": {"progressToken": "p20"}}}
+    events: list[dict] = []
+
+    def listen() -> None:
+        headers = {**ACCEPT, "authorization": f"Bearer {alice}", "mcp-protocol-version": "2025-06-18"}
+        with httpx.stream("POST", a.url, headers=headers, json=body, timeout=90) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+
+    t = threading.Thread(target=listen)
+    t.start()
+    request = pending_on(b, bob, "deploy")
+    deadline = time.monotonic() + 20
+    while not any(e.get("method") == "notifications/progress" for e in events):
+        assert time.monotonic() < deadline, events
+        time.sleep(0.1)
+    assert api(b, bob, "POST", f"/{request['id']}/approve", {"reason": "ok"}).status_code == 200
+    t.join(60)
+    assert events[-1]["id"] == 20 and events[-1]["result"]["content"][0]["text"] == "ran deploy"
+    assert Upstream.calls[before:] == [("deploy", {"env": "canary"})]

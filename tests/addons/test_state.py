@@ -135,3 +135,18 @@ def test_pins_in_a_file_and_shared_pins_are_refused_together(url, tmp_path):
     with pytest.raises(exceptions.OptionsError, match="pin_store"), \
             bundled(state_url=url, pin_store=str(tmp_path / "pins.json")):
         pass
+
+
+async def test_a_request_state_issued_through_one_replica_is_its_callers_on_the_other(url):
+    with bundled(state_url=url, pin_tools=False) as a, bundled(state_url=url, pin_tools=False) as b:
+        f = a.flow("POST", call("tools/call", 1, name="deploy"))
+        await a.request(f, identity=ALICE)
+        await a.response(f, result(1, {"resultType": "input_required", "requestState": "opaque-state-1",
+                                       "inputRequests": {}}))
+        retry = {"name": "deploy", "requestState": "opaque-state-1", "inputResponses": {}}
+        mine = b.flow("POST", call("tools/call", 2, **retry))
+        await b.request(mine, identity=ALICE)
+        assert forwarded(mine)
+        theirs = b.flow("POST", call("tools/call", 3, **retry))
+        await b.request(theirs, identity=BOB)
+        assert not forwarded(theirs) and error_of(theirs)["data"] == {"reason": "request_state"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -308,3 +309,23 @@ def test_a_call_waiting_with_progress_on_one_replica_is_released_by_the_other(cl
     t.join(60)
     assert events[-1]["id"] == 20 and events[-1]["result"]["content"][0]["text"] == "ran deploy"
     assert Upstream.calls[before:] == [("deploy", {"env": "canary"})]
+
+
+def test_a_replica_stopped_while_a_call_is_held_cancels_it_for_every_replica(cluster):
+    c, issuer = cluster
+    a, b = c.replicas
+    alice, bob = issuer.mint("alice", audience=c.front_url), issuer.mint("bob", audience=c.front_url)
+    before = len(Upstream.calls)
+    pool, answer = held_in_background(a.url, alice, call("deploy", 30, env="eu"))
+    request = pending_on(b, bob, "deploy")
+    c.kill(0, signal.SIGTERM)
+    with contextlib.suppress(Exception):
+        answer.result(30)
+    pool.shutdown()
+    try:
+        shown = api(b, bob, "GET", f"/{request['id']}").json()
+        assert shown["status"] == "cancelled" and "stopped" in shown["decision_reason"]
+        assert api(b, bob, "POST", f"/{request['id']}/approve", {}).status_code == 409
+    finally:
+        c.start_replica(0)
+    assert len(Upstream.calls) == before

@@ -119,6 +119,8 @@ class Approval:
             out["decided_by_id"] = self.decided_by.record()
             out["decision_reason"] = self.decision_reason
             out["decided"] = iso_time(self.decided_at or now)
+        elif self.decision_reason:  # cancelled or ended without a person: why
+            out["decision_reason"] = self.decision_reason
         return out
 
 

@@ -88,7 +88,7 @@ def bundle(*, extra_stages: Sequence[Stage] = ()) -> list:
         state=hub.status,
     ))
     addons = [
-        Gateway(),
+        Gateway(hub),
         auth,
         approvals,
         pinning,

@@ -150,3 +150,19 @@ async def test_a_request_state_issued_through_one_replica_is_its_callers_on_the_
         theirs = b.flow("POST", call("tools/call", 3, **retry))
         await b.request(theirs, identity=BOB)
         assert not forwarded(theirs) and error_of(theirs)["data"] == {"reason": "request_state"}
+
+
+async def test_an_http_sse_endpoint_announced_through_one_replica_is_reachable_through_the_other(url):
+    from mcp_bastion.addons.gateway import Gateway
+
+    with bundled(state_url=url) as a, bundled(state_url=url) as b:
+        before = b.flow("POST", call("tools/call", 1, name="add"), path="/custom/msg?session_id=s1")
+        await b.request(before, identity=ALICE)
+        assert error_of(before)["data"] == {"reason": "path"}
+        stream = a.flow("GET", None, path="/sse", headers={"accept": "text/event-stream"})
+        await a.request(stream, identity=ALICE)
+        await a.response(stream, b"event: endpoint\ndata: /custom/msg?session_id=s1\n\n", ctype="text/event-stream")
+        assert "/custom/msg" in a.addon(Gateway).announced
+        after = b.flow("POST", call("tools/call", 2, name="add"), path="/custom/msg?session_id=s1")
+        await b.request(after, identity=ALICE)
+        assert forwarded(after)

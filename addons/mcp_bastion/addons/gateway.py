@@ -34,6 +34,7 @@ from mcp_bastion.core.origin import (
     origin_allowed,
     validate_patterns,
 )
+from mcp_bastion.core.state import Backend, Hub, Table
 from mcp_bastion.core.vocab import Action, Direction, Meta, StageName
 from mcp_bastion.core.wire import VERSION_HEADER, Mismatch, era, request_version
 from mcp_bastion.glue import flowstate as fs
@@ -46,6 +47,7 @@ logger = logging.getLogger("mcp_bastion")
 # Where MCP servers serve: streamable HTTP at /mcp, the HTTP+SSE transport's stream and message endpoint.
 DEFAULT_PATHS = ("/mcp", "/sse", "/messages", "/messages/")
 MAX_ANNOUNCED = 64
+ANNOUNCED_TTL = 24 * 3600.0  # seconds an announced endpoint stays reachable through other replicas without use
 
 
 _PARSE_STATUS = {
@@ -85,7 +87,14 @@ BODY_SIZE_FLOOR = 32 * 1024 * 1024  # least body_size_limit the Gateway sets whe
 class Gateway:
     """Accepts MCP traffic for enforcement and keeps it readable end to end."""
 
-    def __init__(self) -> None:
+    def __init__(self, hub: Hub | None = None) -> None:
+        self.shared_paths: Table | None = None  # endpoints other replicas' streams announced (shared state)
+
+        def build(backend: Backend) -> None:
+            self.shared_paths = (backend.table("announced_paths", idle_ttl=ANNOUNCED_TTL, max_items=MAX_ANNOUNCED)
+                                 if backend.shared else None)
+
+        (hub or Hub()).watch(build)
         self.max_body = 4 * 1024 * 1024
         self.max_event = 16 * 1024 * 1024
         self.max_depth = DEFAULT_MAX_DEPTH
@@ -307,7 +316,8 @@ class Gateway:
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
-        if path not in self.mcp_paths and path not in self.announced:
+        if path not in self.mcp_paths and path not in self.announced and not (
+                self.shared_paths is not None and self.shared_paths.get(path) is not None):
             # Only the MCP endpoint is the upstream's to serve through the gateway: any other path (an
             # admin API, a health page) is refused before the upstream's own credential is set.
             refuse(flow, Refusal(404, errors.FORBIDDEN, f"{path[:100]!r} is not an MCP endpoint of this gateway",
@@ -458,6 +468,8 @@ class Gateway:
             self.announced.move_to_end(path)
             while len(self.announced) > MAX_ANNOUNCED:
                 self.announced.popitem(last=False)
+            if self.shared_paths is not None:  # the stream's POSTs may reach another replica
+                self.shared_paths.put(path, "1")
 
     def _withhold_unread(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
         """Answer `refusal` instead of a response whose body is still on its way, without buffering it."""

@@ -1,7 +1,7 @@
 """
 Benchmarks: what the gateway costs, measured against bare mitmdump and no proxy.
 
-    scripts/bench [--quick] [--json PATH] [--configs direct,bare,bundle,masked]
+    scripts/bench [--quick] [--json PATH] [--configs direct,bare,bundle,masked] [--replicas 1,2]
 
 Starts a fast MCP upstream (`scripts/bastion_dev/bench_upstream.py`) on 127.0.0.1 and
 measures, one after the other against the same upstream:
@@ -26,10 +26,17 @@ pipeline stage and addon hook per call of the throughput steps. Microbenchmarks
 time the per-message work of the core modules. Results print as tables and are
 written as JSON (and the same tables as Markdown next to it).
 
+Then the scale-out step (`--replicas`, default 1,2): for each K, K replicas of the
+bundle behind HAProxy sharing Redis (`bastion_dev.cluster.Cluster`, the options of
+configuration 3 plus the shared state), saturated with small JSON calls through
+HAProxy as in the throughput step, each connection its own session; it reports
+calls/s and the CPU per call of each replica, of Redis and of HAProxy, and checks
+that every replica served calls.
+
 Speed is reported here, never asserted: targets are listed as met or missed
 (a --quick run judges none: its figures mean little). What runs now is said on
 stderr ("config bundle (3/4), 4/11: ..."). Ctrl-C or SIGTERM stops every
-process the run started (upstream, mitmdump, the dev issuer, py-spy) before it exits.
+process the run started (upstream, mitmdump, the dev issuer, py-spy, Redis, HAProxy) before it exits.
 
 Exit status: 0 the run was made (figures it could not make are n/a, with why),
 2 it could not run (bad arguments, an unwritable --json) or was interrupted.
@@ -114,6 +121,7 @@ class Settings:
     profile: Path | None = None  # run the proxies under cProfile: stats in <profile>.<config>.prof
     spy: Path | None = None  # sample the proxies with py-spy in the small JSON throughput step: <spy>.<config>.txt
     judge_targets: bool = True  # False for a --quick run: its figures mean too little to judge
+    replicas: tuple[int, ...] = (1, 2)  # the scale-out step: one cluster of K replicas per K; () skips it
 
     @classmethod
     def quick(cls) -> Settings:
@@ -613,13 +621,30 @@ def read_counters(text: str) -> Counters:
     return {key: (n, cpu) for key, (n, cpu) in out.items()}
 
 
-def scrape(port: int) -> Counters:
-    """The stage and hook counters on the gateway's admin listener now (no proxy of the environment)."""
+def metrics_page(admin_url: str) -> str:
+    """GET /metrics on a gateway's admin listener (`http://HOST:PORT`), no proxy of the environment."""
     import urllib.request
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return read_counters(response.read().decode())
+    with opener.open(f"{admin_url}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def scrape(port: int) -> Counters:
+    """The stage and hook counters on the gateway's admin listener now."""
+    return read_counters(metrics_page(f"http://127.0.0.1:{port}"))
+
+
+SERVED_FAMILY = "bastion_request_duration_seconds"  # a histogram by method and outcome: its _count counts requests
+
+
+def served_calls(text: str) -> float:
+    """How many tools/call requests a /metrics page says the gateway answered (every outcome)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text) if family.name == SERVED_FAMILY
+               for sample in family.samples
+               if sample.name == SERVED_FAMILY + "_count" and sample.labels.get("method") == "tools/call")
 
 
 def per_call(before: Counters, after: Counters, calls: int) -> dict[str, dict[str, dict[str, float]]]:
@@ -1121,6 +1146,235 @@ def run_micro(seconds: float) -> list[dict[str, Any]]:
     return out
 
 
+# --- the scale-out step: K replicas behind HAProxy, sharing Redis ----------------------------
+
+SCALE_CALL = Call("small")
+# Configuration 3's options the cluster sets itself: per replica (cluster.MANAGED: record_dir, audit_log,
+# admin_listen, ...) or once for all (the audit key file, which K replicas would race to create).
+SCALE_LEFT_OUT = ("audit_key_file",)
+SCALE_IDLE_SHARE = 0.02  # without /metrics: a replica with less of the replicas' CPU than this served nothing
+SCALE_OTHERS = 0.25  # cores that processes other than the measured parts may take before the row says so
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since it started (/proc/stat: user, nice, system, irq and
+    softirq of every core), or None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def scale_note(settings: Settings, cores: int) -> str:
+    return (
+        f"Small JSON tools/call through HAProxy, {settings.concurrency} connections for {settings.duration:g} s, "
+        "each connection its own 2025-06-18 session: HAProxy sends each initialize round robin and sticks the "
+        "session to the replica that answered it, so the connections split evenly between the replicas. Each "
+        "replica is addons/bastion.py with configuration 3's options (identity with the dev issuer, the bench "
+        "ruleset, recording, audit, stage timing) and state_url on the cluster's Redis. CPU time from "
+        "/proc/<pid>/stat across the step: a replica's per call it served (the tools/call count of its /metrics), "
+        "the replicas' sum and the rest per call made; cores busy: CPU seconds per second of the parts above, "
+        "then of the whole machine (/proc/stat). "
+        f"The {cores} cores of this machine are shared by the load generator, the upstream, HAProxy, Redis and "
+        "every replica: calls/s is what the whole machine does, not what replicas on cores of their own would; "
+        "CPU per call is what each part costs, whatever the cores.")
+
+
+def run_scaleout(up_port: int, up_pid: int | None, tmp: Path, settings: Settings) -> dict[str, Any]:
+    """One cluster of K replicas per K of `settings.replicas`, one after the other, fronting the bench's upstream."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    out: dict[str, Any] = {"replicas": list(settings.replicas), "cores": cores,
+                           "call": f"small JSON, {settings.concurrency} connections, one session each",
+                           "note": scale_note(settings, cores), "rows": []}
+    if settings.script != BUNDLE:
+        out["note"] += f" The replicas run {BUNDLE.relative_to(ROOT)} (the cluster's), not --script."
+    for i, k in enumerate(settings.replicas, 1):
+        where = f"scale-out, {k} replica{'s' if k > 1 else ''} ({i}/{len(settings.replicas)})"
+        out["rows"].append(scale_row(k, up_port, up_pid, tmp / f"scaleout-{k}", settings, where))
+    return out
+
+
+def scale_row(k: int, up_port: int, up_pid: int | None, own: Path, settings: Settings,
+              where: str) -> dict[str, Any]:
+    """Start K replicas, Redis and HAProxy, saturate them through HAProxy, check what ran; the row's figures."""
+    from bastion_dev import cluster
+
+    row: dict[str, Any] = {"replicas": k, "ids": [], "calls": None, "seconds": None, "calls_s": None,
+                           "cpu_ms": {}, "replicas_cpu_ms": None, "served": None, "served_cpu_ms": None,
+                           "served_check": None, "cores_busy": None, "machine_busy": None, "components": [],
+                           "errors": {}, "warnings": []}
+    own.mkdir(exist_ok=True)
+
+    def progress(text: str) -> None:
+        say(f"{where}: {text}")
+
+    try:
+        with contextlib.ExitStack() as stack:
+            port = free_port()
+            setup = bundle_setup(cluster.BUNDLE, own, port, stack, "bundle")
+            options = {name: value for name, value in setup.options.items()
+                       if name not in cluster.MANAGED and name not in SCALE_LEFT_OUT}
+            c = cluster.Cluster(f"http://127.0.0.1:{up_port}/mcp", replicas=k, options=options, dir=own / "cluster",
+                                port=port, timeout=min(60.0, settings.step_timeout), progress=progress)
+            row["ids"] = [r.id for r in c.replicas]
+            progress(f"starting Redis, {k} replica{'s' if k > 1 else ''} (mitmdump -s {cluster.BUNDLE.name}) "
+                     "and HAProxy")
+            stack.enter_context(c)
+            row["command"] = " ".join("mitmdump" if a == MITMDUMP else a for a in c.replica_args(c.replicas[0]))
+            try:
+                asyncio.run(asyncio.wait_for(scale_measure(c, setup.token, up_pid, settings, row, progress),
+                                             settings.step_timeout))
+            except TimeoutError:
+                row["errors"]["throughput"] = f"no answer within {settings.step_timeout:g} s"
+            except (BenchError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+                row["errors"]["throughput"] = f"{type(e).__name__}: {e}"[:500]
+            gone = c.exited()
+            if gone:
+                row["errors"]["cluster"] = "; ".join(
+                    f"{name} exited with {status}: {' '.join(cluster.last_lines(c.part(name).log, 5).split())}"
+                    for name, status in gone.items())[:2000]
+            else:
+                row["components"] = [dataclasses.asdict(comp) for comp in scale_verify(c, setup)]
+    except (cluster.ClusterError, BenchError, ValueError) as e:
+        row["errors"]["start"] = str(e)[:2000]
+    return row
+
+
+def replica_served(c) -> dict[str, float | str]:
+    """Each replica's tools/call count now, from its /metrics (or why there is none)."""
+    out: dict[str, float | str] = {}
+    for r in c.replicas:
+        try:
+            out[r.id] = served_calls(metrics_page(r.admin_url))
+        except (OSError, ValueError) as e:
+            out[r.id] = f"GET {r.admin_url}/metrics: {type(e).__name__}: {e}"
+    return out
+
+
+async def scale_measure(c, token: str | None, up_pid: int | None, settings: Settings, row: dict[str, Any],
+                        progress: Callable[[str], None]) -> None:
+    """Warm every replica up, then the throughput step through HAProxy, the CPU of every part read right
+    before the first call and after the last (as in `Measurement.throughput`)."""
+    front = Load(c.port, token)
+    progress("waiting until it answers through HAProxy")
+    await front.wait_ready()
+    progress(f"warm-up, {settings.warmup} calls on each replica (bypassing HAProxy)")
+    for r in c.replicas:  # each fetches the issuer's keys and fills its caches before it is measured
+        direct = Load(r.port, token)
+        await direct.wait_ready()
+        await direct.sequential(SCALE_CALL, settings.warmup)
+    pids = {r.id: r.proc.pid for r in c.replicas}
+    pids.update({"redis": c.redis.pid, "haproxy": c.haproxy.pid, "client": os.getpid()})
+    if up_pid is not None:
+        pids["upstream"] = up_pid
+    start: dict[str, Any] = {}
+
+    def at_start() -> None:
+        start["served"] = replica_served(c)  # the replicas' /metrics first: their CPU is read after
+        start["cpu"] = {name: Memory(pid).cpu_seconds() for name, pid in pids.items()}
+        start["machine"] = machine_cpu_seconds()
+
+    progress(f"throughput, small JSON, {settings.concurrency} connections (one session each) for "
+             f"{settings.duration:g} s through HAProxy")
+    calls, seconds = await front.saturate(SCALE_CALL, settings.concurrency, settings.duration, at_start)
+    spent = {name: Memory(pid).cpu_seconds() - start["cpu"][name] for name, pid in pids.items()}
+    machine = machine_cpu_seconds()
+    served_after = replica_served(c)
+    row.update(calls=calls, seconds=seconds, calls_s=calls / seconds, cores_busy=sum(spent.values()) / seconds)
+    if machine is not None and start["machine"] is not None:
+        row["machine_busy"] = (machine - start["machine"]) / seconds
+        others = row["machine_busy"] - row["cores_busy"]
+        if others > SCALE_OTHERS:
+            row["warnings"].append(f"other processes kept {others:.2f} cores busy during the step (the machine "
+                                   f"{row['machine_busy']:.2f}, the measured parts {row['cores_busy']:.2f}): "
+                                   "calls/s is lower than on an idle machine")
+    row["cpu_s"] = spent
+    if calls:
+        row["cpu_ms"] = {name: cpu / calls * 1000 for name, cpu in spent.items()}
+        row["replicas_cpu_ms"] = sum(row["cpu_ms"][r.id] for r in c.replicas)
+    failed = [v for v in (*start["served"].values(), *served_after.values()) if isinstance(v, str)]
+    if failed:
+        row["errors"]["served"] = failed[0][:500]
+    else:
+        served = {r.id: served_after[r.id] - start["served"][r.id] for r in c.replicas}
+        row["served"] = served
+        row["served_cpu_ms"] = {rid: spent[rid] / n * 1000 if n else None for rid, n in served.items()}
+    check_balance(row)
+
+
+def check_balance(row: dict[str, Any]) -> None:
+    """Every replica must have served calls, or the row's figures are not those of K replicas: by the
+    tools/call counts of their /metrics, else by their share of the replicas' CPU. Said under `balance`."""
+    ids, served = row["ids"], row["served"]
+    if served is not None:
+        row["served_check"] = "/metrics tools/call counts"
+        idle = [rid for rid in ids if not served.get(rid)]
+        total = sum(served.values())
+        if row["calls"] and total != row["calls"]:
+            row["served_note"] = f"the replicas counted {total:.0f} tools/call, the client made {row['calls']}"
+    elif row.get("cpu_s"):
+        row["served_check"] = f"CPU share (no /metrics; idle below {SCALE_IDLE_SHARE:.0%} of the replicas' CPU)"
+        total = sum(row["cpu_s"][rid] for rid in ids)
+        idle = [rid for rid in ids if total <= 0 or row["cpu_s"][rid] / total < SCALE_IDLE_SHARE]
+    else:
+        return
+    if idle:
+        row["errors"]["balance"] = (f"{', '.join(idle)} served no call ({row['served_check']}): these are not "
+                                    f"the figures of {len(ids)} replicas")
+
+
+def scale_verify(c, setup: BundleSetup) -> list[Component]:
+    """After the step, what configuration 3 checks, on the cluster: identity refuses an anonymous call,
+    small_pii's answer is masked, every replica wrote recordings and its audit log, stage timing counts."""
+    out = []
+    for comp in setup.components:
+        comp = dataclasses.replace(comp, config="scaleout")
+        out.append(comp)
+        if comp.status == "on" and comp.name in ("recording", "audit", "stage timing"):  # the cluster's paths, ports
+            comp.detail = {"recording": f"record_dir={c.sessions}",
+                           "audit": "audit_log=" + ", ".join(str(r.audit_log) for r in c.replicas),
+                           "stage timing": "stage_timing=true, admin_listen=" + ", ".join(
+                               r.admin_url for r in c.replicas)}[comp.name] + " (set by the cluster)"
+        if comp.name == "masking" and comp.status == "on":
+            comp.detail = "pii on the answer to small_pii (checked through HAProxy after the step)"
+        if comp.status != "on":
+            continue
+        if comp.name == "identity":
+            try:
+                reply = asyncio.run(_anonymous_call(c.port))
+                if reply.status != 401:
+                    comp.status, comp.detail = "not enforced", f"an anonymous call got {reply.describe()}"
+            except (OSError, asyncio.IncompleteReadError) as e:
+                comp.status, comp.detail = "not checked", f"an anonymous call failed: {e!r}"
+        elif comp.name == "masking":
+            try:
+                reply = asyncio.run(_pii_call(c.port, setup.token))
+                if any(value in reply.body for value in PII_VALUES):
+                    comp.status, comp.detail = "not enforced", f"small_pii answered unmasked: {reply.describe()}"
+            except (BenchError, OSError, asyncio.IncompleteReadError) as e:
+                comp.status, comp.detail = "not checked", f"a small_pii call failed: {e!r}"[:500]
+        elif comp.name == "recording":
+            mine = {r.id: any(r.id in p.name for p in c.sessions.rglob("*") if p.is_file() and p.stat().st_size)
+                    for r in c.replicas}
+            if not all(mine.values()):
+                comp.status = "wrote nothing"
+                comp.detail += f"; no recording names {', '.join(rid for rid, ok in mine.items() if not ok)}"
+        elif comp.name == "audit":
+            empty = [r.id for r in c.replicas if not (r.audit_log.exists() and r.audit_log.stat().st_size)]
+            if empty:
+                comp.status, comp.detail = "wrote nothing", f"{comp.detail}; empty: {', '.join(empty)}"
+        elif comp.name == "stage timing":
+            try:
+                if not all(read_counters(metrics_page(r.admin_url)) for r in c.replicas):
+                    comp.status = "no figures"
+            except (OSError, ValueError) as e:
+                comp.status, comp.detail = "not checked", f"GET /metrics failed: {type(e).__name__}: {e}"[:500]
+    return out
+
+
 # --- one whole run -------------------------------------------------------------
 
 
@@ -1131,6 +1385,7 @@ class Result:
     components: list[Component] = field(default_factory=list)
     micro: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    scaleout: dict[str, Any] | None = None  # run_scaleout's figures; None when it did not run
 
     def metric(self, config: str, key: str) -> float | None:
         return self.configs.get(config, {}).get("metrics", {}).get(key)
@@ -1150,6 +1405,8 @@ class Result:
             "stage_cpu": stage_table(self),
             "targets": targets(self),
             "targets_judged": self.settings.judge_targets,
+            "scaleout": self.scaleout,
+            "scaleout_table": scale_table(self),
             **({} if self.settings.judge_targets else {"targets_note": QUICK_NOTE}),
         }
 
@@ -1162,11 +1419,13 @@ def run(settings: Settings, configs: tuple[str, ...] = CONFIGS, micro: bool = Tr
             tmp = Path(tmpdir)
             up_port = free_port()
             say(f"starting the upstream ({UPSTREAM.name}) on 127.0.0.1:{up_port}")
-            stack.enter_context(started([sys.executable, str(UPSTREAM), "--port", str(up_port)], up_port,
-                                        tmp / "upstream.log"))
+            upstream = stack.enter_context(started([sys.executable, str(UPSTREAM), "--port", str(up_port)], up_port,
+                                                   tmp / "upstream.log"))
             for i, name in enumerate(configs, 1):
                 result.configs[name] = run_config(name, up_port, tmp, settings, result,
                                                   where=f"config {name} ({i}/{len(configs)})")
+            if settings.replicas:
+                result.scaleout = run_scaleout(up_port, upstream.pid, tmp, settings)
         if micro:
             result.micro = run_micro(settings.micro_seconds)
     finally:
@@ -1474,6 +1733,56 @@ def stage_reasons(table: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+# --- the scale-out table -----------------------------------------------------------------------
+
+SCALE_TITLE = "scale-out: K replicas behind HAProxy, sharing Redis (small JSON tools/call, CPU from /proc)"
+
+
+def _cells(values: list[float | None], digits: int) -> str:
+    return ", ".join(fmt(v, digits) for v in values) if values else "n/a"
+
+
+def scale_table(result: Result) -> dict[str, Any] | None:
+    """The scale-out figures as a table: a header, one row of cells per K, the note, the bundle's figures
+    alone for reference, and what went wrong or was not on (which, why). None when the step did not run."""
+    scale = result.scaleout
+    if scale is None:
+        return None
+    widest = max((row["replicas"] for row in scale["rows"]), default=1)
+    ids = ", ".join(f"r{i}" for i in range(1, widest + 1))
+    header = ["replicas", "calls/s", f"CPU ms/call per replica ({ids})", "CPU ms/call, replicas' sum",
+              "Redis ms/call", "HAProxy ms/call", "client + upstream ms/call",
+              f"cores busy: these / all (of {scale['cores']})", f"calls served ({ids})"]
+    cells, problems = [], []
+    for row in scale["rows"]:
+        cpu, served = row["cpu_ms"], row["served"]
+        client = [cpu[p] for p in ("client", "upstream") if p in cpu]
+        shares = "n/a"
+        if served is not None and sum(served.values()):
+            shares = ", ".join(f"{served[rid] / sum(served.values()):.0%}" for rid in row["ids"])
+        cells.append([
+            str(row["replicas"]), fmt(row["calls_s"], 0),
+            _cells([row["served_cpu_ms"][rid] for rid in row["ids"]], 3) if row["served_cpu_ms"] else "n/a",
+            fmt(row["replicas_cpu_ms"], 3), fmt(cpu.get("redis"), 3), fmt(cpu.get("haproxy"), 3),
+            fmt(sum(client), 3) if len(client) == 2 else "n/a",
+            "n/a" if row["cores_busy"] is None else f"{fmt(row['cores_busy'], 2)} / {fmt(row.get('machine_busy'), 2)}",
+            shares,
+        ])
+        which = f"{row['replicas']} replica{'s' if row['replicas'] > 1 else ''}"
+        problems += [(which, f"{step}: {' '.join(why.split())[:400]}") for step, why in row["errors"].items()]
+        problems += [(which, warning) for warning in row.get("warnings", ())]
+        problems += [(which, f"{comp['name']} {comp['status']}: {comp['detail']}") for comp in row["components"]
+                     if comp["status"] != "on"]
+    reference = None
+    calls_s, cpu_us = result.metric("bundle", "small.cN.calls_s"), result.metric("bundle", "small.cN.cpu_us")
+    if calls_s is not None:
+        reference = (f"For reference, {TITLES['bundle']} (one mitmdump, neither HAProxy nor Redis, the same load): "
+                     f"{fmt(calls_s, 0)} calls/s, " + (f"{cpu_us / 1000:.3f} ms of CPU per call."
+                                                      if cpu_us is not None else "its CPU n/a."))
+    return {"title": SCALE_TITLE, "header": header, "rows": cells, "note": scale["note"], "reference": reference,
+            "problems": problems}
+
+
 def targets(result: Result) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured figure and met / missed / n/a; none for a --quick run.
 
@@ -1558,6 +1867,19 @@ def print_report(result: Result, console=None) -> None:
     for which, why in stage_reasons(stages):
         console.print(f"CPU per stage and hook, {which}: n/a because {why}")
 
+    scale = scale_table(result)
+    if scale is not None:
+        sc = Table(title=scale["title"], caption=scale["note"])
+        for i, title in enumerate(scale["header"]):
+            sc.add_column(title, justify="left" if i == 0 else "right")
+        for cells in scale["rows"]:
+            sc.add_row(*cells)
+        console.print(sc)
+        if scale["reference"]:
+            console.print(scale["reference"])
+        for which, why in scale["problems"]:
+            console.print(f"[red]scale-out, {which}: {why}[/red]")
+
     if not s.judge_targets:
         console.print(f"targets: {QUICK_NOTE} (its figures mean little; run scripts/bench without --quick)")
     else:
@@ -1623,6 +1945,17 @@ def markdown(result: Result) -> str:
     if stage_reasons(stages):
         lines += ["", "CPU per stage and hook, n/a:", ""]
         lines += [f"- {which}: {why}" for which, why in stage_reasons(stages)]
+    scale = scale_table(result)
+    if scale is not None:
+        lines += ["", f"{scale['title'][0].upper()}{scale['title'][1:]}.", "",
+                  "| " + " | ".join(scale["header"]) + " |", "|---:|" + "---:|" * (len(scale["header"]) - 1)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in scale["rows"]]
+        lines += ["", scale["note"]]
+        if scale["reference"]:
+            lines += ["", scale["reference"]]
+        if scale["problems"]:
+            lines += ["", "Scale-out, what went wrong or was not on:", ""]
+            lines += [f"- {which}: {' '.join(why.split())[:400]}" for which, why in scale["problems"]]
     if not s.judge_targets:
         lines += ["", f"Targets: {QUICK_NOTE}."]
     else:
@@ -1639,6 +1972,27 @@ def markdown(result: Result) -> str:
         lines += ["", "Not measured:", ""]
         lines += [f"- {TITLES[name]}, {step}: {' '.join(err.split())[:300]}" for name, step, err in errors]
     return "\n".join(lines) + "\n"
+
+
+def replica_list(text: str) -> tuple[int, ...]:
+    """--replicas: K,K,... each 1 to cluster.MAX_REPLICAS, none twice; "" or "0" turns the scale-out step off."""
+    from bastion_dev.cluster import MAX_REPLICAS
+
+    if text.strip() in ("", "0"):
+        return ()
+    out: list[int] = []
+    for item in text.split(","):
+        try:
+            k = int(item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of replica counts (e.g. 1,2): {text!r}") from None
+        if not 1 <= k <= MAX_REPLICAS:
+            raise argparse.ArgumentTypeError(f"replica counts must be 1 to {MAX_REPLICAS} (or 0 alone: no "
+                                             f"scale-out step): {text!r}")
+        if k in out:
+            raise argparse.ArgumentTypeError(f"{k} replicas named twice: {text!r}")
+        out.append(k)
+    return tuple(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1670,6 +2024,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(flamegraph.pl, inferno-flamegraph, speedscope). The sampled process pauses at each "
                              "sample: that step's figures are slower. Without py-spy, or if it cannot attach, "
                              "the run goes on without it")
+    parser.add_argument("--replicas", type=replica_list, metavar="LIST",
+                        help="the scale-out step: for each K of LIST (comma-separated, e.g. 1,2,4), K replicas "
+                             "of the bundle behind HAProxy sharing Redis (scripts/cluster), saturated through "
+                             "HAProxy with --concurrency connections for --duration seconds; calls/s and the CPU "
+                             "per call of each replica, Redis and HAProxy. \"\" or 0: no scale-out step "
+                             "(default: 1,2; needs redis-server and haproxy)")
     parser.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")
     args = parser.parse_args(argv)
     configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
@@ -1701,7 +2061,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (("samples", args.samples), ("duration", args.duration), ("concurrency", args.concurrency),
                         ("sessions", args.sessions), ("script", args.script and args.script.resolve()),
                         ("profile", args.profile and args.profile.resolve()),
-                        ("spy", args.spy and args.spy.resolve())):
+                        ("spy", args.spy and args.spy.resolve()), ("replicas", args.replicas)):
         if value is not None:
             setattr(settings, name, value)
     if args.stream_mb is not None:
@@ -1733,6 +2093,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as bastion_dev.bench, the module bastion_dev.cluster imports: one set of started processes
+    # (LIVE), which stop_all() stops, not two copies of this module with one each.
+    from bastion_dev import bench as this
     from mcp_bastion.cli.common import run as run_command
 
-    run_command(main, "scripts/bench")
+    run_command(this.main, "scripts/bench")

@@ -81,11 +81,90 @@ def test_every_configuration_runs_by_default_and_masked_can_be_chosen(fake_run, 
     (["--sessions", "0"], "--sessions: must be more than 0: 0"),
     (["--sessions", "many"], "--sessions: not a number: 'many'"),
     (["--spy", "/nonexistent/dir/spy"], "cannot write --spy /nonexistent/dir/spy.bare.txt"),
+    (["--replicas", "1,x"], "--replicas: not a list of replica counts (e.g. 1,2): '1,x'"),
+    (["--replicas", "two"], "--replicas: not a list of replica counts (e.g. 1,2): 'two'"),
+    (["--replicas", "1,,2"], "--replicas: not a list of replica counts (e.g. 1,2): '1,,2'"),
+    (["--replicas", "0,2"], "--replicas: replica counts must be 1 to 16 (or 0 alone: no scale-out step): '0,2'"),
+    (["--replicas", "17"], "--replicas: replica counts must be 1 to 16"),
+    (["--replicas=-1"], "--replicas: replica counts must be 1 to 16"),
+    (["--replicas", "2,1,2"], "--replicas: 2 replicas named twice: '2,1,2'"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(fake_run, tmp_path, capsys, args, why):
     assert exit_status([*args, "--json", str(tmp_path / "x.json")]) == 2
     assert why in capsys.readouterr().err
     assert fake_run == {} and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("args, replicas", [
+    ([], (1, 2)),
+    (["--quick"], (1, 2)),  # kept, with the tiny durations of --quick
+    (["--replicas", "1,2"], (1, 2)),
+    (["--replicas", "2, 1,4"], (2, 1, 4)),
+    (["--replicas", "3"], (3,)),
+    (["--replicas", ""], ()),  # no scale-out step
+    (["--replicas", "0"], ()),
+    (["--quick", "--replicas", "0"], ()),
+])
+def test_replicas_reach_the_settings(fake_run, tmp_path, args, replicas):
+    assert bench.main([*args, "--json", str(tmp_path / "r.json")]) == 0
+    assert fake_run["settings"].replicas == replicas
+    if "--quick" in args:
+        assert fake_run["settings"].duration == bench.Settings.quick().duration
+
+
+def test_help_says_what_the_scale_out_step_does(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--replicas LIST" in text and "behind HAProxy sharing Redis" in text and "(default: 1,2;" in text
+
+
+def scaled(rows: list[dict]) -> bench.Result:
+    """A result whose scale-out step gave `rows` (the rest as a run without configurations would)."""
+    result = bench.Result(bench.Settings.quick(), meta={"started": "2026-11-30T12:00:00+00:00", "commit": "abc"})
+    result.scaleout = {"replicas": [r["replicas"] for r in rows], "cores": 2, "call": "small JSON",
+                       "note": "NOTE", "rows": rows}
+    return result
+
+
+def scale_row(k: int, served: dict | None, cpu_s: dict, calls: int = 1000) -> dict:
+    ids = [f"r{i}" for i in range(1, k + 1)]
+    row = {"replicas": k, "ids": ids, "calls": calls, "seconds": 1.0, "calls_s": float(calls),
+           "cpu_s": {**cpu_s, "redis": 0.1, "haproxy": 0.2, "client": 0.3, "upstream": 0.1},
+           "served": served, "served_check": None, "cores_busy": 1.9, "machine_busy": 2.0, "components": [],
+           "errors": {}, "warnings": []}
+    row["cpu_ms"] = {name: v / calls * 1000 for name, v in row["cpu_s"].items()}
+    row["replicas_cpu_ms"] = sum(row["cpu_ms"][rid] for rid in ids)
+    row["served_cpu_ms"] = {rid: cpu_s[rid] / n * 1000 if n else None for rid, n in served.items()} if served else None
+    return row
+
+
+def test_the_scale_out_table_and_its_balance_check():
+    even = scale_row(2, {"r1": 500.0, "r2": 500.0}, {"r1": 1.0, "r2": 1.1})
+    lopsided = scale_row(2, {"r1": 1000.0, "r2": 0.0}, {"r1": 2.0, "r2": 0.01})
+    blind = scale_row(2, None, {"r1": 2.0, "r2": 0.01})  # no /metrics: the CPU shares say r2 did nothing
+    for row in (even, lopsided, blind):
+        bench.check_balance(row)
+    assert even["errors"] == {} and even["served_check"] == "/metrics tools/call counts"
+    assert lopsided["errors"]["balance"].startswith("r2 served no call (/metrics tools/call counts)")
+    assert blind["errors"]["balance"].startswith("r2 served no call (CPU share")
+    one = scale_row(1, {"r1": 1000.0}, {"r1": 2.5})
+    bench.check_balance(one)
+    assert one["errors"] == {}
+
+    result = scaled([one, even, lopsided])
+    table = bench.scale_table(result)
+    assert table["header"][:3] == ["replicas", "calls/s", "CPU ms/call per replica (r1, r2)"]
+    assert table["rows"][0] == ["1", "1,000", "2.500", "2.500", "0.100", "0.200", "0.400", "1.90 / 2.00", "100%"]
+    assert table["rows"][1][2:4] == ["2.000, 2.200", "2.100"] and table["rows"][1][-1] == "50%, 50%"
+    assert table["rows"][2][2] == "2.000, n/a" and table["rows"][2][-1] == "100%, 0%"
+    assert table["problems"] == [("2 replicas", "balance: " + lopsided["errors"]["balance"])]
+    md = bench.markdown(result)
+    assert "| replicas | calls/s | CPU ms/call per replica (r1, r2) |" in md and "\n| 2 | 1,000 | 2.000, 2.200 |" in md
+    assert "- 2 replicas: balance: r2 served no call" in md and "NOTE" in md
+    data = result.to_json()
+    assert data["scaleout"]["rows"][0]["replicas"] == 1 and data["scaleout_table"]["rows"] == table["rows"]
+    assert bench.scale_table(bench.Result(bench.Settings.quick())) is None
 
 
 def exit_status(argv: list[str]) -> int:

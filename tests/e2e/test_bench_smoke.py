@@ -11,8 +11,12 @@ import contextlib
 import http.server
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -390,10 +394,11 @@ def test_upstream_streams_exactly_what_it_announces(tmp_path):
 def test_tiny_run_writes_a_table_and_json(tmp_path, capsys):
     out = tmp_path / "run.json"
     code = bench.main(["--quick", "--samples", "10", "--duration", "0.2", "--concurrency", "2",
-                       "--stream-mb", "1", "--json", str(out)])
+                       "--stream-mb", "1", "--replicas", "1,2", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    for title in ("1 direct", "mitmdump", "3 full", "4 masked", "3/2", "4/2", "3/1", "targets", "microbenchmarks"):
+    for title in ("1 direct", "mitmdump", "3 full", "4 masked", "3/2", "4/2", "3/1", "targets", "microbenchmarks",
+                  "scale-out: K replicas behind HAProxy"):
         assert title in printed
 
     data = json.loads(out.read_text())
@@ -461,3 +466,71 @@ def test_tiny_run_writes_a_table_and_json(tmp_path, capsys):
 
     md = out.with_suffix(".md").read_text()
     assert md.startswith("`scripts/bench --quick --samples 10 ") and "| metric | unit | 1 direct |" in md
+
+    # The scale-out step: a row per K with figures, every replica having served calls, and the
+    # options of configuration 3 in force on the cluster as they are on the bundle.
+    scale = data["scaleout"]
+    assert scale["replicas"] == [1, 2] and [row["replicas"] for row in scale["rows"]] == [1, 2]
+    for row in scale["rows"]:
+        assert row["errors"] == {}, row["errors"]
+        assert row["ids"] == [f"r{i}" for i in range(1, row["replicas"] + 1)]
+        assert row["calls"] > 0 and row["calls_s"] > 0 and row["cores_busy"] > 0
+        assert set(row["cpu_ms"]) == {*row["ids"], "redis", "haproxy", "client", "upstream"}
+        assert all(math.isfinite(v) and v >= 0 for v in row["cpu_ms"].values()), row["cpu_ms"]
+        assert all(row["cpu_ms"][rid] > 0 for rid in row["ids"]), row["cpu_ms"]
+        assert row["served_check"] == "/metrics tools/call counts"
+        assert set(row["served"]) == set(row["ids"]) and all(n > 0 for n in row["served"].values()), row["served"]
+        assert abs(sum(row["served"].values()) - row["calls"]) <= row["replicas"], (row["served"], row["calls"])
+        assert all(v > 0 for v in row["served_cpu_ms"].values())
+        on_bundle = {c["name"] for c in data["components"] if c["config"] == "bundle" and c["status"] == "on"}
+        assert {c["name"] for c in row["components"] if c["status"] == "on"} == on_bundle, row["components"]
+        assert "state_url=redis://" in row["command"] and f"scaleout-{row['replicas']}/ruleset.yaml" in row["command"]
+    table = data["scaleout_table"]
+    assert [cells[0] for cells in table["rows"]] == ["1", "2"]
+    for cells in table["rows"]:
+        assert len(cells) == len(table["header"]) and not any("n/a" in cell for cell in cells), cells
+    assert len(table["rows"][1][2].split(", ")) == 2  # CPU per call of r1 and of r2
+    md_table = md.split("Scale-out: K replicas")[1].split("\n\n")[1].splitlines()
+    assert md_table[0].startswith("| replicas | calls/s | CPU ms/call per replica (r1, r2) |")
+    assert [line.split(" | ")[0] for line in md_table[2:]] == ["| 1", "| 2"]
+
+
+@pytest.mark.e2e
+def test_stopped_in_the_scale_out_step_it_leaves_no_process_behind(tmp_path):
+    """SIGTERM while K replicas, Redis and HAProxy run: the run stops them all and exits with 2."""
+    from test_commands_e2e import alive, descendants, read_stderr
+
+    # Throughput steps of 4 s: two for the direct configuration, then the one through HAProxy, stopped.
+    cmd = [str(bench.ROOT / "scripts" / "bench"), "--quick", "--configs", "direct", "--no-micro", "--replicas", "2",
+           "--duration", "4", "--json", str(tmp_path / "run.json")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    said: list[str] = []
+    pump = read_stderr(proc, said)
+    children: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 90
+        while not any("through HAProxy" in line and "throughput" in line for line in said):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(said)
+            time.sleep(0.05)
+        children = descendants(proc.pid)
+        commands = " ".join(children.values())
+        assert "redis-server" in commands and "haproxy" in commands and commands.count("mitmdump") == 2, children
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        pump.join(5)
+        text = "".join(said)
+        assert "bench: scale-out, 2 replicas (1/1): starting Redis, 2 replicas" in text
+        assert proc.returncode == 2 and "scripts/bench: interrupted; every process it started is stopped" in text
+        assert "Traceback" not in text and not (tmp_path / "run.json").exists()
+        deadline = time.monotonic() + 5
+        while alive(children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive(children) == [], {pid: children[pid] for pid in alive(children)}
+    finally:  # whatever failed above, nothing is left running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in alive(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -363,6 +363,9 @@ class Cluster:
         for directory in (self.dir, self.sessions, self.logs, self.redis_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._audit_key()
+        mask_key = self.options.get("mask_key_file")
+        if isinstance(mask_key, str) and mask_key and not os.environ.get("BASTION_MASK_KEY"):
+            self._one_key(mask_key, "mask key")  # one pseudonym key for all replicas
         if "ruleset" not in self.options:
             self.options["ruleset"] = str(DEFAULT_RULESET)
         if self.options.get("oidc_issuer") and not {"oidc_resource", "oidc_audience"} & set(self.options):
@@ -392,6 +395,7 @@ class Cluster:
             self.verify_key_args = [] if env_name == KEY_ENV else ["--key-env", env_name]
             return
         if isinstance(key_file, str) and key_file:
+            self._one_key(key_file, "audit key")
             self.audit_key_note = f"in {key_file}"
             self.verify_key_args = ["--key-file", key_file]
             return
@@ -408,6 +412,16 @@ class Cluster:
         self.audit_key_note = (f"in {path} ({'made for this run' if made else 'from an earlier run'}; "
                                f"${KEY_ENV} is not set)")
         self.verify_key_args = ["--key-file", str(path)]
+
+    @staticmethod
+    def _one_key(path: str, what: str) -> None:
+        """A key file every replica reads: made here if missing, not by K replicas racing to create it."""
+        from mcp_bastion.core import audit
+
+        try:
+            audit.load_key(None, path, create=True)
+        except (audit.AuditError, OSError) as e:
+            raise ClusterError(f"{what}: {e}") from None
 
     # --- Redis ------------------------------------------------------------------------------
 

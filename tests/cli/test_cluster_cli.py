@@ -320,3 +320,17 @@ def test_the_api_kills_and_restarts_a_replica_and_restarts_redis_with_its_data(t
             pids.append(c.redis.pid)
             assert c.exited() == {}
     assert running(pids) == []
+
+
+def test_a_mask_key_the_replicas_share_is_made_once_before_they_start(tmp_path, monkeypatch):
+    from bastion_dev.cluster import Cluster
+
+    monkeypatch.delenv("BASTION_MASK_KEY", raising=False)
+    key = tmp_path / "mask.key"
+    c = Cluster("http://127.0.0.1:9/mcp", replicas=2, dir=tmp_path / "run", options={"mask_key_file": str(key)},
+                env={"BASTION_AUDIT_KEY": "k" * 32})
+    c._prepare()
+    made = key.read_bytes()
+    assert made and oct(key.stat().st_mode & 0o777) == "0o600"
+    c._prepare()
+    assert key.read_bytes() == made  # kept, not made again

@@ -414,7 +414,9 @@ def test_tiny_run_writes_a_table_and_json(tmp_path, capsys):
             if row[name] is None:
                 assert name == "direct" and row["why_na"][name] == "no proxy to measure", (name, row)
             else:
-                assert isinstance(row[name], float) and math.isfinite(row[name]) and row[name] >= 0, (name, row)
+                assert isinstance(row[name], float) and math.isfinite(row[name]), (name, row)
+                # Only a growth may be negative (a process can give memory back between two readings).
+                assert row[name] >= 0 or row["key"].endswith("rss_growth"), (name, row)
     assert data["configs"]["bare"]["metrics"]["stream.mb"] >= 1
     assert data["settings"]["sessions"] == 50
     for name in ("direct", "bare"):

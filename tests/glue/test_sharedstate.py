@@ -518,3 +518,45 @@ def test_an_approval_id_not_made_by_the_gateway_names_nothing(url, bad):
         store.decide(bad, BOB, True, None)
     assert store.use(bad) is False
     b.close()
+
+
+def test_a_redis_that_refuses_writes_is_unreachable_for_what_writes(redis_url):
+    admin = redis.Redis.from_url(redis_url)
+    b = RedisBackend(redis_url, "r1", retry_after=0.1)
+    t = b.table("sessions", idle_ttl=60)
+    t.put("s", "alice")
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")  # out of memory: every write is refused
+    try:
+        with pytest.raises(Unavailable, match="OOM|memory"):
+            t.claim("s2", "bob")
+        with pytest.raises(Unavailable):
+            held(b.approvals())
+    finally:
+        admin.config_set("maxmemory", "0")
+    time.sleep(0.2)
+    assert t.claim("s2", "bob") == "bob"
+    b.close()
+
+
+def test_a_redis_that_stops_answering_costs_one_timeout_then_fails_fast():
+    import os
+    import signal
+
+    port = free_port()
+    with redis_server(port) as r:
+        b = RedisBackend(r.endpoint, "r1", timeout=0.3, retry_after=5)
+        t = b.table("sessions", idle_ttl=60)
+        t.put("s", "alice")
+        os.kill(r.proc.pid, signal.SIGSTOP)  # alive, listening, silent
+        try:
+            with pytest.raises(Unavailable, match="Timeout"):
+                t.get("s")
+            tried: list[int] = []
+            with pytest.raises(Unavailable, match="unreachable"):
+                b.call(lambda: tried.append(1))
+            assert tried == []  # failed at once: Redis is not asked again until retry_after
+            assert not b.status()[0]
+        finally:
+            os.kill(r.proc.pid, signal.SIGCONT)
+        b.close()

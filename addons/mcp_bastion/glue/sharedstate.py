@@ -206,6 +206,11 @@ class RedisBackend(Backend):
     def start(self) -> None:
         """In the event loop (the State addon's `running`): the heartbeat and the approvals subscription."""
         loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):
+            if self.client.exists(self.key("replica", self.replica)):
+                logger.warning("mcp-bastion: another gateway calls itself replica %r (or this one restarted within "
+                               "%.0f s): replica ids must be unique, or each cancels the other's held calls",
+                               self.replica, HEARTBEAT_TTL)
         self._tasks.append(loop.create_task(self._heartbeat()))
         for store in self._stores:
             store.listen()

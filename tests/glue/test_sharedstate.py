@@ -560,3 +560,20 @@ def test_a_redis_that_stops_answering_costs_one_timeout_then_fails_fast():
         finally:
             os.kill(r.proc.pid, signal.SIGCONT)
         b.close()
+
+
+def test_the_listing_keeps_the_newest_requests_and_new_ones_are_refused_when_too_many_wait(redis_url, monkeypatch):
+    import mcp_bastion.glue.sharedstate as shared
+
+    monkeypatch.setattr(shared, "MAX_PENDING", 3)
+    b = RedisBackend(redis_url, "r1")
+    store = b.approvals()
+    first = [held(store, args={"n": i}) for i in range(3)]
+    with pytest.raises(Refused, match="too many"):
+        held(store, args={"n": 3})
+    for a in first[:2]:
+        store.decide(a.id, BOB, False, "no")
+    later = [held(store, args={"n": i}) for i in (4, 5)]
+    assert [a.id for a in store.all()] == [first[2].id, *(a.id for a in later)]
+    assert store.get(first[0].id).status == DENIED  # still there, only no longer listed
+    b.close()

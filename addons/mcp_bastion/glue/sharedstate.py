@@ -366,6 +366,7 @@ class RedisStore(Store):
             p = self.b.client.pipeline(transaction=True)
             p.set(self._k(approval.id), _dumps(to_record(approval)), px=ttl, nx=True)
             p.zadd(self._ids(), {approval.id: approval.created})
+            p.zremrangebyrank(self._ids(), 0, -(MAX_PENDING + 1))  # listed: the newest, as many as may wait
             p.zadd(self._pending(), {approval.id: approval.expires})
             p.sadd(self._bound(approval.binding), approval.id)
             p.pexpire(self._bound(approval.binding), ttl)

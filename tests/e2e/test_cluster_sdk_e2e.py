@@ -33,6 +33,7 @@ def front(tmp_path_factory):
             Cluster(srv.endpoint or f"{srv.url}/mcp", replicas=2, dir=tmp,
                     options={"ruleset": str(ROOT / "rulesets" / "allow-all.yaml")},
                     env={"BASTION_AUDIT_KEY": "k" * 32}) as c:
+        c.upstream_endpoint = srv.endpoint or f"{srv.url}/mcp"
         yield c
 
 
@@ -86,3 +87,15 @@ def test_a_multi_round_trip_call_goes_through_whichever_replica_each_round_reach
     asked: list[str] = []
     text = asyncio.run(asyncio.wait_for(confirm(front.front_url, asked), TIMEOUT))
     assert text == "deployed to staging" and asked == ["Who deploys to staging?", "Sure?"]
+
+
+@pytest.mark.parametrize(("revision", "least"), [("2026-07-28", 100), ("2025-11-25", 40)])
+def test_no_conformance_check_that_passes_directly_fails_through_the_cluster(front, tmp_path, revision, least):
+    """The conformance suite's frozen requirement sets, through HAProxy and two replicas sharing Redis."""
+    from test_conformance import run_requirements
+
+    direct = run_requirements(revision, front.upstream_endpoint, tmp_path / "direct")
+    through = run_requirements(revision, front.front_url, tmp_path / "cluster")
+    assert sum(map(len, direct.values())) >= least, "too few checks pass directly for the comparison to mean anything"
+    lost = {s: sorted(checks - through.get(s, set())) for s, checks in direct.items() if checks - through.get(s, set())}
+    assert lost == {}

@@ -71,19 +71,9 @@ def test_2026_calls_are_spread_over_both_replicas(front):
     assert {"r1", "r2"} <= set(served) and all("tools/call" in m for m in served.values()), served
 
 
-async def confirm(url: str, asked: list[str]) -> str:
-    import mcp_types as types
-
-    async def on_elicit(ctx, params):
-        asked.append(params.message)
-        content = {"name": "Ada"} if "Who" in params.message else {"yes": True}
-        return types.ElicitResult(action="accept", content=content)
-
-    async with Client(url, mode="auto", elicitation_callback=on_elicit) as c:
-        return (await c.call_tool("confirm_deploy", {"env": "staging"})).content[0].text
-
-
 def test_a_multi_round_trip_call_goes_through_whichever_replica_each_round_reaches(front):
+    from test_wire_2026 import confirm  # the same three rounds as through one gateway
+
     asked: list[str] = []
     text = asyncio.run(asyncio.wait_for(confirm(front.front_url, asked), TIMEOUT))
     assert text == "deployed to staging" and asked == ["Who deploys to staging?", "Sure?"]

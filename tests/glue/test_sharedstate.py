@@ -577,3 +577,16 @@ def test_the_listing_keeps_the_newest_requests_and_new_ones_are_refused_when_too
     assert [a.id for a in store.all()] == [first[2].id, *(a.id for a in later)]
     assert store.get(first[0].id).status == DENIED  # still there, only no longer listed
     b.close()
+
+
+def test_pins_lost_by_redis_are_reported(redis_url, caplog):
+    from mcp_bastion.core.pins import NEW, TOOL
+    b = RedisBackend(redis_url, "r1")
+    pins = b.pins()
+    pins.observe("u:1", TOOL, ADD)
+    pins.refresh()
+    redis.Redis.from_url(redis_url).flushdb()  # as a restart without persistence would
+    pins.refresh()
+    assert "Redis lost them" in caplog.text
+    assert pins.all() == [] and pins.observe("u:1", TOOL, ADD)[0] == NEW
+    b.close()

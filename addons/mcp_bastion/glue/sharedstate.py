@@ -609,6 +609,12 @@ class RedisPinStore(PinStore):
             return got[0], got[1]
 
         version, raw = self.b.call(read)
+        if self._version is not None and int(version or 0) < int(self._version):
+            # The counter only grows: a smaller one means Redis lost what it held (restarted without its
+            # append-only file, flushed). Every definition will be pinned afresh on first sight.
+            logger.error("mcp-bastion: the shared pins went back from version %s to %s: Redis lost them; "
+                         "definitions are pinned afresh as they are next listed (check Redis's persistence)",
+                         self._version, version or 0)
         pins = []
         for field, value in raw.items():
             try:

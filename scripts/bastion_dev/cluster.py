@@ -53,12 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bastion_dev import bench
+from bastion_dev import processes as procs
 from mcp_bastion.cli.common import ArgumentParser, CannotRun, check_readable
 
-ROOT = bench.ROOT
-BUNDLE = bench.BUNDLE
-MITMDUMP = bench.MITMDUMP
+ROOT = procs.ROOT
+BUNDLE = procs.BUNDLE
+MITMDUMP = procs.MITMDUMP
 TEMPLATE = Path(__file__).with_name("haproxy.cfg")
 MARKER = "# SERVERS"  # the line of TEMPLATE that the server lines replace
 BACKEND = "bastion"  # the backend of TEMPLATE that holds the replicas
@@ -137,7 +137,7 @@ def free_ports(count: int, taken: Collection[int] = ()) -> list[int]:
     """`count` distinct free ports on 127.0.0.1, none of `taken`."""
     found: list[int] = []
     while len(found) < count:
-        port = bench.free_port()
+        port = procs.free_port()
         if port not in found and port not in taken:
             found.append(port)
     return found
@@ -182,7 +182,7 @@ def last_lines(path: Path, count: int = 15) -> str:
     return "\n".join(lines[-count:]) if lines else "(empty)"
 
 
-def alive(process: bench.Process | None) -> bool:
+def alive(process: procs.Process | None) -> bool:
     return process is not None and process.proc.poll() is None
 
 
@@ -200,7 +200,7 @@ class Replica:
     audit_log: Path
     path: str  # the MCP endpoint's path
     logs: Path
-    process: bench.Process | None = None
+    process: procs.Process | None = None
     starts: int = 0
 
     @property
@@ -275,8 +275,8 @@ class Cluster:
         self.verify_key_args: list[str] = []
         self.key_options: dict[str, str] = {}
         self.state = True  # whether the gateway takes state_url (checked at start)
-        self._redis: bench.Process | None = None
-        self._haproxy: bench.Process | None = None
+        self._redis: procs.Process | None = None
+        self._haproxy: procs.Process | None = None
         self._redis_starts = 0
 
     # --- what it is -----------------------------------------------------------------------
@@ -297,7 +297,7 @@ class Cluster:
         """The command that verifies every replica's audit chain."""
         return [audit, "verify", *self.verify_key_args, *(str(r.audit_log) for r in self.replicas)]
 
-    def part(self, name: str) -> bench.Process | None:
+    def part(self, name: str) -> procs.Process | None:
         """The latest process of a part: "redis", "haproxy" or a replica's id."""
         if name == "redis":
             return self._redis
@@ -338,7 +338,7 @@ class Cluster:
     def stop(self) -> None:
         """Stop every process of the cluster: SIGTERM to each process group, SIGKILL after 10 s."""
         processes = [p for p in (self._haproxy, *(r.process for r in self.replicas), self._redis) if p is not None]
-        with bench.signals_deferred():  # all are told at once, then waited for one by one
+        with procs.signals_deferred():  # all are told at once, then waited for one by one
             for p in processes:
                 if alive(p):
                     for sig in (signal.SIGCONT, signal.SIGTERM):  # SIGCONT: one that kill(i, SIGSTOP) froze
@@ -374,7 +374,7 @@ class Cluster:
     def _check_options(self) -> None:
         """Refuse an option the bundle does not declare (mitmdump would ignore it without a word)."""
         try:
-            declared = bench.declared_options(BUNDLE)
+            declared = procs.declared_options(BUNDLE)
         except Exception as e:  # mitmdump will say what is wrong when it starts
             self.progress(f"could not check the option names ({type(e).__name__}: {e})")
             return
@@ -593,21 +593,21 @@ class Cluster:
     # --- processes --------------------------------------------------------------------------
 
     def _process(self, name: str, args: list[str], port: int, log: Path,
-                 env: Mapping[str, str] | None = None) -> bench.Process:
+                 env: Mapping[str, str] | None = None) -> procs.Process:
         try:
-            return bench.Process(args, port, log, dict(env or os.environ))
+            return procs.Process(args, port, log, dict(env or os.environ))
         except OSError as e:
             raise ClusterError(f"cannot start {name} ({args[0]}): {e.strerror or e}") from None
 
-    def _wait_port(self, name: str, process: bench.Process) -> None:
+    def _wait_port(self, name: str, process: procs.Process) -> None:
         try:
             process.wait_ready(self.timeout)
-        except bench.BenchError:
+        except procs.BenchError:
             what = "exited" if not alive(process) else f"does not listen on {process.port} after {self.timeout:.0f}s"
             raise ClusterError(self._failed(name, process, what)) from None
 
     @staticmethod
-    def _failed(name: str, process: bench.Process | None, what: str) -> str:
+    def _failed(name: str, process: procs.Process | None, what: str) -> str:
         if process is None:
             return f"{name} {what}"
         if what == "exited":
@@ -760,12 +760,12 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"starting the demo MCP server (acme-ops) on 127.0.0.1:{port}")
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                     p for p in (str(ROOT / "scripts"), os.environ.get("PYTHONPATH")) if p)}
-                server = bench.Process([sys.executable, "-m", DEMO_SERVER, "--port", str(port)], port,
+                server = procs.Process([sys.executable, "-m", DEMO_SERVER, "--port", str(port)], port,
                                        cluster_dir / "logs" / "upstream.log", env)
                 stack.callback(server.stop)
                 try:
                     server.wait_ready()
-                except bench.BenchError:
+                except procs.BenchError:
                     raise ClusterError(Cluster._failed("the demo MCP server", server, "exited" if not alive(server)
                                                        else "does not listen")) from None
                 upstream = f"http://127.0.0.1:{port}/mcp"
@@ -807,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         with contextlib.suppress(KeyboardInterrupt):
-            bench.stop_all()
+            procs.stop_all()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 

@@ -3,6 +3,7 @@ needs it (and only that), and the readiness probe says why."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import pytest
@@ -162,7 +163,50 @@ async def test_an_http_sse_endpoint_announced_through_one_replica_is_reachable_t
         stream = a.flow("GET", None, path="/sse", headers={"accept": "text/event-stream"})
         await a.request(stream, identity=ALICE)
         await a.response(stream, b"event: endpoint\ndata: /custom/msg?session_id=s1\n\n", ctype="text/event-stream")
-        assert "/custom/msg" in a.addon(Gateway).announced
+        assert a.addon(Gateway).announced.get("/custom/msg") is not None
         after = b.flow("POST", call("tools/call", 2, name="add"), path="/custom/msg?session_id=s1")
         await b.request(after, identity=ALICE)
         assert forwarded(after)
+
+
+APPROVE_DEPLOYS = """\
+version: 1
+default: allow
+rules:
+  - id: deploys
+    match: {tools: [deploy]}
+    action: approve
+    approval: {approvers: [sre], timeout: 5m}
+"""
+
+
+async def test_redis_lost_between_the_decision_and_the_run_refuses_the_held_call(tmp_path):
+    """The approved call must be marked used in the shared store before it runs; if that write cannot be
+    made (Redis gone), the call is refused, never forwarded on the strength of a local copy."""
+    from mcp_bastion.addons.approvals import Approvals
+    from mcp_bastion.core.approvals import Person
+
+    from harness import redis_server
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(APPROVE_DEPLOYS)
+    with redis_server() as r, bundled(state_url=r.endpoint, ruleset=str(rules), pin_tools=False) as b:
+        store = b.addon(Approvals).store
+        used = store.use
+
+        def redis_gone_then_use(approval_id):
+            r.stop()
+            return used(approval_id)
+
+        store.use = redis_gone_then_use
+        held = b.flow("POST", call("tools/call", 1, name="deploy"))
+        task = asyncio.create_task(b.request(held, identity=ALICE))
+        for _ in range(500):
+            pending = list(store.pending()) if r.proc.poll() is None else []
+            if pending:
+                break
+            await asyncio.sleep(0.01)
+        store.decide(pending[0].id, Person("bob", "https://idp", ("sre",)), True, None)
+        await asyncio.wait_for(task, 10)
+    assert not forwarded(held) and held.response.status_code == 503
+    assert error_of(held)["data"]["reason"] == "state_unavailable"

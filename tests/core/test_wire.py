@@ -144,3 +144,19 @@ def test_an_absent_argument_with_its_header_present_is_refused():
                                              (b64(" padded "), " padded "), ("=?base64?", "=?base64?")])
 def test_decode(value, text):
     assert decode(value) == text
+
+
+def test_a_declaration_listed_again_does_not_lapse_while_the_tools_are_listed():
+    from mcp_bastion.core.state import MemoryTable
+
+    now = [0.0]
+    table = MemoryTable("param_headers", 10, clock=lambda: now[0])
+    p = ParamHeaders(table=table, clock=lambda: now[0])
+    listed = {"tools": [{"name": "q", "inputSchema": {"properties": {"r": {"x-mcp-header": "R"}}}}]}
+    p.learn("up:1", listed)
+    now[0] = 6  # past half its idle time: the same list is written again
+    p.learn("up:1", listed)
+    now[0] = 12
+    assert p.of("up:1", "q") == {"r": ["r"]}
+    now[0] = 30  # listed no more, used no more: forgotten
+    assert p.of("up:1", "q") is None

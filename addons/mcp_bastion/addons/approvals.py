@@ -50,6 +50,7 @@ from mcp_bastion.core.approvals import (
     APPROVED,
     DENIED,
     RETRY,
+    USED,
     Approval,
     MemoryStore,
     Person,
@@ -60,7 +61,7 @@ from mcp_bastion.core.approvals import (
 from mcp_bastion.core.errors import Refusal
 from mcp_bastion.core.message import Message
 from mcp_bastion.core.pipeline import Context, Hold, Outcome, Pass, Refuse, Verdict
-from mcp_bastion.core.state import Backend, Hub, MemoryTable, Table, Unavailable
+from mcp_bastion.core.state import Backend, Hub, Table, Unavailable
 from mcp_bastion.core.vocab import Action, Direction, Kind, Meta, StageName
 from mcp_bastion.glue import api, approvals_page, replies
 from mcp_bastion.glue import flowstate as fs
@@ -93,12 +94,11 @@ class Approvals:
 
     def __init__(self, store: Store | None = None, hub: Hub | None = None):
         self.hub = hub if hub is not None else Hub()
-        self.store: Store = store if store is not None else MemoryStore(on_change=self._changed)
-        self._continuations: Table = MemoryTable("continuations", CONTINUATION_TTL, MAX_CONTINUATIONS)
+        self.store: Store
+        self._continuations: Table  # digest of a requestState -> the approval whose call it continues
 
-        def build(backend: Backend) -> None:
-            if store is None:
-                self.store = backend.approvals(on_change=self._changed)
+        def build(backend: Backend) -> None:  # at once (the embedded backend), and when State switches it
+            self.store = store if store is not None else backend.approvals(on_change=self._changed)
             self._continuations = backend.table("continuations", idle_ttl=CONTINUATION_TTL,
                                                 max_items=MAX_CONTINUATIONS)
 
@@ -179,7 +179,7 @@ class Approvals:
         if spec.mode == RETRY:
             done = self.store.approved_for(key)
             if done is not None and self.store.use(done.id):  # one retry runs it, on whichever replica
-                done.status = "used"
+                done.status = USED
                 return Pass((self._approved_verdict(done),))
             a = self.store.pending_for(key) or self._create(m, d, who, cx.upstream, tool, arguments, key)
             return Refuse(self._refusal(a), (self._pending_verdict(a),), Action.APPROVE)
@@ -201,7 +201,7 @@ class Approvals:
             finally:
                 a.waiting = False
             if done.status == APPROVED and self.store.use(done.id):
-                done.status = "used"
+                done.status = USED
                 return Pass((self._approved_verdict(done),))
             return Refuse(self._refusal(done), (self._final_verdict(done),),
                           Action.DENY if done.status == DENIED else Action.APPROVE)
@@ -328,7 +328,7 @@ class Approvals:
                 a.waiting = False
                 self._held.pop(a.id, None)
             if done.status == APPROVED and self.store.use(done.id):
-                done.status = "used"
+                done.status = USED
                 fs.record(flow, m, (self._approved_verdict(done),))
                 return FORWARD
             fs.record(flow, m, (self._final_verdict(done),))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http
@@ -88,11 +87,11 @@ class Gateway:
     """Accepts MCP traffic for enforcement and keeps it readable end to end."""
 
     def __init__(self, hub: Hub | None = None) -> None:
-        self.shared_paths: Table | None = None  # endpoints other replicas' streams announced (shared state)
+        # HTTP+SSE message endpoints streams announced (on any replica, with shared state)
+        self.announced: Table
 
         def build(backend: Backend) -> None:
-            self.shared_paths = (backend.table("announced_paths", idle_ttl=ANNOUNCED_TTL, max_items=MAX_ANNOUNCED)
-                                 if backend.shared else None)
+            self.announced = backend.table("announced_paths", idle_ttl=ANNOUNCED_TTL, max_items=MAX_ANNOUNCED)
 
         (hub or Hub()).watch(build)
         self.max_body = 4 * 1024 * 1024
@@ -102,7 +101,6 @@ class Gateway:
         self.allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
         self.mcp_hosts: tuple[str, ...] = ()
         self.mcp_paths: frozenset[str] = frozenset(DEFAULT_PATHS)
-        self.announced: OrderedDict[str, None] = OrderedDict()  # HTTP+SSE message endpoints announced
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -316,8 +314,7 @@ class Gateway:
             return
         req = flow.request
         path = req.path.split("?", 1)[0]
-        if path not in self.mcp_paths and path not in self.announced and not (
-                self.shared_paths is not None and self.shared_paths.get(path) is not None):
+        if path not in self.mcp_paths and self.announced.get(path) is None:
             # Only the MCP endpoint is the upstream's to serve through the gateway: any other path (an
             # admin API, a health page) is refused before the upstream's own credential is set.
             refuse(flow, Refusal(404, errors.FORBIDDEN, f"{path[:100]!r} is not an MCP endpoint of this gateway",
@@ -464,12 +461,7 @@ class Gateway:
         """An HTTP+SSE stream announced its message endpoint: its path becomes reachable (bounded)."""
         path = (fs.mcp_state(flow).get("endpoint") or "").split("?", 1)[0]
         if path:
-            self.announced[path] = None
-            self.announced.move_to_end(path)
-            while len(self.announced) > MAX_ANNOUNCED:
-                self.announced.popitem(last=False)
-            if self.shared_paths is not None:  # the stream's POSTs may reach another replica
-                self.shared_paths.put(path, "1")
+            self.announced.put(path, "1")  # bounded; with shared state, every replica reads it
 
     def _withhold_unread(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
         """Answer `refusal` instead of a response whose body is still on its way, without buffering it."""

@@ -45,7 +45,7 @@ class Sessions:
     name = StageName.SESSION
 
     def __init__(self, hub: Hub | None = None) -> None:
-        self.bindings = SessionBindings()
+        self.bindings: SessionBindings
 
         def build(backend: Backend) -> None:
             self.bindings = SessionBindings(table=backend.table("sessions", idle_ttl=IDLE_TTL, max_items=MAX_SESSIONS))

@@ -29,7 +29,7 @@ class Tasks:
     name = StageName.TASKS
 
     def __init__(self, hub: Hub | None = None) -> None:
-        self.registry = TaskRegistry()
+        self.registry: TaskRegistry
 
         def build(backend: Backend) -> None:
             self.registry = TaskRegistry(table=backend.table("tasks", idle_ttl=IDLE_TTL, max_items=MAX_TASKS))

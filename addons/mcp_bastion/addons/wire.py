@@ -24,6 +24,7 @@ from mcp_bastion.core.sessions import MAX_SESSIONS, SessionBindings, owner_of
 from mcp_bastion.core.state import Backend, Hub
 from mcp_bastion.core.vocab import Action, Direction, Kind, StageName
 from mcp_bastion.core.wire import (
+    MAX_TOOLS,
     REMOVED_2026,
     Mismatch,
     ParamHeaders,
@@ -38,14 +39,14 @@ class Wire:
     name = StageName.WIRE
 
     def __init__(self, hub: Hub | None = None) -> None:
-        self.params = ParamHeaders()
-        self.states = SessionBindings()  # requestState digest -> the identity it was issued to
+        self.params: ParamHeaders  # which Mcp-Param-* headers each tool declares
+        self.states: SessionBindings  # requestState digest -> the identity it was issued to
 
         def build(backend: Backend) -> None:
             self.states = SessionBindings(table=backend.table("request_states", idle_ttl=STATE_TTL,
                                                               max_items=MAX_SESSIONS))
-            if backend.shared:  # a client may list the tools through one replica and call through another
-                self.params = ParamHeaders(table=backend.table("param_headers", idle_ttl=STATE_TTL))
+            # A client may list the tools through one replica and call through another.
+            self.params = ParamHeaders(table=backend.table("param_headers", idle_ttl=STATE_TTL, max_items=MAX_TOOLS))
 
         (hub or Hub()).watch(build)
 

@@ -25,11 +25,13 @@ import base64
 import binascii
 import json
 import re
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from .message import Message, TargetKind
-from .state import Table
+from .state import MemoryTable, Table
 
 MODERN = "2026-07-28"  # the first revision of the stateless wire
 VERSION_META = "io.modelcontextprotocol/protocolVersion"
@@ -113,58 +115,55 @@ def _same(header: str, value: Any) -> bool:
     return header == _as_header(value)
 
 
+MAX_TOOLS = 10_000  # tools whose declared headers are remembered
+
+
 class ParamHeaders:
     """Which `Mcp-Param-*` headers each tool of an upstream declares, learned from `tools/list` results.
 
-    In this process, or in a shared `core.state.Table` (replicas: a client lists the tools through one and
-    calls through another). Shared, a lookup asks the table (only calls carrying `Mcp-Param-*` headers
-    look); a list writes only what differs from what this replica last wrote."""
+    Kept in a `core.state.Table`: this process's (the default), or one replicas share, since a client may
+    list the tools through one replica and call through another. A lookup asks the table (only calls that
+    carry `Mcp-Param-*` headers look). A list writes what differs from what this process last wrote, and
+    rewrites the rest once half their idle time has passed, so a declaration in use never lapses."""
 
-    def __init__(self, max_tools: int = 10_000, table: Table | None = None):
+    def __init__(self, max_tools: int = MAX_TOOLS, table: Table | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.max_tools = max_tools
-        self._tools: OrderedDict[tuple[str, str], dict[str, list[str]]] = OrderedDict()
-        self.table = table
-        self._written: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.table = table if table is not None else MemoryTable("param_headers", 24 * 3600.0, max_tools, clock)
+        self._clock = clock
+        self._written: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()  # key -> (value, when)
 
     def learn(self, upstream: str | None, result: Any) -> int:
         """Read the tools of a `tools/list` result; returns how many were learned."""
         tools = result.get("tools") if isinstance(result, dict) else None
         if not isinstance(tools, list):
             return 0
-        n = 0
+        n, now = 0, self._clock()
         for tool in tools:
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
                 continue
             key = (upstream or "", tool["name"])
-            headers = declared(tool.get("inputSchema"))
+            value = json.dumps(declared(tool.get("inputSchema")), sort_keys=True)
             n += 1
-            if self.table is not None:
-                value = json.dumps(headers, sort_keys=True)
-                if self._written.get(key) != value:
-                    self.table.put(_table_key(key), value)
-                    self._written[key] = value
-                    self._written.move_to_end(key)
-                    while len(self._written) > self.max_tools:
-                        self._written.popitem(last=False)
-                continue
-            self._tools[key] = headers
-            self._tools.move_to_end(key)
-        while len(self._tools) > self.max_tools:
-            self._tools.popitem(last=False)
+            written = self._written.get(key)
+            if written is None or written[0] != value or now - written[1] > self.table.idle_ttl / 2:
+                self.table.put(_table_key(key), value)
+                self._written[key] = (value, now)
+                self._written.move_to_end(key)
+                while len(self._written) > self.max_tools:
+                    self._written.popitem(last=False)
         return n
 
     def of(self, upstream: str | None, tool: str) -> dict[str, list[str]] | None:
         """Header name (lower case, without `mcp-param-`) -> property path, or None if the tool is unknown."""
-        if self.table is not None:
-            value = self.table.get(_table_key((upstream or "", tool)))
-            if value is None:
-                return None
-            try:
-                known = json.loads(value)
-            except ValueError:
-                return None  # unreadable: unknown, so its headers are refused
-            return {str(k): [str(p) for p in v] for k, v in known.items()} if isinstance(known, dict) else None
-        return self._tools.get((upstream or "", tool))
+        value = self.table.get(_table_key((upstream or "", tool)))
+        if value is None:
+            return None
+        try:
+            known = json.loads(value)
+        except ValueError:
+            return None  # unreadable: unknown, so its headers are refused
+        return {str(k): [str(p) for p in v] for k, v in known.items()} if isinstance(known, dict) else None
 
 
 def _table_key(key: tuple[str, str]) -> str:

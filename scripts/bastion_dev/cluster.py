@@ -344,14 +344,7 @@ class Cluster:
                     for sig in (signal.SIGCONT, signal.SIGTERM):  # SIGCONT: one that kill(i, SIGSTOP) froze
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.killpg(p.pid, sig)
-        interrupted = False
-        for p in processes:
-            try:
-                p.stop()
-            except KeyboardInterrupt:  # raised after that one was stopped
-                interrupted = True
-        if interrupted:
-            raise KeyboardInterrupt
+        procs.stop_each(processes)
 
     def _prepare(self) -> None:
         self._check_options()

@@ -55,12 +55,15 @@ LIVE: set[Process] = set()  # every process started and not yet stopped
 
 
 def stop_all() -> None:
-    """Stop every process this run started that is still running (the last line of defence).
+    """Stop every process this run started that is still running (the last line of defence)."""
+    stop_each(list(LIVE))
 
-    A Ctrl-C or SIGTERM meanwhile does not leave the rest running: it is raised once all are stopped.
-    """
+
+def stop_each(processes: list[Process]) -> None:
+    """Stop each of `processes`, in order. A Ctrl-C or SIGTERM meanwhile does not leave the rest running:
+    it is raised once all are stopped."""
     interrupted = False
-    for proc in list(LIVE):
+    for proc in processes:
         try:
             proc.stop()
         except KeyboardInterrupt:  # raised after that one was stopped

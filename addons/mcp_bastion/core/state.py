@@ -32,6 +32,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from .approvals import MemoryStore
+
 DEFAULT_MAX = 100_000
 
 
@@ -155,7 +157,6 @@ class MemoryBackend(Backend):
         return MemoryTable(name, idle_ttl, max_items, self._clock)
 
     def approvals(self, on_change: Callable[[Any, str], None] | None = None) -> Any:
-        from .approvals import MemoryStore  # approvals imports nothing of this module: no cycle at run time
         return MemoryStore(on_change=on_change)
 
 
